@@ -1,0 +1,51 @@
+// Argument checks shared by the CPU (vecops.cpp) and CUDA (vecops_cuda.cu) kernels, so both
+// devices reject bad input with the same message.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace hvd_abs {
+
+// Checks that `basis` holds k whole vectors shaped like `v` (k*T tensors, vector-major), all of
+// one floating dtype and device. Returns k.
+inline int64_t check_basis(const char* op, at::TensorList basis, at::TensorList v) {
+  const int64_t T = static_cast<int64_t>(v.size());
+  TORCH_CHECK(T > 0 || basis.empty(), op, ": v is empty but the basis is not");
+  if (T == 0) return 0;
+  TORCH_CHECK(basis.size() % T == 0, op, ": the basis must hold k whole vectors of ", T,
+              " tensors each (flat, vector-major), got ", basis.size(), " tensors");
+  const auto dtype = v[0].scalar_type();
+  const auto device = v[0].device();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, op, ": only float32 and float64 are supported, got ",
+              dtype, "; cast the vectors first");
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK(v[t].scalar_type() == dtype && v[t].device() == device, op, ": tensor ", t,
+                " of v has another dtype/device than tensor 0");
+  }
+  const int64_t k = static_cast<int64_t>(basis.size()) / T;
+  for (int64_t j = 0; j < k; ++j) {
+    for (int64_t t = 0; t < T; ++t) {
+      const auto& b = basis[j * T + t];
+      TORCH_CHECK(b.numel() == v[t].numel(), op, ": basis vector ", j, " tensor ", t, " has ", b.numel(),
+                  " elements, v's tensor has ", v[t].numel());
+      TORCH_CHECK(b.scalar_type() == dtype && b.device() == device, op, ": basis vector ", j, " tensor ", t,
+                  " has another dtype/device than v");
+    }
+  }
+  return k;
+}
+
+// In-place ops write through data pointers: the tensors must be dense.
+inline void check_mutable(const char* op, at::TensorList v) {
+  for (size_t t = 0; t < v.size(); ++t) {
+    TORCH_CHECK(v[t].is_contiguous(), op, ": tensor ", t, " of the output is not contiguous; pass .contiguous() tensors");
+  }
+}
+
+inline at::Tensor check_coeffs(const char* op, const at::Tensor& c, int64_t k) {
+  TORCH_CHECK(c.dim() == 1 && c.numel() == k, op, ": coeffs must be 1-D with one entry per basis vector (", k,
+              "), got shape ", c.sizes());
+  return c.to(at::kDouble);
+}
+
+}  // namespace hvd_abs

@@ -1,0 +1,4 @@
+from hvd_abs.cli import main
+
+if __name__ == "__main__":
+    main()

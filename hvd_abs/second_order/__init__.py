@@ -1,0 +1,1 @@
+"""Second-order machinery: Hessian-vector products, eigenvalues, trace. No Horovod import here."""

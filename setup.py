@@ -1,0 +1,91 @@
+"""hvd_abs: elastic adaptive-batch-size (ABS/ABSA) training on Horovod.
+
+The C++ extension `hvd_abs._C` (sources in cpp/) is optional: a CUDA build when torch is a CUDA
+build and nvcc is found, else a CPU build. A failed build is reported and skipped, never fatal:
+hvd_abs.second_order.vecops falls back to torch._foreach_* and then to a reference loop.
+"""
+import glob
+import os
+import re
+import sys
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def version() -> str:
+    text = open(os.path.join(HERE, "hvd_abs", "__init__.py")).read()
+    return re.search(r'__version__ = "([^"]+)"', text).group(1)
+
+
+def extension_build():
+    """(ext_modules, cmdclass) for the native ops, or ([], {}) when torch's build tools are missing."""
+    try:
+        import torch
+        from torch.utils import cpp_extension as ce
+    except ImportError:
+        print("hvd_abs: torch not importable at build time: skipping the C++ extension", file=sys.stderr)
+        return [], {}
+
+    cpp = [os.path.join("cpp", f) for f in sorted(os.listdir(os.path.join(HERE, "cpp"))) if f.endswith(".cpp")]
+    cu = [os.path.join("cpp", f) for f in sorted(os.listdir(os.path.join(HERE, "cpp"))) if f.endswith(".cu")]
+    cxx = ["-O3", "-std=c++20"]
+    want_cuda = torch.version.cuda is not None and ce.CUDA_HOME is not None and os.environ.get("HVD_ABS_NO_CUDA") != "1"
+    if want_cuda and cu:
+        # torch's CUDA headers include the math libraries' headers (cusparse.h, cublas.h), which a
+        # bare toolkit may lack; torch's own pip packages ship them, matching torch's CUDA version.
+        # -idirafter: the toolkit's headers still win where both have a file.
+        nvidia = glob.glob(os.path.join(os.path.dirname(torch.__file__), "..", "nvidia", "*", "include"))
+        after = [flag for d in nvidia for flag in ("-idirafter", os.path.abspath(d))]
+        ext = ce.CUDAExtension(
+            "hvd_abs._C", cpp + cu, define_macros=[("HVD_ABS_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx + after,
+                                "nvcc": ["-O3", "-std=c++20"] + [f"-Xcompiler={f}" for f in after]},
+        )
+    else:
+        ext = ce.CppExtension("hvd_abs._C", cpp, extra_compile_args={"cxx": cxx})
+
+    class OptionalBuild(ce.BuildExtension):
+        """Never lets a broken toolchain break `pip install`: a failed CUDA build falls back to a
+        CPU-only build, and a failed CPU build to no extension (the PyTorch fallback)."""
+
+        failed: set[str] = set()
+
+        def build_extension(self, extension):
+            try:
+                return super().build_extension(extension)
+            except Exception as exc:  # noqa: BLE001 - any compiler/linker failure
+                print(f"hvd_abs: WARNING: C++ extension build failed ({exc})", file=sys.stderr)
+            if any(s.endswith(".cu") for s in extension.sources):
+                print("hvd_abs: WARNING: retrying the extension without CUDA kernels", file=sys.stderr)
+                extension.sources = [s for s in extension.sources if not s.endswith(".cu")]
+                extension.define_macros = [m for m in extension.define_macros if m[0] != "HVD_ABS_WITH_CUDA"]
+                extension.extra_compile_args = {"cxx": cxx}
+                try:
+                    return super().build_extension(extension)
+                except Exception as exc:  # noqa: BLE001
+                    print(f"hvd_abs: WARNING: CPU-only extension build failed ({exc})", file=sys.stderr)
+            print("hvd_abs: WARNING: no C++ extension; using the PyTorch fallback", file=sys.stderr)
+            self.failed.add(extension.name)
+
+        def copy_extensions_to_source(self):
+            # An editable install copies built libraries into the tree: skip the ones that failed.
+            self.extensions = [e for e in self.extensions if e.name not in self.failed]
+            super().copy_extensions_to_source()
+
+    return [ext], {"build_ext": OptionalBuild.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extension_build()
+
+setup(
+    name="hvd_abs",
+    version=version(),
+    description="Elastic adaptive-batch-size (ABS/ABSA) training of PyTorch models on Horovod",
+    packages=find_packages(include=["hvd_abs", "hvd_abs.*"]),
+    python_requires=">=3.10",
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    entry_points={"console_scripts": ["hvd-abs=hvd_abs.cli:main"]},
+)
