@@ -26,10 +26,11 @@ pin() { # version pinned for package $1 in requirements.txt
 HVD_CXX_STD=20
 patch_desc="CMAKE_CXX_STANDARD 14->${HVD_CXX_STD} in CMakeLists.txt horovod/torch/CMakeLists.txt"
 
-# Two stamps: .venv/.stamp covers the environment's inputs (a change rebuilds .venv from nothing);
-# .venv/.ext-stamp covers the project's build inputs (a change only reruns `pip install -e .`).
+# Two stamps: .venv/.stamp covers the environment's inputs, the pins, Horovod's patch and the
+# Python (a change rebuilds .venv from nothing); .venv/.ext-stamp covers the project's build
+# inputs (a change only reruns `pip install -e .`).
 stamp_key() {
-  { cat "$req" "$root/scripts/setup_env.sh"; echo "$patch_desc"; "$py" --version; } | sha256sum | cut -c1-16
+  { grep -v -E '^(#|$)' "$req"; echo "$patch_desc"; "$py" --version; } | sha256sum | cut -c1-16
 }
 ext_key() {
   { cat "$root/setup.py"; find "$root/cpp" -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' \) -print0 \
@@ -37,14 +38,19 @@ ext_key() {
 }
 install_project() {
   step "installing hvd_abs (pip install -e .) and building its C++ extension"
-  export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}"
+  # One SASS target plus PTX (which newer GPUs JIT-compile) keeps the nvcc step short on 2 cores.
+  export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0+PTX}"
   cuda_home_from_nvcc
+  # --use-pep517 --no-build-isolation: setuptools' legacy `develop` re-runs the build in an
+  # isolated environment without torch, which silently skips the extension.
   if ! MAX_JOBS="$(nproc)" "$venv/bin/python" -m pip install --disable-pip-version-check --no-build-isolation \
-      --no-deps -e "$root" > "$venv/install.log" 2>&1; then
+      --use-pep517 --no-deps -e "$root" > "$venv/install.log" 2>&1; then
     tail -n 40 "$venv/install.log" >&2
     die "pip install -e . failed (log tail above, full log in .venv/install.log)"
   fi
   grep -E "hvd_abs: WARNING" "$venv/install.log" >&2 || true
+  "$venv/bin/python" -c 'from hvd_abs.second_order import vecops; i = vecops.backend_info(); print(
+      "    extension backend:", i["backend"], "(CUDA kernels)" if i["native_cuda"] else "", i["reason"] or "")'
   "$venv/bin/hvd-abs" --version
   ext_key > "$venv/.ext-stamp"
 }

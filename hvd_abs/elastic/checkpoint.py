@@ -1,0 +1,100 @@
+"""Disk checkpoints: atomic, checksummed, and loaded without unpickling arbitrary objects.
+
+File layout: `HVDABS-CKPT 1 <sha256 of payload>\n` then the payload, a `torch.save` of a state
+dict. Written to a temp file in the same directory, fsynced, then `os.replace`d (and the
+directory fsynced), so a crash leaves either the old set of checkpoints or the new one, never
+half a file. Loading checks the header and checksum first and then uses
+`torch.load(weights_only=True)`: tensors, numbers, strings and containers only.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"HVDABS-CKPT 1 "
+_NAME = re.compile(r"^ckpt-(\d{6})\.pt$")
+
+
+class CheckpointError(Exception):
+    """A checkpoint file that is truncated, corrupted, tampered with or not ours."""
+
+
+def checkpoint_name(updates: int) -> str:
+    return f"ckpt-{updates:06d}.pt"
+
+
+def save_checkpoint(directory: str | os.PathLike, state: dict[str, Any], updates: int, keep: int = 3) -> Path:
+    """Write `state` as `directory/ckpt-<updates>.pt` atomically; keep the newest `keep` files."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    payload = buf.getvalue()
+    header = MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n"
+    path = d / checkpoint_name(updates)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".ckpt.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(header)
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself must survive a crash
+    finally:
+        os.close(dir_fd)
+    for old in list_checkpoints(d)[:-keep] if keep > 0 else []:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Verify and load one checkpoint; raises CheckpointError saying what is wrong with it."""
+    path = Path(path)
+    data = path.read_bytes()
+    newline = data.find(b"\n")
+    if not data.startswith(MAGIC) or newline != len(MAGIC) + 64:
+        raise CheckpointError(f"{path}: not an hvd_abs checkpoint (bad header)")
+    expected = data[len(MAGIC):newline].decode("ascii", "replace")
+    payload = data[newline + 1:]
+    if hashlib.sha256(payload).hexdigest() != expected:
+        raise CheckpointError(f"{path}: checksum mismatch (truncated, corrupted or modified)")
+    try:
+        return torch.load(io.BytesIO(payload), weights_only=True, map_location="cpu")
+    except Exception as exc:  # noqa: BLE001 - whatever torch raises, it is not loadable
+        raise CheckpointError(f"{path}: payload does not load with weights_only=True ({exc})") from None
+
+
+def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
+    """Checkpoint files in `directory`, oldest first (by update count in the name)."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def load_latest(directory: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that verifies, skipping (and logging) damaged ones; None if none."""
+    for path in reversed(list_checkpoints(directory)):
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as exc:
+            log.warning("skipping damaged checkpoint: %s", exc)
+    return None

@@ -1,0 +1,95 @@
+"""Host discovery for `horovodrun --host-discovery-script`: the host pool meets the wanted size.
+
+horovodrun polls the script every second and starts or stops workers to match the slots it
+prints. The script prints `host:slots` lines covering min(wanted, max_np, pool) slots, with
+wanted read from the job's world-size signal, so workers join exactly when the batch grows.
+Standard library only: it runs in a fresh interpreter on every poll.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from hvd_abs.elastic.world_signal import SignalError, read_wanted
+
+_HOST = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,252})$")
+
+
+class HostfileError(ValueError):
+    """A hostfile line that is not `host`, `host:N` or `host slots=N`."""
+
+
+def parse_hostfile(text: str, source: str = "hostfile") -> list[tuple[str, int]]:
+    """Parse a hostfile into [(host, slots)], in order. Accepts Horovod's `host slots=N`, the
+    `host:N` form and a bare `host` (1 slot); `#` starts a comment. Raises HostfileError naming
+    the line to fix."""
+    pool: list[tuple[str, int]] = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        m = (re.fullmatch(r"(\S+)\s+slots\s*=\s*(\d+)", line) or re.fullmatch(r"([^\s:]+):(\d+)", line)
+             or re.fullmatch(r"([^\s:]+)()", line))
+        if m is None or not _HOST.match(m.group(1)):
+            raise HostfileError(f"{source} line {number}: {raw.strip()!r} is not 'HOST slots=N', 'HOST:N' or 'HOST'")
+        slots = int(m.group(2)) if m.group(2) else 1
+        if slots < 1:
+            raise HostfileError(f"{source} line {number}: slots must be at least 1, got {slots}")
+        pool.append((m.group(1), slots))
+    if not pool:
+        raise HostfileError(f"{source}: no hosts; write one 'HOST slots=N' line per host")
+    return pool
+
+
+def select_hosts(pool: list[tuple[str, int]], wanted: int) -> list[tuple[str, int]]:
+    """The first `wanted` slots of the pool, host by host: [(host, slots)]."""
+    chosen, left = [], wanted
+    for host, slots in pool:
+        if left <= 0:
+            break
+        take = min(slots, left)
+        chosen.append((host, take))
+        left -= take
+    return chosen
+
+
+def discover(run_dir: str, pool: list[tuple[str, int]], min_np: int, max_np: int) -> tuple[list[tuple[str, int]], str]:
+    """Hosts to advertise and a note for stderr. Before the job publishes anything, and when the
+    signal is malformed, min_np slots are advertised: never more workers than asked for."""
+    note = ""
+    try:
+        wanted = read_wanted(run_dir)
+    except SignalError as exc:
+        wanted, note = None, f"ignoring a malformed world-size signal: {exc}"
+    target = max(min_np, min(max_np, wanted if wanted is not None else min_np))
+    return select_hosts(pool, target), note
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run-dir", required=True, help="the job's --out directory (holds the signal)")
+    p.add_argument("--hostfile", help="host pool, 'HOST slots=N' per line (default: localhost with --slots)")
+    p.add_argument("--slots", type=int, default=None, help="slots on localhost when no hostfile is given (default: max-np)")
+    p.add_argument("--min-np", type=int, default=1)
+    p.add_argument("--max-np", type=int, required=True)
+    args = p.parse_args(argv)
+    try:
+        if args.hostfile:
+            pool = parse_hostfile(Path(args.hostfile).read_text(), args.hostfile)
+        else:
+            pool = [("localhost", args.slots or args.max_np)]
+    except (OSError, HostfileError) as exc:
+        print(f"discover_hosts: {exc}", file=sys.stderr)
+        return 2
+    hosts, note = discover(args.run_dir, pool, args.min_np, args.max_np)
+    if note:
+        print(f"discover_hosts: {note}", file=sys.stderr)
+    for host, slots in hosts:
+        print(f"{host}:{slots}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""The world-size channel: the job publishes how many workers it wants, discovery reads it.
+
+A JSON file in the run directory (`<run>/elastic/world_size.json`), replaced atomically so a
+reader never sees half a file, and readable by its owner only. No socket: nothing to bind, so
+nothing for another user of the machine to reach. Standard library only.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+MAX_WORLD_SIZE = 65536
+
+
+class SignalError(ValueError):
+    """The signal file exists but does not hold a valid request."""
+
+
+def signal_path(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "elastic" / "world_size.json"
+
+
+def write_wanted(run_dir: str | os.PathLike, world_size: int, reason: str = "") -> Path:
+    """Publish `world_size` as the number of workers the job wants (atomic replace, mode 0600)."""
+    if not isinstance(world_size, int) or not 1 <= world_size <= MAX_WORLD_SIZE:
+        raise SignalError(f"world size must be an integer in [1, {MAX_WORLD_SIZE}], got {world_size!r}")
+    path = signal_path(run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = json.dumps({"world_size": world_size, "reason": reason, "time": time.time(), "pid": os.getpid()})
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".world_size.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(body)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_wanted(run_dir: str | os.PathLike) -> int | None:
+    """The published world size; None when nothing was published yet. Raises SignalError on a
+    file that is not a JSON object with an integer `world_size` in [1, MAX_WORLD_SIZE]."""
+    path = signal_path(run_dir)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SignalError(f"{path}: not JSON ({exc})") from None
+    n = data.get("world_size") if isinstance(data, dict) else None
+    if type(n) is not int or not 1 <= n <= MAX_WORLD_SIZE:
+        raise SignalError(f"{path}: 'world_size' must be an integer in [1, {MAX_WORLD_SIZE}], got {n!r}")
+    return n

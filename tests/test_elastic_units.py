@@ -1,0 +1,111 @@
+"""One-process tests of the elastic layer's pieces: world-size signal, discovery, checkpoints,
+the horovodrun command line."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hvd_abs.elastic import checkpoint as ck
+from hvd_abs.elastic.discovery import HostfileError, discover, parse_hostfile, select_hosts
+from hvd_abs.elastic.world_signal import SignalError, read_wanted, signal_path, write_wanted
+from hvd_abs.launch_horovod import build_command
+
+
+def test_signal_round_trip_and_validation(tmp_path):
+    assert read_wanted(tmp_path) is None
+    write_wanted(tmp_path, 3, reason="growth")
+    assert read_wanted(tmp_path) == 3
+    assert oct(signal_path(tmp_path).stat().st_mode & 0o777) == "0o600"
+    for bad in (0, -1, 2.0, "2", 10**9):
+        with pytest.raises(SignalError):
+            write_wanted(tmp_path, bad)
+    for text in ("{", "[]", '{"world_size": "2"}', '{"world_size": 0}', '{"world_size": true}'):
+        signal_path(tmp_path).write_text(text)
+        with pytest.raises(SignalError):
+            read_wanted(tmp_path)
+
+
+def test_hostfile_forms_and_errors():
+    pool = parse_hostfile("# pool\nnode1 slots=2\nnode2:3\n\n127.0.0.1   # one slot\n")
+    assert pool == [("node1", 2), ("node2", 3), ("127.0.0.1", 1)]
+    for bad in ("node1 slots=x", "node1:0", "bad host name", "node1 slots=2 extra", "-rf:2", ""):
+        with pytest.raises(HostfileError):
+            parse_hostfile(bad)
+    with pytest.raises(HostfileError, match="line 2"):
+        parse_hostfile("ok:1\n;rm:1\n")
+
+
+def test_select_and_discover_follow_the_signal(tmp_path):
+    pool = [("a", 2), ("b", 2)]
+    assert select_hosts(pool, 3) == [("a", 2), ("b", 1)]
+    assert discover(str(tmp_path), pool, min_np=1, max_np=4)[0] == [("a", 1)]  # nothing published yet
+    write_wanted(tmp_path, 8)
+    assert discover(str(tmp_path), pool, min_np=1, max_np=3)[0] == [("a", 2), ("b", 1)]  # max-np caps
+    signal_path(tmp_path).write_text("garbage")
+    hosts, note = discover(str(tmp_path), pool, min_np=2, max_np=4)
+    assert hosts == [("a", 2)] and "malformed" in note
+
+
+def test_discovery_script_prints_hosts(tmp_path):
+    write_wanted(tmp_path, 2)
+    out = subprocess.run([sys.executable, "launch/discover_hosts.py", "--run-dir", str(tmp_path), "--max-np", "4"],
+                         capture_output=True, text=True, check=True).stdout
+    assert out == "localhost:2\n"
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("good:1\nbad line here\n")
+    proc = subprocess.run([sys.executable, "-m", "hvd_abs.elastic.discovery", "--run-dir", str(tmp_path),
+                           "--max-np", "4", "--hostfile", str(hostfile)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "line 2" in proc.stderr and proc.stdout == ""
+
+
+def _state() -> dict:
+    return {"model": {"w": torch.arange(6.0).reshape(2, 3)}, "counters": {"updates": 7}, "rng": torch.get_rng_state()}
+
+
+def test_checkpoint_round_trip_and_rotation(tmp_path):
+    for updates in (1, 2, 3, 4):
+        ck.save_checkpoint(tmp_path, _state(), updates, keep=3)
+    assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["ckpt-000002.pt", "ckpt-000003.pt", "ckpt-000004.pt"]
+    path, state = ck.load_latest(tmp_path)
+    assert path.name == "ckpt-000004.pt"
+    assert torch.equal(state["model"]["w"], torch.arange(6.0).reshape(2, 3)) and state["counters"]["updates"] == 7
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "header", "empty"])
+def test_damaged_checkpoint_rejected_and_previous_used(tmp_path, damage):
+    ck.save_checkpoint(tmp_path, _state(), 1)
+    newest = ck.save_checkpoint(tmp_path, {"counters": {"updates": 2}}, 2)
+    data = newest.read_bytes()
+    newest.write_bytes({"truncate": data[:-10], "flip": data[:-5] + bytes([data[-5] ^ 1]) + data[-4:],
+                        "header": b"X" + data[1:], "empty": b""}[damage])
+    with pytest.raises(ck.CheckpointError):
+        ck.load_checkpoint(newest)
+    path, state = ck.load_latest(tmp_path)
+    assert path.name == "ckpt-000001.pt" and state["counters"]["updates"] == 7
+
+
+class _Evil:
+    """Stands for any object whose unpickling would run code."""
+
+
+def test_checkpoint_refuses_pickled_objects(tmp_path):
+    # A well-formed, correctly checksummed file whose payload needs arbitrary unpickling.
+    path = ck.save_checkpoint(tmp_path, {"x": _Evil()}, 1)
+    with pytest.raises(ck.CheckpointError, match="weights_only"):
+        ck.load_checkpoint(path)
+
+
+def test_horovodrun_command():
+    cmd = build_command(["--dataset", "digits", "--out", "runs/x"], min_np=1, max_np=2, python="py")
+    assert cmd[:6] == ["horovodrun", "--gloo", "--min-np", "1", "--max-np", "2"]
+    assert cmd[cmd.index("--network-interface") + 1] == "lo"
+    script = cmd[cmd.index("--host-discovery-script") + 1]
+    assert script.startswith("py -m hvd_abs.elastic.discovery --run-dir ") and "--max-np 2" in script
+    assert cmd[cmd.index("train") + 1:] == ["--elastic", "--max-np", "2", "--dataset", "digits", "--out", "runs/x"]
+    with pytest.raises(ValueError, match="--out"):
+        build_command(["--dataset", "digits"], min_np=1, max_np=2)
