@@ -1,6 +1,8 @@
 """`hvd-abs launch horovod|ray`: start elastic training and say exactly what was started."""
 from __future__ import annotations
 
+import re
+
 import click
 
 
@@ -45,7 +47,97 @@ def horovod(min_np: int, max_np: int, hostfile: str | None, network_interface: s
         sys.exit(subprocess.call(cmd))
 
 
-@command.command("ray")
-def ray() -> None:
-    """Run elastic training with Ray actors as Horovod workers."""
-    raise click.UsageError("`hvd-abs launch ray` is not implemented yet")
+_RAY_ADDRESS = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]):(\d{1,5})$")
+
+
+def ray_address(address: str) -> str:
+    """Check --address: 'auto', 'local' or HOST:PORT. Raises click.UsageError naming the fix."""
+    if address in ("auto", "local"):
+        return address
+    if address.startswith("ray://"):
+        raise click.UsageError("--address ray://... (Ray Client) cannot work: Ray workers must reach this "
+                               "process's Horovod rendezvous; run `hvd-abs launch ray` on a cluster node "
+                               "with --address auto or HOST:PORT of the head (GCS) instead")
+    m = _RAY_ADDRESS.match(address)
+    if m is None or not 1 <= int(m.group(1)) <= 65535:
+        raise click.UsageError(f"--address must be auto, local or HOST:PORT of the Ray head (e.g. "
+                               f"10.0.0.1:6379), got {address!r}")
+    return address
+
+
+@command.command("ray", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("--address", required=True,
+              help="Ray cluster: 'auto' (the one this machine belongs to), HOST:PORT of its head, or "
+                   "'local' (start one on this machine, no dashboard).")
+@click.option("--min-workers", type=click.IntRange(min=1), default=1, show_default=True, help="Fewest workers to run with.")
+@click.option("--max-workers", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Most workers; the job asks for min(max-workers, global batch / base batch).")
+@click.option("--cpus-per-worker", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Ray CPUs each worker actor holds.")
+@click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Ray GPUs each worker actor holds (use with --device cuda).")
+@click.option("--network-interface", default=None,
+              help="NIC for Horovod's traffic (default: 'lo' when every Ray node is this machine, else the "
+                   "interface holding this node's Ray IP).")
+@click.argument("train_args", nargs=-1, type=click.UNPROCESSED)
+def ray(address: str, min_workers: int, max_workers: int, cpus_per_worker: float, gpus_per_worker: float,
+        network_interface: str | None, train_args: tuple[str, ...]) -> None:
+    """Run `hvd-abs train --elastic TRAIN_ARGS` with Ray actors as Horovod workers.
+
+    Workers are placed by resources on the cluster's nodes; the job grows when its batch grows
+    (up to --max-workers and what the cluster holds, asking the autoscaler for more) and rolls
+    back and continues when a worker or node is lost. --out must be on storage this machine and
+    every node share.
+
+    Example: hvd-abs launch ray --address local --max-workers 2 -- --dataset digits --method absa --out runs/x
+    """
+    from pathlib import Path
+
+    from hvd_abs.launch_horovod import _option
+
+    address = ray_address(address)
+    if max_workers < min_workers:
+        raise click.BadParameter(f"--max-workers ({max_workers}) must be at least --min-workers ({min_workers})",
+                                 param_hint="--max-workers")
+    if cpus_per_worker == 0 and gpus_per_worker == 0:
+        raise click.UsageError("a worker must hold some resource: pass --cpus-per-worker > 0 or --gpus-per-worker > 0")
+    out = _option(list(train_args), "--out")
+    if not out:
+        raise click.UsageError("elastic training needs a run directory: pass --out DIR among the train options "
+                               "(after --)")
+    # Actors do not run in this directory: the run directory travels as an absolute path.
+    run_dir = str(Path(out).resolve())
+    args = _with_option(list(train_args), "--out", run_dir)
+    worker_argv = ["--elastic", "--max-np", str(max_workers), *args]
+
+    from hvd_abs.elastic.ray_executor import RayElasticExecutor, RayExecutorError, train_worker
+
+    executor = RayElasticExecutor(min_workers=min_workers, max_workers=max_workers, cpus_per_worker=cpus_per_worker,
+                                  gpus_per_worker=gpus_per_worker, address=address, run_dir=run_dir,
+                                  nic=network_interface)
+    click.echo(f"+ Ray {address}: {min_workers}..{max_workers} workers x (CPU {cpus_per_worker:g}, GPU "
+               f"{gpus_per_worker:g}) running hvd-abs train {' '.join(worker_argv)}", err=True)
+    try:
+        executor.start()
+    except ConnectionError as exc:
+        raise click.ClickException(f"no Ray cluster at --address {address} ({exc}): start one with "
+                                   f"`ray start --head`, or pass --address local") from None
+    try:
+        executor.run(train_worker, (worker_argv,))
+    except RayExecutorError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        executor.shutdown()
+
+
+def _with_option(args: list[str], name: str, value: str) -> list[str]:
+    """`args` with every `name VALUE` / `name=VALUE` set to `value`."""
+    out, i = [], 0
+    while i < len(args):
+        if args[i] == name and i + 1 < len(args):
+            out += [name, value]
+            i += 2
+            continue
+        out.append(f"{name}={value}" if args[i].startswith(name + "=") else args[i])
+        i += 1
+    return out

@@ -1,0 +1,116 @@
+"""Horovod's elastic mode, made correct for adaptive batches. The only module of the elastic
+layer that imports Horovod; it is imported only by jobs started with `--elastic`.
+
+Contract (Horovod's, kept): no collective runs before `run_elastic` enters the training function;
+everything a resize touches (per-worker share, accumulation steps, this rank's samples, LR) is
+recomputed from the synced state, never carried across a reset.
+
+Where this differs from `horovod.torch.elastic.run` + `TorchState`, and why:
+- Every reset is followed by a sync, also a removal-only one: Horovod skips it (horovod#3494
+  deadlock below min-np, #3399 sampler left partitioned for the old world).
+- The state is the trainer's whole `state_dict()` (model, optimizer, controller, LR inputs,
+  adversarial schedule, sampler cursor, counters, RNG, metrics), committed to host memory: no
+  second copy on the GPU, and nothing pickled whole that cannot be rolled back.
+- A new worker loads rank 0's optimizer state as it is, so it starts bit-identical to rank 0: no
+  zero-gradient optimizer step to materialise state (which drifts weights under weight decay).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from typing import Any, Callable, Protocol
+
+import horovod.torch as hvd
+import torch
+from horovod.common.elastic import State, notification_manager
+from horovod.common.exceptions import HorovodInternalError, HostsUpdatedInterrupt
+
+log = logging.getLogger(__name__)
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def to_host(obj: Any) -> Any:
+    """A deep copy of `obj` with every tensor cloned to host memory."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_host(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+class CommittedState(State):
+    """Horovod elastic State over one `Stateful` target (the trainer).
+
+    commit() = snapshot to host memory + check for host updates (may raise
+    HostsUpdatedInterrupt on every rank at the same commit); restore() = back to the last
+    snapshot; sync() = rank 0's current state to every rank.
+    """
+
+    def __init__(self, target: Stateful) -> None:
+        super().__init__(bcast_object=hvd.broadcast_object, get_rank=hvd.rank)
+        self.target = target
+        self._saved: dict[str, Any] | None = None
+        self.commit_s = 0.0  # total seconds spent snapshotting, for the metrics
+        self.commits = 0
+
+    def save(self) -> None:
+        t0 = time.perf_counter()
+        self._saved = to_host(self.target.state_dict())
+        self.commit_s += time.perf_counter() - t0
+        self.commits += 1
+
+    def restore(self) -> None:
+        if self._saved is not None:
+            self.target.load_state_dict(self._saved)
+
+    def sync(self) -> None:
+        snapshot = to_host(self.target.state_dict()) if hvd.rank() == 0 else None
+        snapshot = hvd.broadcast_object(snapshot, root_rank=0, name="hvd_abs.state")
+        self.target.load_state_dict(snapshot)
+        self._saved = snapshot
+
+
+ResetHook = Callable[[str, float], None]
+
+
+def run_elastic(fn: Callable[[CommittedState], Any], state: CommittedState,
+                on_reset: ResetHook | None = None) -> Any:
+    """Run `fn(state)` until it returns, across resizes and worker failures.
+
+    On HostsUpdatedInterrupt (hosts added or removed) and on HorovodInternalError (a worker died:
+    roll back to the last commit first), Horovod is re-initialised for the new world, the state
+    is synced from rank 0, and `fn` is entered again. `on_reset(kind, seconds)` is told of each
+    reset ("resize" or "failure") and how long re-initialisation and sync took.
+    """
+    notification_manager.init()
+    notification_manager.register_listener(state)
+    try:
+        pending: tuple[str, float] | None = None
+        while True:
+            try:
+                state.sync()  # always: also after removal-only resets (horovod#3494, #3399)
+                if pending is not None and on_reset is not None:
+                    kind, t0 = pending
+                    on_reset(kind, time.perf_counter() - t0)
+                pending = None
+                return fn(state)
+            except HorovodInternalError:
+                log.warning("a worker failed: rolling back to the last commit")
+                state.restore()
+                pending = ("failure", time.perf_counter())
+            except HostsUpdatedInterrupt:
+                log.info("hosts changed: re-initialising Horovod for the new world")
+                pending = ("resize", time.perf_counter())
+            hvd.shutdown()
+            hvd.init()
+            state.on_reset()
+    finally:
+        notification_manager.remove_listener(state)

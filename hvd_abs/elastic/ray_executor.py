@@ -1,0 +1,409 @@
+"""Elastic Horovod on a Ray cluster: Horovod's own elastic driver, Ray actors as the workers.
+
+The only module of the project that imports Ray and `horovod.runner`; both are imported lazily
+so `hvd-abs --help` and the horovodrun path never pay for them.
+
+Why not `horovod.ray`: its elastic executors do not start on Ray 2.60 (`MiniSettings` has no
+`discovery`, the older one rejects `min_workers`), they use Ray APIs Ray removed (`ray.state`,
+`RuntimeContext.node_id`), and they name hosts by IP and pin actors with `node:<IP>` resources,
+so two Ray nodes on one machine (or two raylets sharing an IP) collapse into one host. Fixing
+that means overriding discovery, worker creation and the run loop: most of the adapter. What is
+kept is the part that holds the semantics, used as is, the same objects `horovodrun` runs:
+`ElasticDriver` (host updates, rank assignment, blacklisting, resets), `RendezvousServer` +
+`create_rendezvous_handler` (Gloo rendezvous, worker notification registration) and
+`create_run_env_vars` / `create_slot_env_vars` (what a worker sees). What is Ray's:
+
+- Hosts are Ray nodes, named by node ID (unique even for fake nodes on one machine); a node
+  offers `min(CPU // cpus_per_worker, GPU // gpus_per_worker)` slots from its total resources.
+- The slots advertised to the driver are the first `min(max_workers, max(min_workers, wanted))`
+  of the cluster's, oldest node first, with `wanted` read from the job's world-size signal
+  (`hvd_abs.elastic.world_signal`): workers join exactly when the batch grows, as on horovodrun.
+- A worker is an actor pinned to its node (hard node affinity) with the per-worker resources;
+  a dead actor or a removed node is a failed worker: survivors get HorovodInternalError, roll
+  back to the last commit and continue (`hvd_abs.elastic.hvd_runner.run_elastic`).
+- When the job wants more workers than the cluster can host, the executor asks the autoscaler
+  for them with `ray.autoscaler.sdk.request_resources` (one bundle per worker; a no-op on a
+  fixed cluster); the request follows the wanted size from then on and is withdrawn at shutdown.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from hvd_abs.elastic.discovery import select_hosts
+from hvd_abs.elastic.world_signal import SignalError, read_wanted
+
+log = logging.getLogger(__name__)
+
+# Seconds between polls of a worker's future for completion or a stop event; the driver's own
+# host discovery polls every second, so this is not the resize latency.
+_POLL_S = 0.2
+
+
+class RayExecutorError(RuntimeError):
+    """The elastic job on Ray failed (a worker's error, or the driver gave up)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Host discovery: the live Ray cluster meets the wanted world size
+# ---------------------------------------------------------------------------------------------
+
+def node_slots(resources: Mapping[str, float], cpus_per_worker: float, gpus_per_worker: float) -> int:
+    """How many workers fit on a node with these total `resources`."""
+    # The epsilon keeps 0.3 CPU / 0.1 per worker at 3 despite binary floating point.
+    slots = math.floor(resources.get("CPU", 0.0) / cpus_per_worker + 1e-9) if cpus_per_worker > 0 else math.inf
+    if gpus_per_worker > 0:
+        slots = min(slots, math.floor(resources.get("GPU", 0.0) / gpus_per_worker + 1e-9))
+    if slots == math.inf:
+        raise ValueError("a worker needs some resource: pass cpus_per_worker > 0 or gpus_per_worker > 0")
+    return int(slots)
+
+
+def target_world_size(wanted: int | None, min_workers: int, max_workers: int) -> int:
+    """The world size to advertise: `wanted` clamped to [min_workers, max_workers]; min_workers
+    while nothing was published (never more workers than asked for)."""
+    return max(min_workers, min(max_workers, wanted if wanted is not None else min_workers))
+
+
+class RayClusterDiscovery:
+    """Horovod `HostDiscovery` over the live Ray cluster, capped by the job's wanted size.
+
+    `find_available_hosts_and_slots()` is polled every second by Horovod's driver thread. It
+    returns {node_id: slots} covering `target_world_size(...)` slots, nodes in the order they
+    were first seen (so the oldest nodes keep the lowest ranks and a resize never swaps a host
+    out for an equal one). Without `run_dir` the job wants `max_workers`.
+
+    `nodes` and `request` default to `ray.nodes` and `ray.autoscaler.sdk.request_resources`;
+    tests pass fakes.
+    """
+
+    def __init__(self, *, min_workers: int, max_workers: int, cpus_per_worker: float = 1.0,
+                 gpus_per_worker: float = 0.0, run_dir: str | os.PathLike | None = None,
+                 nodes: Callable[[], list[dict[str, Any]]] | None = None,
+                 request: Callable[[list[dict[str, float]]], None] | None = None) -> None:
+        self.min_workers, self.max_workers = min_workers, max_workers
+        self.cpus_per_worker, self.gpus_per_worker = cpus_per_worker, gpus_per_worker
+        self.run_dir = run_dir
+        self._nodes = nodes
+        self._request = request
+        self._first_seen: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self.requested: int | None = None  # workers last asked of the autoscaler; None: never asked
+        self._signal_warned = False
+        self._short_logged: int | None = None
+
+    # One bundle per worker: the autoscaler packs them onto node types that fit a whole worker.
+    def bundle(self) -> dict[str, float]:
+        b = {"CPU": float(self.cpus_per_worker)} if self.cpus_per_worker > 0 else {}
+        if self.gpus_per_worker > 0:
+            b["GPU"] = float(self.gpus_per_worker)
+        return b
+
+    def pool(self) -> list[tuple[str, int]]:
+        """[(node_id, slots)] of the alive nodes that fit at least one worker, oldest first."""
+        if self._nodes is None:
+            import ray
+            self._nodes = ray.nodes
+        pool = []
+        for node in self._nodes():
+            if not node.get("Alive", node.get("alive", False)):
+                continue
+            slots = node_slots(node.get("Resources", {}), self.cpus_per_worker, self.gpus_per_worker)
+            if slots > 0:
+                self._first_seen.setdefault(node["NodeID"], len(self._first_seen))
+                pool.append((node["NodeID"], slots))
+        return sorted(pool, key=lambda hs: self._first_seen[hs[0]])
+
+    def wanted(self) -> int | None:
+        if self.run_dir is None:
+            return self.max_workers
+        try:
+            return read_wanted(self.run_dir)
+        except SignalError as exc:
+            if not self._signal_warned:  # polled every second: say it once
+                log.warning("ignoring a malformed world-size signal (advertising min_workers): %s", exc)
+                self._signal_warned = True
+            return None
+
+    def find_available_hosts_and_slots(self) -> dict[str, int]:
+        with self._lock:
+            pool = self.pool()
+            target = target_world_size(self.wanted(), self.min_workers, self.max_workers)
+            capacity = sum(slots for _, slots in pool)
+            self._ask(target, capacity)
+            return dict(select_hosts(pool, target))
+
+    def _ask(self, target: int, capacity: int) -> None:
+        """Ask the autoscaler for `target` workers when the cluster holds fewer; once asked,
+        keep the request equal to the wanted size (lowering it lets the cluster shrink)."""
+        if target <= capacity and (self.requested is None or self.requested == target):
+            return
+        if target == self.requested:
+            return
+        if target > capacity and self._short_logged != target:
+            log.info("the job wants %d workers, the cluster hosts %d: asking the autoscaler for %d "
+                     "bundles of %s", target, capacity, target, self.bundle())
+            self._short_logged = target
+        self.request([self.bundle()] * target)
+        self.requested = target
+
+    def request(self, bundles: list[dict[str, float]]) -> None:
+        if self._request is None:
+            from ray.autoscaler.sdk import request_resources
+
+            def _request(b: list[dict[str, float]]) -> None:
+                request_resources(bundles=b)
+            self._request = _request
+        self._request(bundles)
+
+    def withdraw(self) -> None:
+        """Withdraw a standing autoscaler request (an empty request replaces it)."""
+        with self._lock:
+            if self.requested is not None:
+                self.request([])
+                self.requested = None
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker actor
+# ---------------------------------------------------------------------------------------------
+
+class _Worker:
+    """One Horovod worker process (made a Ray actor by the executor)."""
+
+    def run(self, env: Mapping[str, str], fn: Callable[..., Any], args: Sequence[Any],
+            kwargs: Mapping[str, Any]) -> tuple[int, Any]:
+        # Before fn runs: Horovod's init and notification manager read these from os.environ.
+        os.environ.update({k: str(v) for k, v in env.items()})
+        value = fn(*args, **kwargs)
+        return _final_rank(int(env["HOROVOD_RANK"])), value
+
+
+def _final_rank(start_rank: int) -> int:
+    """This worker's rank at the end (ranks change across resets), else its starting rank."""
+    import sys
+    hvd = sys.modules.get("horovod.torch")
+    try:
+        if hvd is not None and hvd.is_initialized():
+            return int(hvd.rank())
+    except Exception:  # noqa: BLE001 - a shut-down Horovod raises ValueError; any failure: fall back
+        pass
+    return start_rank
+
+
+def _local_network(node_ips: Iterable[str], driver_ip: str) -> tuple[str, str]:
+    """(network interface, driver address) for Horovod's traffic. All nodes on this machine:
+    loopback (the elastic driver hangs on a single machine without an interface, see notes).
+    Otherwise the interface holding the driver's node IP, which must route to every node."""
+    if set(node_ips) <= {driver_ip}:
+        return "lo", "127.0.0.1"
+    import psutil
+    import socket
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == driver_ip for a in addrs):
+            return name, driver_ip
+    raise RayExecutorError(f"no network interface holds the driver's IP {driver_ip}: pass nic=NAME "
+                           f"(`--network-interface`) naming the interface that reaches every node")
+
+
+# ---------------------------------------------------------------------------------------------
+# The executor
+# ---------------------------------------------------------------------------------------------
+
+class RayElasticExecutor:
+    """Run a function as an elastic Horovod job whose workers are Ray actors.
+
+    Args (defaults in brackets):
+        min_workers [1]: fewest workers to run with; the job waits (up to `elastic_timeout`) below it.
+        max_workers [8]: most workers, whatever the signal or the cluster offers.
+        cpus_per_worker [1.0], gpus_per_worker [0.0]: Ray resources each worker actor holds.
+        address [None]: Ray cluster to join when Ray is not initialised yet: "auto", "HOST:PORT",
+            or "local" (a new single-machine cluster, no dashboard). None: "auto". When Ray is
+            already initialised in this process, that connection is used.
+        run_dir [None]: the job's run directory; its world-size signal caps the workers. None:
+            always `max_workers` (as many as the cluster hosts).
+        env [None]: extra environment variables for every worker.
+        nic [None]: network interface for Horovod's traffic; None: "lo" when every node is this
+            machine, else the interface holding the driver's node IP.
+        elastic_timeout [600]: seconds to wait for min_workers slots.
+        cooldown_range [(5, 30)]: seconds (min, max) a node whose worker failed stays barred;
+            None bars it for good (Horovod's default).
+        reset_limit [None]: most resets before the job is stopped; None: unbounded.
+
+    Use: `start()`, then `run(fn, args, kwargs)` any number of times (each is one elastic job),
+    then `shutdown()`; or `with RayElasticExecutor(...) as ex: ex.run(...)`. `fn` must be
+    picklable (a module-level function) and run Horovod elastic itself, e.g. through
+    `hvd_abs.elastic.hvd_runner.run_elastic`. `run` returns the values of the workers that
+    finished, ordered by their final rank.
+    """
+
+    def __init__(self, *, min_workers: int = 1, max_workers: int = 8, cpus_per_worker: float = 1.0,
+                 gpus_per_worker: float = 0.0, address: str | None = None,
+                 run_dir: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,
+                 nic: str | None = None, elastic_timeout: int = 600,
+                 cooldown_range: tuple[int, int] | None = (5, 30), reset_limit: int | None = None) -> None:
+        for name, value in (("min_workers", min_workers), ("max_workers", max_workers)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if max_workers < min_workers:
+            raise ValueError(f"max_workers ({max_workers}) must be at least min_workers ({min_workers})")
+        if cpus_per_worker < 0 or gpus_per_worker < 0 or (cpus_per_worker == 0 and gpus_per_worker == 0):
+            raise ValueError(f"pass cpus_per_worker >= 0 and gpus_per_worker >= 0, not both 0 "
+                             f"(got {cpus_per_worker}, {gpus_per_worker})")
+        if cooldown_range is not None and not (1 <= cooldown_range[0] <= cooldown_range[1] <= 3600):
+            raise ValueError(f"cooldown_range must be (MIN, MAX) seconds with 1 <= MIN <= MAX <= 3600, "
+                             f"got {cooldown_range!r}")
+        if env is not None and any(not isinstance(k, str) or k.startswith("HOROVOD_") for k in env):
+            raise ValueError("env: pass string names, and no HOROVOD_* variables (the executor sets those)")
+        self.min_workers, self.max_workers = min_workers, max_workers
+        self.cpus_per_worker, self.gpus_per_worker = float(cpus_per_worker), float(gpus_per_worker)
+        self.address = address
+        self.run_dir = None if run_dir is None else str(Path(run_dir).resolve())
+        self.env = dict(env or {})
+        self.nic = nic
+        self.elastic_timeout = elastic_timeout
+        self.cooldown_range = cooldown_range
+        self.reset_limit = reset_limit
+        self.discovery: RayClusterDiscovery | None = None
+        self._owns_ray = False
+        self._network: tuple[str, str] | None = None
+
+    def __enter__(self) -> "RayElasticExecutor":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def start(self) -> None:
+        """Connect to Ray (unless connected) and choose the network for Horovod's traffic."""
+        import ray
+
+        if not ray.is_initialized():
+            address = self.address or "auto"
+            kwargs: dict[str, Any] = {"include_dashboard": False} if address == "local" else {}
+            log.info("connecting to Ray at %s", address)
+            ray.init(address=address, **kwargs)
+            self._owns_ray = True
+        if self.nic is not None:
+            self._network = (self.nic, ray.util.get_node_ip_address())
+        else:
+            ips = [n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")]
+            self._network = _local_network(ips, ray.util.get_node_ip_address())
+        self.discovery = RayClusterDiscovery(
+            min_workers=self.min_workers, max_workers=self.max_workers, cpus_per_worker=self.cpus_per_worker,
+            gpus_per_worker=self.gpus_per_worker, run_dir=self.run_dir)
+        log.info("Ray executor ready: %d..%d workers of %s, Horovod over %s", self.min_workers,
+                 self.max_workers, self.discovery.bundle(), self._network[0])
+
+    def run(self, fn: Callable[..., Any], args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None) -> list[Any]:
+        """Run `fn(*args, **kwargs)` on every worker as one elastic job; return the finished
+        workers' values by final rank. Raises RayExecutorError when the job fails."""
+        import ray
+        from horovod.runner.elastic.driver import ElasticDriver
+        from horovod.runner.elastic.rendezvous import create_rendezvous_handler
+        from horovod.runner.gloo_run import create_run_env_vars, create_slot_env_vars
+        from horovod.runner.http.http_server import RendezvousServer
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        if self.discovery is None or self._network is None:
+            raise RayExecutorError("call start() before run()")
+        kwargs = dict(kwargs or {})
+        try:
+            ray.cloudpickle.dumps((fn, tuple(args), kwargs))
+        except Exception as exc:  # noqa: BLE001 - any pickling failure is the caller's to fix
+            raise TypeError(f"fn and its arguments must be picklable (use a module-level function): {exc}") from None
+
+        nic, server_ip = self._network
+        rendezvous = RendezvousServer(verbose=0)
+        driver = ElasticDriver(rendezvous, self.discovery, min_num_proc=self.min_workers,
+                               max_num_proc=self.max_workers, timeout=self.elastic_timeout,
+                               reset_limit=self.reset_limit, cooldown_range=self.cooldown_range)
+        port = rendezvous.start(create_rendezvous_handler(driver))
+        base_env = {**{k: str(v) for k, v in create_run_env_vars(server_ip, [nic], port, elastic=True).items()},
+                    "PYTHONUNBUFFERED": "1", **self.env}
+        remote_worker = ray.remote(_Worker)
+        results: dict[int, Any] = {}
+        errors: list[str] = []
+        lock = threading.Lock()
+
+        def create_worker(slot_info: Any, events: list[threading.Event]) -> tuple[int, float]:
+            """Horovod's worker-creation hook: one actor per slot, (exit code, time) when it ends."""
+            env = {**base_env, **create_slot_env_vars(slot_info)}
+            actor = remote_worker.options(
+                num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker, max_restarts=0,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=slot_info.hostname, soft=False),
+            ).remote()
+            ref = actor.run.remote(env, fn, tuple(args), kwargs)
+            code = 1
+            try:
+                while True:
+                    ready, _ = ray.wait([ref], timeout=_POLL_S)
+                    if ready:
+                        try:
+                            rank, value = ray.get(ref)
+                        except Exception as exc:  # noqa: BLE001 - a dead actor or fn's error: a failed worker
+                            # RayTaskError wraps fn's own exception as .cause: name that, not the wrapper.
+                            cause = getattr(exc, "cause", None) or exc
+                            brief = f"{type(cause).__name__}: {cause}".splitlines()[0]
+                            if not driver.has_rank_assignment(slot_info.hostname, slot_info.local_rank):
+                                # A shrink dropped its slot: Horovod ends such a worker at re-init.
+                                log.info("worker on node %s (local rank %d) left the job: %s",
+                                         slot_info.hostname[:12], slot_info.local_rank, brief)
+                            else:
+                                log.warning("worker on node %s (local rank %d) failed: %s", slot_info.hostname[:12],
+                                            slot_info.local_rank, brief)
+                                with lock:
+                                    errors.append(f"{brief}\n{exc}")
+                        else:
+                            with lock:
+                                results[rank] = value
+                            code = 0
+                        break
+                    if any(e.is_set() for e in events):  # the job stopped, or this node was barred
+                        break
+            finally:
+                # Ends the process on success too: frees the node's resources for the next run.
+                ray.kill(actor, no_restart=True)
+            return code, time.time()
+
+        log.info("elastic job on Ray: waiting for %d worker slot(s)", self.min_workers)
+        try:
+            driver.wait_for_available_slots(self.min_workers)
+            driver.start(self.min_workers, create_worker)
+            res = driver.get_results()
+        finally:
+            driver.stop()
+        if res.error_message is not None:
+            raise RayExecutorError(res.error_message)
+        failed = sorted(name for name, (code, _) in res.worker_results.items() if code != 0)
+        if failed or not results:
+            detail = errors[-1] if errors else "no worker finished"
+            raise RayExecutorError(f"the elastic job failed ({', '.join(failed) or 'no results'}): {detail}")
+        return [results[r] for r in sorted(results)]
+
+    def shutdown(self) -> None:
+        """Withdraw any autoscaler request; disconnect from Ray if start() connected."""
+        import ray
+
+        if self.discovery is not None and ray.is_initialized():
+            try:
+                self.discovery.withdraw()
+            except Exception as exc:  # noqa: BLE001 - shutting down: report, do not mask the caller's error
+                log.warning("could not withdraw the autoscaler request: %s", exc)
+        self.discovery = None
+        if self._owns_ray and ray.is_initialized():
+            ray.shutdown()
+        self._owns_ray = False
+
+
+def train_worker(train_args: Sequence[str]) -> Any:
+    """The worker function of `hvd-abs launch ray`: `hvd-abs train TRAIN_ARGS` in this actor."""
+    from hvd_abs.commands.train import command
+
+    return command.main(args=list(train_args), standalone_mode=False)

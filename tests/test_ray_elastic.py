@@ -1,0 +1,205 @@
+"""Elastic Horovod on Ray (issue 6): discovery and CLI units, then real jobs on fake Ray nodes.
+
+The multiprocess tests run tests/workers/ray_elastic_scenario.py (a `ray.cluster_utils.Cluster`
+of 1-CPU fake nodes, the executor, and the toy elastic job of tests/workers/ray_toy_job.py) in
+a subprocess with a timeout, so a hang never blocks pytest and the cluster dies with it.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import WORKERS, run_checked
+from hvd_abs.cli import main as cli
+from hvd_abs.elastic import ray_executor
+from hvd_abs.elastic.ray_executor import (RayClusterDiscovery, RayElasticExecutor, RayExecutorError,
+                                          _local_network, node_slots, target_world_size)
+from hvd_abs.elastic.world_signal import signal_path, write_wanted
+
+# ---------------------------------------------------------------------------------------------
+# Units: no Ray processes
+# ---------------------------------------------------------------------------------------------
+
+
+def _node(node_id: str, cpu: float = 1.0, gpu: float = 0.0, alive: bool = True) -> dict:
+    res = {"CPU": cpu, "memory": 1e9, **({"GPU": gpu} if gpu else {})}
+    return {"NodeID": node_id, "Alive": alive, "NodeManagerAddress": "10.0.0.1", "Resources": res}
+
+
+def test_node_slots() -> None:
+    assert node_slots({"CPU": 4.0}, 1, 0) == 4
+    assert node_slots({"CPU": 0.3}, 0.1, 0) == 3  # not 2 from 0.3 / 0.1 = 2.9999999999999996
+    assert node_slots({"CPU": 8.0, "GPU": 2.0}, 1, 1) == 2
+    assert node_slots({"CPU": 8.0}, 1, 1) == 0  # a GPU worker does not fit a CPU node
+    assert node_slots({"GPU": 4.0}, 0, 2) == 2
+    with pytest.raises(ValueError, match="cpus_per_worker > 0 or gpus_per_worker > 0"):
+        node_slots({"CPU": 1.0}, 0, 0)
+
+
+def test_target_world_size() -> None:
+    assert target_world_size(None, 1, 4) == 1  # nothing published: never more than asked
+    assert target_world_size(3, 1, 4) == 3
+    assert target_world_size(9, 1, 4) == 4
+    assert target_world_size(1, 2, 4) == 2
+
+
+def test_discovery_follows_cluster_and_wanted_size(tmp_path) -> None:
+    nodes = [_node("a", cpu=2), _node("dead", alive=False), _node("tiny", cpu=0.5)]
+    asks: list[list[dict]] = []
+    d = RayClusterDiscovery(min_workers=1, max_workers=4, cpus_per_worker=1, run_dir=tmp_path,
+                            nodes=lambda: nodes, request=asks.append)
+    assert d.find_available_hosts_and_slots() == {"a": 1}  # no signal yet: min_workers
+    write_wanted(tmp_path, 2)
+    assert d.find_available_hosts_and_slots() == {"a": 2}
+    nodes.insert(0, _node("b", cpu=1))  # a new node listed first still ranks after the old one
+    write_wanted(tmp_path, 3)
+    assert d.find_available_hosts_and_slots() == {"a": 2, "b": 1}
+    assert asks == []  # the cluster holds what the job wants: nothing asked
+    write_wanted(tmp_path, 9)
+    assert d.find_available_hosts_and_slots() == {"a": 2, "b": 1}
+    assert asks == [[{"CPU": 1.0}] * 4]  # capped at max_workers
+    d.find_available_hosts_and_slots()
+    assert len(asks) == 1  # polled every second: asked once per change
+    write_wanted(tmp_path, 2)  # the standing request follows the wanted size down
+    assert d.find_available_hosts_and_slots() == {"a": 2}
+    assert asks[-1] == [{"CPU": 1.0}] * 2
+    d.withdraw()
+    assert asks[-1] == [] and d.requested is None
+    signal_path(tmp_path).write_text("not json")  # malformed: min_workers, said once
+    assert d.find_available_hosts_and_slots() == {"a": 1}
+
+
+def test_discovery_without_run_dir_takes_max_and_gpu_bundles() -> None:
+    asks: list[list[dict]] = []
+    d = RayClusterDiscovery(min_workers=1, max_workers=3, cpus_per_worker=2, gpus_per_worker=1,
+                            nodes=lambda: [_node("g", cpu=8, gpu=2), _node("c", cpu=8)], request=asks.append)
+    assert d.find_available_hosts_and_slots() == {"g": 2}
+    assert asks == [[{"CPU": 2.0, "GPU": 1.0}] * 3]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"min_workers": 0}, "min_workers must be an integer >= 1"),
+    ({"min_workers": 3, "max_workers": 2}, r"max_workers \(2\) must be at least min_workers \(3\)"),
+    ({"cpus_per_worker": 0}, "not both 0"),
+    ({"cooldown_range": (0, 5)}, "1 <= MIN <= MAX"),
+    ({"env": {"HOROVOD_RANK": "1"}}, "no HOROVOD_"),
+])
+def test_executor_rejects_bad_parameters(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        RayElasticExecutor(**kwargs)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--address", "nowhere", "--", "--out", "x"], "--address must be auto, local or HOST:PORT"),
+    (["--address", "10.0.0.1:70000", "--", "--out", "x"], "--address must be auto, local or HOST:PORT"),
+    (["--address", "ray://head:10001", "--", "--out", "x"], "Ray Client"),
+    (["--address", "auto", "--", "--dataset", "digits"], "pass --out DIR"),
+    (["--address", "auto", "--min-workers", "3", "--max-workers", "2", "--", "--out", "x"], "at least --min-workers"),
+    (["--address", "auto", "--cpus-per-worker", "0", "--", "--out", "x"], "--cpus-per-worker > 0"),
+    (["--address", "auto", "--gpus-per-worker", "-1", "--", "--out", "x"], "-1"),
+])
+def test_launch_ray_usage_errors(argv: list[str], message: str) -> None:
+    result = CliRunner().invoke(cli, ["launch", "ray", *argv])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+
+
+def test_network_choice() -> None:
+    assert _local_network(["10.9.9.9", "10.9.9.9"], "10.9.9.9") == ("lo", "127.0.0.1")  # one machine
+    with pytest.raises(RayExecutorError, match="pass nic=NAME"):
+        _local_network(["10.9.9.9", "10.9.9.8"], "203.0.113.77")  # no local interface holds it
+
+
+def test_launch_ray_runs_train_elastic_with_absolute_out(tmp_path, monkeypatch) -> None:
+    seen: dict = {}
+
+    class Recorder:  # stands in for the executor: this test is about the command line only
+        def __init__(self, **kwargs: object) -> None:
+            seen["kwargs"] = kwargs
+
+        def start(self) -> None: ...
+
+        def run(self, fn: object, args: tuple) -> list:
+            seen["fn"], seen["args"] = fn, args
+            return []
+
+        def shutdown(self) -> None:
+            seen["shutdown"] = True
+
+    monkeypatch.setattr(ray_executor, "RayElasticExecutor", Recorder)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["launch", "ray", "--address", "local", "--max-workers", "2", "--",
+                                      "--dataset", "digits", "--out=runs/x"])
+    assert result.exit_code == 0, result.output
+    out = str(tmp_path / "runs" / "x")
+    assert seen["fn"] is ray_executor.train_worker and seen["shutdown"]
+    assert seen["args"] == (["--elastic", "--max-np", "2", "--dataset", "digits", f"--out={out}"],)
+    assert seen["kwargs"]["run_dir"] == out and seen["kwargs"]["address"] == "local"
+
+
+# ---------------------------------------------------------------------------------------------
+# Real Ray: fake nodes, the toy elastic job
+# ---------------------------------------------------------------------------------------------
+
+
+def _scenario(name: str) -> dict:
+    proc = run_checked([sys.executable, str(WORKERS / "ray_elastic_scenario.py"), name], timeout=150,
+                       env={"RAY_DEDUP_LOGS": "0"})
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("REPORT ")]
+    assert lines, f"no report\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    report = json.loads(lines[-1][len("REPORT "):])
+    assert "error" not in report, f"{report['error']}\nstderr:\n{proc.stderr}"
+    return report
+
+
+def _check_no_step_lost(report: dict, steps: int) -> list[int]:
+    """Every worker ends with the same ledger holding each step once; returns its world sizes."""
+    results = report["results"]
+    # Times are each worker's own clock; steps and world sizes must agree.
+    ledgers = [{k: r["ledger"][k] for k in ("step", "steps", "sizes")} for r in results]
+    assert all(led == ledgers[0] for led in ledgers), "workers ended with different states"
+    assert ledgers[0]["steps"] == list(range(steps)), "a committed step was lost or repeated"
+    return ledgers[0]["sizes"]
+
+
+@pytest.mark.multiprocess
+def test_grows_when_wanted_and_asks_autoscaler() -> None:
+    report = _scenario("grow")
+    sizes = _check_no_step_lost(report, 50)
+    assert [r["rank"] for r in report["results"]] == [0, 1] and {r["size"] for r in report["results"]} == {2}
+    # The second node joined near step 3, but the job wanted 1 worker until step 20: no growth.
+    assert report["events"]["node_added_step"] < 20
+    assert sizes[:21] == [1] * 21
+    # Wanted 2 from step 20: 1 -> 2 at a commit shortly after (discovery polls every second).
+    grown = sizes.index(2)
+    assert 20 < grown <= 35 and set(sizes[grown:]) == {2}, sizes
+    kinds = [k for k, _ in report["results"][0]["resets"]]
+    assert kinds == ["resize"], kinds
+    # Wanted 3 from step 35 with room for 2: request_resources for 3 bundles, as the GCS's
+    # autoscaler state shows it; withdrawn at shutdown.
+    assert report["request_during_run"] == [[{"CPU": 1.0}, 3]]
+    assert report["request_after_shutdown"] == []
+
+
+@pytest.mark.multiprocess
+def test_node_removed_midrun_continues_smaller_without_loss() -> None:
+    report = _scenario("shrink")
+    sizes = _check_no_step_lost(report, 30)
+    assert len(report["results"]) == 1 and report["results"][0]["size"] == 1
+    removed = report["events"]["node_removed_step"]
+    assert sizes[:removed] == [2] * removed and sizes[-1] == 1 and sizes.count(1) >= 30 - removed - 2
+    assert [k for k, _ in report["results"][0]["resets"]] == ["failure"]
+
+
+@pytest.mark.multiprocess
+def test_dead_worker_rolls_back_then_rejoins_after_cooldown() -> None:
+    report = _scenario("crash")
+    sizes = _check_no_step_lost(report, 80)
+    assert sizes[:10] == [2] * 10
+    first_one = sizes.index(1)
+    assert first_one <= 12 and 2 in sizes[first_one:], sizes  # alone, then back to 2
+    assert [k for k, _ in report["results"][0]["resets"]] == ["failure", "resize"]
+    assert [r["rank"] for r in report["results"]] == [0, 1]
