@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <thread>
 #include <vector>
 
 #include "vecops_common.h"
@@ -95,31 +96,66 @@ inline void scale_k(double* x, double s, int64_t n) { scale_double(x, s, n); }
 //   if dots:   dots[j] += <B_j, v>   (on the value after the update)
 //   always:    returns ||v||^2       (after the update)
 // Every reduction is accumulated in float64; the update is computed in float64 and rounded once.
+//
+// The work is cut into blocks of kBlock elements of one tensor; each block writes its own partial
+// sums, which are added in block order afterwards, so the result does not depend on the number
+// of threads. Threads: std::thread over ranges of blocks (at::parallel_for would run serially
+// here, since the extension is not compiled with -fopenmp), only when the pass is large enough
+// to pay for starting them.
 template <typename scalar_t>
 double fused_pass(const std::vector<at::Tensor>& v, const std::vector<at::Tensor>& basis, int64_t k,
                   double beta, const double* coef, double sign, double* dots) {
+  struct Block {
+    int64_t t, s, m;
+  };
   const int64_t T = static_cast<int64_t>(v.size());
-  std::vector<double> acc(kBlock);
-  std::vector<const scalar_t*> bp(k);
-  double norm2 = 0.0;
-  const bool update = coef != nullptr || beta != 1.0;
+  std::vector<scalar_t*> vp(T);
+  std::vector<const scalar_t*> bp(k * T);
+  std::vector<Block> blocks;
+  int64_t numel = 0;
   for (int64_t t = 0; t < T; ++t) {
-    scalar_t* pv = v[t].data_ptr<scalar_t>();
+    vp[t] = v[t].data_ptr<scalar_t>();
+    for (int64_t j = 0; j < k; ++j) bp[j * T + t] = basis[j * T + t].const_data_ptr<scalar_t>();
     const int64_t n = v[t].numel();
-    for (int64_t j = 0; j < k; ++j) bp[j] = basis[j * T + t].const_data_ptr<scalar_t>();
-    for (int64_t s = 0; s < n; s += kBlock) {
-      const int64_t m = std::min(kBlock, n - s);
+    for (int64_t s = 0; s < n; s += kBlock) blocks.push_back({t, s, std::min(kBlock, n - s)});
+    numel += n;
+  }
+  const int64_t nb = static_cast<int64_t>(blocks.size());
+  std::vector<double> part_dots(dots != nullptr ? nb * k : 0, 0.0), part_n2(nb, 0.0);
+  const bool update = coef != nullptr || beta != 1.0;
+  auto run = [&](int64_t b0, int64_t b1) {
+    std::vector<double> acc(kBlock);
+    for (int64_t b = b0; b < b1; ++b) {
+      const Block& blk = blocks[b];
+      scalar_t* pv = vp[blk.t] + blk.s;
+      const int64_t m = blk.m;
       if (update) {
-        load_acc_k(acc.data(), beta, pv + s, m);
+        load_acc_k(acc.data(), beta, pv, m);
         if (coef != nullptr)
-          for (int64_t j = 0; j < k; ++j) axpy_acc_k(acc.data(), sign * coef[j], bp[j] + s, m);
-        norm2 += store_acc_k(pv + s, acc.data(), m);
+          for (int64_t j = 0; j < k; ++j) axpy_acc_k(acc.data(), sign * coef[j], bp[j * T + blk.t] + blk.s, m);
+        part_n2[b] = store_acc_k(pv, acc.data(), m);
       } else {
-        norm2 += dot_k(pv + s, pv + s, m);
+        part_n2[b] = dot_k(pv, pv, m);
       }
       if (dots != nullptr)
-        for (int64_t j = 0; j < k; ++j) dots[j] += dot_k(bp[j] + s, pv + s, m);
+        for (int64_t j = 0; j < k; ++j) part_dots[b * k + j] = dot_k(bp[j * T + blk.t] + blk.s, pv, m);
     }
+  };
+  int64_t nt = std::min<int64_t>(at::get_num_threads(), nb);
+  if (numel * (k + 1) < (int64_t{1} << 20)) nt = 1;  // too small: a thread start costs ~20 us
+  if (nt <= 1) {
+    run(0, nb);
+  } else {
+    std::vector<std::thread> threads;
+    for (int64_t i = 1; i < nt; ++i) threads.emplace_back(run, nb * i / nt, nb * (i + 1) / nt);
+    run(0, nb / nt);
+    for (auto& th : threads) th.join();
+  }
+  double norm2 = 0.0;
+  for (int64_t b = 0; b < nb; ++b) {
+    norm2 += part_n2[b];
+    if (dots != nullptr)
+      for (int64_t j = 0; j < k; ++j) dots[j] += part_dots[b * k + j];
   }
   return norm2;
 }

@@ -5,6 +5,10 @@
 #include <ATen/ATen.h>
 
 namespace hvd_abs {
+// Internal linkage on purpose: vecops.cpp is compiled by the C++ compiler and vecops_cuda.cu by
+// nvcc's host compiler, which may be a different g++; one shared inline definition picked by the
+// linker for both objects can break exception unwinding across them.
+namespace {
 
 // Checks that `basis` holds k whole vectors shaped like `v` (k*T tensors, vector-major), all of
 // one floating dtype and device. Returns k.
@@ -48,4 +52,5 @@ inline at::Tensor check_coeffs(const char* op, const at::Tensor& c, int64_t k) {
   return c.to(at::kDouble);
 }
 
+}  // namespace
 }  // namespace hvd_abs

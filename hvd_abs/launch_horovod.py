@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 
-def _option(args: list[str], name: str) -> str | None:
+def option_value(args: list[str], name: str) -> str | None:
     for i, a in enumerate(args):
         if a == name and i + 1 < len(args):
             return args[i + 1]
@@ -16,26 +16,76 @@ def _option(args: list[str], name: str) -> str | None:
     return None
 
 
-def build_command(train_args: list[str], *, min_np: int, max_np: int, hostfile: str | None = None,
-                  nic: str = "lo", cooldown: str = "5,30", python: str | None = None) -> list[str]:
-    """horovodrun argv: elastic (discovery script + min/max np) over Gloo, running
-    `python -m hvd_abs train --elastic --max-np N TRAIN_ARGS`. Raises ValueError naming the fix."""
-    out = _option(train_args, "--out")
+def run_dir_of(train_args: list[str]) -> Path:
+    """The run directory (--out) of a training command line; ValueError naming the fix if absent."""
+    out = option_value(train_args, "--out")
     if not out:
         raise ValueError("elastic training needs a run directory: pass --out DIR among the train options")
+    return Path(out).resolve()
+
+
+def build_command(train_args: list[str], *, min_np: int, max_np: int, hostfile: str | None = None,
+                  nic: str = "lo", cooldown: str = "5,30", python: str | None = None,
+                  warm: bool = False) -> list[str]:
+    """horovodrun argv: elastic (discovery script + min/max np) over Gloo, running
+    `python -m hvd_abs train --elastic --max-np N TRAIN_ARGS`. Raises ValueError naming the fix.
+    warm: each worker slot starts through warm_exec, which hands it to a ready standby."""
+    run_dir = str(run_dir_of(train_args))
     if cooldown and not re.fullmatch(r"\d+,\d+", cooldown):
         raise ValueError(f"--blacklist-cooldown must be MIN,MAX seconds like 5,30, got {cooldown!r}")
     py = python or sys.executable
-    run_dir = str(Path(out).resolve())
     discovery = [py, "-m", "hvd_abs.elastic.discovery", "--run-dir", run_dir,
                  "--min-np", str(min_np), "--max-np", str(max_np)]
     if hostfile:
         discovery += ["--hostfile", str(Path(hostfile).resolve())]
+    if warm:
+        discovery += ["--warm"]
     cmd = ["horovodrun" if python else str(Path(py).parent / "horovodrun"),
-           "--gloo", "--min-np", str(min_np), "--max-np", str(max_np),
+           "--gloo", "-np", str(min_np), "--min-np", str(min_np), "--max-np", str(max_np),
            "--network-interface", nic, "--host-discovery-script", shlex.join(discovery)]
     if cooldown:
         # Every worker on one machine shares a host name, and Horovod blacklists a host whose
         # worker failed: without a cooldown one failure would bar the machine for good.
         cmd += ["--blacklist-cooldown-range", *cooldown.split(",")]
-    return cmd + [py, "-m", "hvd_abs", "train", "--elastic", "--max-np", str(max_np), *train_args]
+    worker = [py, "-m", "hvd_abs", "train", "--elastic", "--max-np", str(max_np), *train_args]
+    if warm:
+        from hvd_abs.elastic.standby import standby_dir
+
+        worker = [py, "-m", "hvd_abs.elastic.warm_exec", "--standby-dir", str(standby_dir(run_dir)), "--", *worker]
+    return cmd + worker
+
+
+def run_with_standbys(cmd: list[str], train_args: list[str], max_np: int, keep: int,
+                      python: str | None = None) -> int:
+    """Run horovodrun `cmd` while keeping `keep` warm standbys ready on this host (replacing each
+    one a joining slot claims, up to max_np standbys in all); returns horovodrun's exit code."""
+    import subprocess
+    import threading
+
+    from hvd_abs.elastic.standby import standby_dir
+
+    py = python or sys.executable
+    directory = standby_dir(run_dir_of(train_args))
+    directory.mkdir(parents=True, exist_ok=True)
+    standby_cmd = [py, "-m", "hvd_abs.elastic.standby", "--dir", str(directory), "--",
+                   "train", "--elastic", "--max-np", str(max_np), *train_args]
+    spawned: list[subprocess.Popen] = []
+    done = threading.Event()
+
+    def supervise() -> None:
+        while not done.wait(0.5):
+            claimed = {int(p.name.split(".")[0]) for p in directory.glob("*.claimed.*")}
+            waiting = sum(1 for p in spawned if p.poll() is None and p.pid not in claimed)
+            if waiting < keep and len(spawned) < max_np:
+                spawned.append(subprocess.Popen(standby_cmd, stdin=subprocess.DEVNULL))
+
+    thread = threading.Thread(target=supervise, daemon=True, name="hvd_abs-standbys")
+    thread.start()
+    try:
+        return subprocess.call(cmd)
+    finally:
+        done.set()
+        thread.join()
+        for p in spawned:  # unclaimed standbys have nothing left to do
+            if p.poll() is None:
+                p.terminate()

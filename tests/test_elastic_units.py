@@ -102,7 +102,7 @@ def test_checkpoint_refuses_pickled_objects(tmp_path):
 
 def test_horovodrun_command():
     cmd = build_command(["--dataset", "digits", "--out", "runs/x"], min_np=1, max_np=2, python="py")
-    assert cmd[:6] == ["horovodrun", "--gloo", "--min-np", "1", "--max-np", "2"]
+    assert cmd[:8] == ["horovodrun", "--gloo", "-np", "1", "--min-np", "1", "--max-np", "2"]
     assert cmd[cmd.index("--network-interface") + 1] == "lo"
     script = cmd[cmd.index("--host-discovery-script") + 1]
     assert script.startswith("py -m hvd_abs.elastic.discovery --run-dir ") and "--max-np 2" in script

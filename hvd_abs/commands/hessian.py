@@ -1,10 +1,151 @@
-"""`hvd-abs hessian`."""
+"""`hvd-abs hessian`: top-k Hessian eigenvalues (and optionally the trace) of a model on data."""
 from __future__ import annotations
+
+import json
+from typing import Any
 
 import click
 
 
+def _positive(example: str) -> Any:
+    def check(ctx: click.Context, param: click.Parameter, value: int) -> int:
+        if value <= 0:
+            raise click.BadParameter(f"must be a positive integer (e.g. {example}), got {value}")
+        return value
+    return check
+
+
 @click.command("hessian")
-def command() -> None:
-    """TODO"""
-    raise click.UsageError("`hvd-abs hessian` is not implemented yet")
+@click.option("--model", "model_name", default="resnet20", show_default=True,
+              help="Model name for hvd_abs.models.build_model (resnet20, c1, cnn, mlp, tv:<name>).")
+@click.option("--dataset", default="cifar10", show_default=True, help="Data set for hvd_abs.data.load_dataset.")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              help="Where the data set lives (torchvision root or ImageFolder tree).")
+@click.option("--samples", default=512, show_default=True, callback=_positive("--samples 512"),
+              help="Training samples the Hessian is taken over (a seeded random subset).")
+@click.option("--batch-size", default=128, show_default=True, callback=_positive("--batch-size 128"),
+              help="Samples per forward pass (the Hessian is of the mean loss over all samples).")
+@click.option("--top-k", "top_k", default=3, show_default=True, callback=_positive("--top-k 3"),
+              help="How many of the largest eigenvalues.")
+@click.option("--trace", "with_trace", is_flag=True, help="Also estimate the trace (Hutchinson).")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
+              help="Model weights: an hvd-abs checkpoint or a torch state dict (default: random init).")
+@click.option("--method", type=click.Choice(["lanczos", "power"]), default="lanczos", show_default=True,
+              help="Eigen solver: thick-restart Lanczos or power iteration with deflation.")
+@click.option("--tol", default=1e-3, show_default=True, type=float, help="Relative tolerance.")
+@click.option("--max-iter", default=100, show_default=True, callback=_positive("--max-iter 100"),
+              help="Lanczos: most products in all; power: most iterations per eigenvalue; trace: most probes.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the sample subset, start vectors and probes.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+def command(model_name: str, dataset: str, data_dir: str | None, samples: int, batch_size: int, top_k: int,
+            with_trace: bool, checkpoint: str | None, method: str, tol: float, max_iter: int, seed: int,
+            device: str, as_json: bool) -> None:
+    """Top-k eigenvalues (and trace) of the training-loss Hessian, as ABS uses them.
+
+    The model runs in eval() mode (BatchNorm running statistics), as in HessianFlow.
+    """
+    import time
+
+    import torch
+    from torch import nn
+
+    from hvd_abs.data import load_dataset
+    from hvd_abs.errors import UserError
+    from hvd_abs.models import build_model
+    from hvd_abs.second_order import hessian_trace, top_eigenvalues
+    from hvd_abs.second_order import vecops
+
+    if not tol > 0:
+        raise click.BadParameter(f"must be > 0 (e.g. --tol 1e-3), got {tol}", param_hint="--tol")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise click.BadParameter("no CUDA device is usable here; use --device cpu", param_hint="--device")
+    if data_dir is not None:
+        from pathlib import Path
+
+        if not Path(data_dir).expanduser().is_dir():
+            raise click.BadParameter(f"{data_dir} is not a directory; point --data-dir at the data set's folder",
+                                     param_hint="--data-dir")
+    t0 = time.perf_counter()
+    try:
+        splits = load_dataset(dataset, data_dir)
+    except UserError as exc:
+        raise click.UsageError(str(exc)) from None
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise click.UsageError(f"could not load {dataset!r} from {data_dir or 'the default cache'} ({exc}); "
+                               "pass --data-dir DIR with the data set") from None
+    state = _load_weights(checkpoint) if checkpoint else None
+    normalise = state is not None and any(k.startswith("normalize.") for k in state)
+    try:
+        model = build_model(model_name, splits.num_classes, tuple(splits.in_shape),
+                            *((splits.mean, splits.std) if normalise else (None, None)))
+    except UserError as exc:
+        raise click.UsageError(str(exc)) from None
+    if state is not None:
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            raise click.UsageError(f"--checkpoint {checkpoint} does not fit --model {model_name} "
+                                   f"({str(exc).splitlines()[0]}); pass the model it was trained with") from None
+    model.to(device)
+    n = len(splits.train_y)
+    if samples > n:
+        raise click.BadParameter(f"the training split has only {n} samples; pass --samples {n} or fewer",
+                                 param_hint="--samples")
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:samples]
+    x, y = splits.train_x[idx], splits.train_y[idx]
+    batches = [(x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)) for i in range(0, samples, batch_size)]
+    crit = nn.CrossEntropyLoss()
+    load_s = time.perf_counter() - t0
+
+    eig = top_eigenvalues(model, crit, batches, k=top_k, tol=tol, max_iter=max_iter, method=method, seed=seed)
+    trace = hessian_trace(model, crit, batches, tol=tol, max_iter=max_iter, seed=seed) if with_trace else None
+    report: dict[str, Any] = {
+        "model": model_name, "dataset": dataset, "samples": samples, "device": device,
+        "checkpoint": checkpoint, "method": method, "tol": tol, "top_k": top_k,
+        "eigenvalues": eig.eigenvalues, "converged": eig.converged, "eigen_hvps": eig.num_hvps,
+        "eigen_seconds": round(eig.seconds, 3),
+        "trace": trace.as_dict() if trace else None,
+        "hvps": eig.num_hvps + (trace.num_hvps if trace else 0),
+        "seconds": round(eig.seconds + (trace.seconds if trace else 0.0), 3),
+        "load_seconds": round(load_s, 3), "vecops": vecops.get(device=device).name,
+    }
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    vals = ", ".join(f"{v:.6g}{'' if c else ' (not converged)'}" for v, c in zip(eig.eigenvalues, eig.converged))
+    click.echo(f"top-{top_k} eigenvalues ({method}): {vals}")
+    click.echo(f"  {eig.num_hvps} Hessian-vector products, {eig.seconds:.2f} s")
+    if trace:
+        click.echo(f"trace: {trace.value:.6g} +- {trace.stderr:.3g} (stderr), {trace.num_hvps} products, "
+                   f"{trace.seconds:.2f} s")
+    click.echo(f"{samples} samples of {dataset}, model {model_name} on {device}; vector ops: {report['vecops']}")
+
+
+def _load_weights(path: str) -> dict[str, Any]:
+    """A model state dict from an hvd-abs checkpoint (its "model" entry) or a plain state dict."""
+    from pathlib import Path
+
+    import torch
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise click.BadParameter(f"{path} does not exist; pass a checkpoint file written by hvd-abs train",
+                                 param_hint="--checkpoint")
+    try:
+        with open(p, "rb") as f:
+            head = f.read(16)
+        if head.startswith(b"HVDABS-CKPT"):
+            from hvd_abs.elastic.checkpoint import load_checkpoint
+
+            state = load_checkpoint(p)
+        else:
+            state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is a usage error here
+        raise click.BadParameter(f"cannot read {path} ({type(exc).__name__}: {exc}); pass an hvd-abs checkpoint "
+                                 "or a torch state dict", param_hint="--checkpoint") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise click.BadParameter(f"{path} holds no model state dict", param_hint="--checkpoint")
+    return state

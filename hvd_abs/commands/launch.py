@@ -93,7 +93,7 @@ def ray(address: str, min_workers: int, max_workers: int, cpus_per_worker: float
     """
     from pathlib import Path
 
-    from hvd_abs.launch_horovod import _option
+    from hvd_abs.launch_horovod import option_value
 
     address = ray_address(address)
     if max_workers < min_workers:
@@ -101,7 +101,7 @@ def ray(address: str, min_workers: int, max_workers: int, cpus_per_worker: float
                                  param_hint="--max-workers")
     if cpus_per_worker == 0 and gpus_per_worker == 0:
         raise click.UsageError("a worker must hold some resource: pass --cpus-per-worker > 0 or --gpus-per-worker > 0")
-    out = _option(list(train_args), "--out")
+    out = option_value(list(train_args), "--out")
     if not out:
         raise click.UsageError("elastic training needs a run directory: pass --out DIR among the train options "
                                "(after --)")

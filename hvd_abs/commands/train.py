@@ -1,10 +1,159 @@
-"""`hvd-abs train`."""
+"""`hvd-abs train`: SGD / ABS / ABSA training on one process or under horovodrun."""
 from __future__ import annotations
 
 import click
 
+from hvd_abs.commands._errors import user_errors_exit_2
+
+
+def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
+    if value is None or value.strip() == "":
+        return None
+    try:
+        return [int(v) for v in value.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of epochs, e.g. 30,60") from None
+
 
 @click.command("train")
-def command() -> None:
-    """Not implemented yet."""
-    raise click.UsageError("`hvd-abs train` is not implemented yet")
+@click.option("--method", type=click.Choice(["sgd", "abs", "absa"]), default="absa", show_default=True,
+              help="sgd: fixed batch; abs: adaptive batch; absa: adaptive batch + FGSM adversarial samples.")
+@click.option("--dataset", default="digits", show_default=True,
+              help="digits (offline), cifar10, cifar100, svhn, imagefolder.")
+@click.option("--data-dir", default=None, help="Data folder (required for imagefolder).")
+@click.option("--download", is_flag=True, help="Download a missing torchvision data set.")
+@click.option("--model", default="auto", show_default=True,
+              help="mlp, cnn, c1, resnet20, tv:<torchvision name>; auto: cnn for digits, resnet20 for CIFAR/SVHN.")
+@click.option("--epochs", type=int, default=90, show_default=True)
+@click.option("--base-batch", type=int, default=128, show_default=True,
+              help="Micro-batch per worker and accumulation step (what BatchNorm sees).")
+@click.option("--batch", type=int, default=None,
+              help="Initial global batch (sgd: the fixed one, reached by accumulation). Default: --base-batch.")
+@click.option("--max-batch", type=int, default=16384, show_default=True, help="Cap of the global batch.")
+@click.option("--duration", type=int, default=10, show_default=True,
+              help="Grow anyway after this many eigenvalue checks without growth.")
+@click.option("--lr", type=float, default=0.1, show_default=True, help="LR at the initial batch.")
+@click.option("--lr-decay", type=float, default=0.2, show_default=True, help="Step-decay factor.")
+@click.option("--lr-decay-epochs", callback=_int_list, default=None,
+              help="Comma-separated epochs of step decay (default: E/3 and 2E/3, i.e. 30,60 for 90 epochs).")
+@click.option("--lr-scaling", type=click.Choice(["linear", "sqrt", "none"]), default="linear", show_default=True,
+              help="LR change per doubling of the batch: x2, x sqrt(2), or none.")
+@click.option("--warmup-epochs", type=float, default=0.0, show_default=True,
+              help="Linear LR ramp over this many epochs at the start and after each growth (0: off).")
+@click.option("--lr-cap", type=float, default=None, help="Upper bound of the LR (default: none).")
+@click.option("--momentum", type=float, default=0.9, show_default=True)
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--adv-eps", type=float, default=0.005, show_default=True, help="FGSM step on the [0,1] pixel scale.")
+@click.option("--adv-ratio", type=float, default=0.2, show_default=True,
+              help="Share of each micro-batch replaced by FGSM inputs (absa), halved at each growth.")
+@click.option("--eig-samples", type=int, default=None,
+              help="Training samples for the epoch-end top-eigenvalue estimate, in --base-batch batches "
+                   "(default: 1024).")
+@click.option("--eig-method", type=click.Choice(["stochastic", "lanczos", "power"]), default=None,
+              help="stochastic: streaming power iteration, one product per batch (default); lanczos/power: "
+                   "top_eigenvalues on all samples at once (power on 128 samples = the reference).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", "out", default="runs/latest", show_default=True, help="Run directory.")
+@click.option("--overwrite", is_flag=True, help="Replace the run already in --out.")
+@click.option("--quiet", is_flag=True, help="No progress bar and no per-epoch lines.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--threads", type=int, default=None,
+              help="torch threads per worker (default: torch's choice for 1 worker, cores / workers else).")
+@click.option("--checkpoint-every", type=int, default=0, show_default=True,
+              help="Epochs between disk checkpoints in OUT/checkpoints (0: only at the end).")
+@click.option("--resume", default=None, metavar="DIR",
+              help="Continue the run in DIR from its newest good checkpoint (OUT defaults to DIR).")
+@click.option("--elastic", is_flag=True,
+              help="Run as a worker of an elastic job (horovodrun --min-np/--max-np or `launch ray`): "
+                   "commits, resizes and failures handled; use `hvd-abs launch` to start one.")
+@click.option("--max-np", type=int, default=1, show_default=True,
+              help="Elastic: most workers; the job asks for min(max-np, global batch / base batch).")
+@click.option("--commit-every", type=int, default=10, show_default=True,
+              help="Elastic: updates between in-memory state commits (also at every growth and epoch end).")
+@click.option("--ledger", is_flag=True, hidden=True, help="Test instrumentation: log each update's sample ids.")
+@user_errors_exit_2
+def command(**options) -> None:
+    """Train with a fixed (sgd) or adaptive (abs, absa) batch; writes metrics.jsonl, summary.json, plots.png.
+
+    Runs as one process, or as every worker of `horovodrun -np N ... hvd-abs train ...`.
+    """
+    import logging
+
+    from hvd_abs.train import DEFAULT_EIG_METHOD, DEFAULT_EIG_SAMPLES, TrainConfig, train
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if options["eig_samples"] is None:
+        options["eig_samples"] = DEFAULT_EIG_SAMPLES
+    if options["eig_method"] is None:
+        options["eig_method"] = DEFAULT_EIG_METHOD
+    ctx = click.get_current_context()
+    if options["resume"] is not None and ctx.get_parameter_source("out") == click.core.ParameterSource.DEFAULT:
+        options["out"] = options["resume"]  # continue in place unless told otherwise
+    cfg = TrainConfig(**options)
+    quiet = cfg.quiet
+
+    def on_epoch(r: dict) -> None:
+        if not quiet:
+            click.echo(_row(r), err=True)
+
+    summary = train(cfg, on_epoch=on_epoch)
+    if summary is None or "plot" not in summary:  # ranks other than 0 print nothing
+        return
+    click.echo(format_summary(summary))
+
+
+_COLUMNS = ("epoch", "updates", "global_batch", "world_size", "accum_steps", "lr", "eig", "adv_ratio",
+            "train_acc", "test_acc", "epoch_s", "second_order_s")
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _row(r: dict) -> str:
+    return "  ".join(f"{c}={_fmt(r.get(c))}" for c in _COLUMNS)
+
+
+def _world_timeline(epochs: list[dict]) -> str:
+    """'1 (epochs 1-2) -> 2 (epochs 3-10)': the world size at each epoch end, run-length coded."""
+    spans: list[list[int]] = []  # [size, first epoch, last epoch]
+    for e in epochs:
+        if spans and spans[-1][0] == e["world_size"]:
+            spans[-1][2] = e["epoch"]
+        else:
+            spans.append([e["world_size"], e["epoch"], e["epoch"]])
+    return " -> ".join(f"{n} (epoch{'s' if a != b else ''} {a}{f'-{b}' if a != b else ''})" for n, a, b in spans) or "-"
+
+
+def _resets(events: list[dict]) -> list[str]:
+    """One line per elastic reset (resize or failure) with its stall."""
+    return [f"{e['event']} to {e.get('world_size')} workers during epoch {e.get('epoch')} (update "
+            f"{e.get('updates')}): stall {_fmt(e.get('stall_s'))}s" for e in events if e["event"] in ("resize", "failure")]
+
+
+def format_summary(summary: dict) -> str:
+    """The end-of-run table: one row per epoch, then the totals and the plot's path."""
+    from hvd_abs.metrics import read_metrics
+
+    epochs, events = read_metrics(summary["metrics"])
+    head = ["epoch", "updates", "batch", "world", "accum", "lr", "eig", "adv", "train_acc", "test_acc", "s"]
+    rows = [[_fmt(e[c]) for c in _COLUMNS[:-1]] for e in epochs]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+    growth = ", ".join(f"{g['old_batch']}->{g['new_batch']} after epoch {g['epoch']} ({g['reason']})"
+                       for g in summary["growths"]) or "none"
+    lines += ["",
+              f"method {summary['method']} on {summary['dataset']} ({summary['model']}): {summary['updates']} updates, "
+              f"final test acc {_fmt(summary['final_test_acc'])}, best {_fmt(summary['best_test_acc'])}",
+              f"batch growth: {growth}",
+              f"workers: {_world_timeline(epochs)}",
+              *_resets(events),
+              f"time {summary['total_s']:.1f}s, second-order {summary['second_order_s']:.1f}s",
+              f"metrics: {summary['metrics']}",
+              f"plot: {summary['plot']}"]
+    return "\n".join(lines)

@@ -8,6 +8,7 @@ half a file. Loading checks the header and checksum first and then uses
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import logging
@@ -23,6 +24,18 @@ log = logging.getLogger(__name__)
 
 MAGIC = b"HVDABS-CKPT 1 "
 _NAME = re.compile(r"^ckpt-(\d{6})\.pt$")
+
+
+def to_host(obj: Any) -> Any:
+    """A deep copy of `obj` with every tensor cloned to host memory (a snapshot: later in-place
+    updates of the live tensors do not reach it, and it holds no GPU memory)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_host(v) for v in obj)
+    return copy.deepcopy(obj)
 
 
 class CheckpointError(Exception):

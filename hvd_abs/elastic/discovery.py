@@ -8,8 +8,11 @@ Standard library only: it runs in a fresh interpreter on every poll.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import re
 import sys
+import time
 from pathlib import Path
 
 from hvd_abs.elastic.world_signal import SignalError, read_wanted
@@ -55,16 +58,49 @@ def select_hosts(pool: list[tuple[str, int]], wanted: int) -> list[tuple[str, in
     return chosen
 
 
-def discover(run_dir: str, pool: list[tuple[str, int]], min_np: int, max_np: int) -> tuple[list[tuple[str, int]], str]:
+def discover(run_dir: str, pool: list[tuple[str, int]], min_np: int, max_np: int, warm: bool = False,
+             cold_after_s: float = 30.0) -> tuple[list[tuple[str, int]], str]:
     """Hosts to advertise and a note for stderr. Before the job publishes anything, and when the
-    signal is malformed, min_np slots are advertised: never more workers than asked for."""
+    signal is malformed, min_np slots are advertised: never more workers than asked for.
+
+    warm: grow only into slots that a ready standby (standby.py) will fill, so the join does not
+    stall the survivors on a cold start; after `cold_after_s` seconds without enough standbys,
+    grow anyway (cold) rather than never."""
     note = ""
     try:
         wanted = read_wanted(run_dir)
     except SignalError as exc:
         wanted, note = None, f"ignoring a malformed world-size signal: {exc}"
     target = max(min_np, min(max_np, wanted if wanted is not None else min_np))
+    if warm:
+        target = _warm_cap(Path(run_dir), target, cold_after_s)
     return select_hosts(pool, target), note
+
+
+def _warm_cap(run_dir: Path, target: int, cold_after_s: float) -> int:
+    """The slots to advertise in warm mode, remembering the last answer in the run dir."""
+    from hvd_abs.elastic.standby import ready_count, standby_dir
+
+    state_path = run_dir / "elastic" / "advertised.json"
+    try:
+        state = json.loads(state_path.read_text())
+        last, since = int(state["advertised"]), float(state["waiting_since"])
+    except (OSError, ValueError, KeyError, TypeError):
+        last, since = None, 0.0  # the first poll: the initial workers start cold
+    if last is None or target <= last:
+        advertised, since = target, 0.0  # first poll, steady or shrinking: as asked
+    else:
+        now = time.time()
+        since = since or now  # growth asked: add only the slots ready standbys will fill
+        if last + ready_count(standby_dir(run_dir)) >= target or now - since >= cold_after_s:
+            advertised, since = target, 0.0
+        else:
+            advertised = last + ready_count(standby_dir(run_dir))
+    state_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = state_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"advertised": advertised, "waiting_since": since}))
+    os.replace(tmp, state_path)
+    return advertised
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slots", type=int, default=None, help="slots on localhost when no hostfile is given (default: max-np)")
     p.add_argument("--min-np", type=int, default=1)
     p.add_argument("--max-np", type=int, required=True)
+    p.add_argument("--warm", action="store_true", help="grow only into slots a ready standby will fill")
     args = p.parse_args(argv)
     try:
         if args.hostfile:
@@ -83,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, HostfileError) as exc:
         print(f"discover_hosts: {exc}", file=sys.stderr)
         return 2
-    hosts, note = discover(args.run_dir, pool, args.min_np, args.max_np)
+    hosts, note = discover(args.run_dir, pool, args.min_np, args.max_np, warm=args.warm)
     if note:
         print(f"discover_hosts: {note}", file=sys.stderr)
     for host, slots in hosts:

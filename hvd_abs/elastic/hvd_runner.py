@@ -16,15 +16,15 @@ Where this differs from `horovod.torch.elastic.run` + `TorchState`, and why:
 """
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from typing import Any, Callable, Protocol
 
 import horovod.torch as hvd
-import torch
 from horovod.common.elastic import State, notification_manager
 from horovod.common.exceptions import HorovodInternalError, HostsUpdatedInterrupt
+
+from hvd_abs.elastic.checkpoint import to_host
 
 log = logging.getLogger(__name__)
 
@@ -33,17 +33,6 @@ class Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-def to_host(obj: Any) -> Any:
-    """A deep copy of `obj` with every tensor cloned to host memory."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: to_host(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_host(v) for v in obj)
-    return copy.deepcopy(obj)
 
 
 class CommittedState(State):

@@ -1,0 +1,135 @@
+"""The ABS batch-size controller: when to double the global batch.
+
+Rule (HessianFlow's ABSA, see shared notes): at every epoch end the top Hessian eigenvalue is
+estimated. The first estimate becomes the reference `ref`. A later estimate with `eig <= ref / 2`
+doubles the global batch and becomes the new reference (the estimate at the latest growth, not a
+running maximum). After `duration` checks in a row without growth (not counting the check that set
+the reference) the batch grows anyway, and that check's estimate becomes the reference. The batch
+never exceeds `max_batch`; once there, `needs_estimate` is False and no more checks are spent.
+
+All state lives in plain Python numbers (`state_dict`), independent of the world size.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from hvd_abs.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What one check decided. `reason` is "eig", "duration" or None (no growth)."""
+
+    grew: bool
+    reason: str | None
+    old_batch: int
+    new_batch: int
+    eig: float | None
+    ref: float | None
+
+
+class BatchController:
+    """Doubles the global batch on a flatter curvature; see the module docstring.
+
+    Args:
+        initial_batch: global batch at the start (`--batch`, default 128).
+        max_batch: cap (`--max-batch`, default 16384).
+        duration: checks without growth before growing anyway (`--duration`, default 10).
+        factor: growth factor (2, as the reference).
+    """
+
+    def __init__(self, initial_batch: int = 128, max_batch: int = 16384, duration: int = 10,
+                 factor: int = 2) -> None:
+        if initial_batch <= 0:
+            raise UserError(f"--batch must be >= 1, got {initial_batch}")
+        if max_batch < initial_batch:
+            raise UserError(f"--max-batch ({max_batch}) is below --batch ({initial_batch}): raise --max-batch")
+        if duration <= 0:
+            raise UserError(f"--duration must be >= 1, got {duration}")
+        if factor < 2:
+            raise UserError(f"the growth factor must be >= 2, got {factor}")
+        self.initial_batch = initial_batch
+        self.max_batch = max_batch
+        self.duration = duration
+        self.factor = factor
+        self.global_batch = initial_batch
+        self.ref: float | None = None
+        self.checks_since_growth = 0
+        self.num_growths = 0
+        self.num_checks = 0
+        self.prev_batch: int | None = None  # the batch before the latest growth (LR warm-up start)
+        self.change_epoch = 0  # epoch index from which the current batch applies
+
+    # --- queries -------------------------------------------------------------------------------
+    @property
+    def at_max(self) -> bool:
+        """True once the global batch reached `max_batch`: no more growth, no more checks."""
+        return self.global_batch >= self.max_batch
+
+    @property
+    def needs_estimate(self) -> bool:
+        """Whether the next epoch end needs an eigenvalue (False at the cap: nothing to decide)."""
+        return not self.at_max
+
+    @property
+    def scale(self) -> float:
+        """Global batch relative to the initial one (2 ** doublings unless capped oddly)."""
+        return self.global_batch / self.initial_batch
+
+    # --- the rule ------------------------------------------------------------------------------
+    def check(self, eig: float | None, epoch: int = 0) -> Decision:
+        """Feed the estimate made at the end of (0-based) `epoch`; grow if the rule says so.
+
+        A growth applies from epoch `epoch + 1`. `eig` None (no estimate) still counts as a check
+        without growth, so the duration fallback cannot be starved.
+        """
+        old = self.global_batch
+        if self.at_max:
+            return Decision(False, None, old, old, eig, self.ref)
+        if eig is not None and not math.isfinite(eig):
+            log.warning("non-finite eigenvalue estimate %r ignored by the batch controller", eig)
+            eig = None
+        self.num_checks += 1
+        reason: str | None = None
+        if self.ref is None:
+            if eig is not None:
+                self.ref = eig  # the first estimate sets the reference and never grows
+        elif eig is not None and eig <= self.ref / 2:
+            reason = "eig"
+        else:
+            self.checks_since_growth += 1
+            if self.checks_since_growth >= self.duration:
+                reason = "duration"
+        if reason is None:
+            return Decision(False, None, old, old, eig, self.ref)
+        self.global_batch = min(old * self.factor, self.max_batch)
+        self.prev_batch = old
+        self.change_epoch = epoch + 1
+        self.num_growths += 1
+        self.checks_since_growth = 0
+        if eig is not None:
+            self.ref = eig
+        log.info("batch grows %d -> %d (%s, eig=%s)", old, self.global_batch, reason, eig)
+        return Decision(True, reason, old, self.global_batch, eig, self.ref)
+
+    # --- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything, as plain numbers: config and progress."""
+        return {"initial_batch": self.initial_batch, "max_batch": self.max_batch,
+                "duration": self.duration, "factor": self.factor, "global_batch": self.global_batch,
+                "ref": self.ref, "checks_since_growth": self.checks_since_growth,
+                "num_growths": self.num_growths, "num_checks": self.num_checks,
+                "prev_batch": self.prev_batch, "change_epoch": self.change_epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from `state_dict()` output (config included)."""
+        for key in ("initial_batch", "max_batch", "duration", "factor", "global_batch",
+                    "checks_since_growth", "num_growths", "num_checks", "change_epoch"):
+            setattr(self, key, int(state[key]))
+        self.ref = None if state["ref"] is None else float(state["ref"])
+        self.prev_batch = None if state["prev_batch"] is None else int(state["prev_batch"])

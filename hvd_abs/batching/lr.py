@@ -1,0 +1,98 @@
+"""The learning rate as a pure function of (epoch, progress in the epoch, controller state).
+
+    lr = min(cap, base_lr * decay ** (#decay epochs <= epoch) * growth_scale * warm-up)
+
+- Step decay: epochs are counted from 0; the factor `decay` applies from epoch index d on for each
+  d in `decay_epochs` (d = 30 means "after 30 full epochs").
+- Growth scaling per doubling (ratio r = global_batch / initial_batch): linear -> r (x2 per
+  doubling, the reference's default), sqrt -> sqrt(r), none -> 1.
+- Warm-up (`warmup_epochs` w > 0; 0 = off, the reference): a linear ramp over w epochs, measured in
+  epoch fractions (epoch + position / epoch_samples), so it is independent of the world size and of
+  the number of updates. At the start of training the ramp goes from 0 to the scaled LR; after each
+  growth it goes from the LR before the growth to the new scaled LR. Step decay multiplies both ends.
+- `cap` (None = no cap) bounds the result.
+
+Nothing here is stateful beyond configuration: the caller passes the controller's state, so the LR
+after a restore or a resize is recomputed, never carried.
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Sequence
+
+from hvd_abs.errors import UserError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from hvd_abs.batching.controller import BatchController
+
+SCALINGS = ("linear", "sqrt", "none")
+
+
+class LRSchedule:
+    """LR schedule (defaults: lr 0.1, decay 0.2 at `decay_epochs`, linear scaling, no warm-up/cap)."""
+
+    def __init__(self, base_lr: float = 0.1, decay: float = 0.2, decay_epochs: Sequence[int] = (30, 60),
+                 scaling: str = "linear", warmup_epochs: float = 0.0, cap: float | None = None) -> None:
+        if not (base_lr > 0 and math.isfinite(base_lr)):
+            raise UserError(f"--lr must be a positive number, got {base_lr}")
+        if not (0 < decay <= 1):
+            raise UserError(f"--lr-decay must be in (0, 1], got {decay}")
+        if scaling not in SCALINGS:
+            raise UserError(f"--lr-scaling must be one of {', '.join(SCALINGS)}, got {scaling!r}")
+        if warmup_epochs < 0:
+            raise UserError(f"--warmup-epochs must be >= 0, got {warmup_epochs}")
+        if cap is not None and not cap > 0:
+            raise UserError(f"--lr-cap must be > 0, got {cap}")
+        self.base_lr = float(base_lr)
+        self.decay = float(decay)
+        self.decay_epochs = sorted(int(e) for e in decay_epochs)
+        self.scaling = scaling
+        self.warmup_epochs = float(warmup_epochs)
+        self.cap = cap
+
+    def growth_scale(self, ratio: float) -> float:
+        """LR multiplier for a global batch `ratio` times the initial one."""
+        if self.scaling == "linear":
+            return ratio
+        if self.scaling == "sqrt":
+            return math.sqrt(ratio)
+        return 1.0
+
+    def decay_factor(self, epoch: int) -> float:
+        """Product of the step decays that apply at (0-based) `epoch`."""
+        return self.decay ** sum(1 for d in self.decay_epochs if epoch >= d)
+
+    def lr(self, epoch: int, epoch_fraction: float = 0.0, batch_ratio: float = 1.0,
+           prev_batch_ratio: float | None = None, last_change_epoch: int = 0) -> float:
+        """The LR at `epoch` + `epoch_fraction`.
+
+        Args:
+            batch_ratio: current global batch / initial batch.
+            prev_batch_ratio: that ratio before the latest growth (None: no growth yet, so the
+                warm-up, if any, starts from 0).
+            last_change_epoch: epoch index at which the current batch size took effect
+                (0 at the start).
+        """
+        target = self.base_lr * self.growth_scale(batch_ratio)
+        if self.warmup_epochs > 0:
+            progress = (epoch - last_change_epoch + epoch_fraction) / self.warmup_epochs
+            if progress < 1:
+                start = 0.0 if prev_batch_ratio is None else self.base_lr * self.growth_scale(prev_batch_ratio)
+                target = start + (target - start) * max(progress, 0.0)
+        lr = target * self.decay_factor(epoch)
+        return min(lr, self.cap) if self.cap is not None else lr
+
+    def state_dict(self) -> dict:
+        """Configuration only (the LR itself is derived)."""
+        return {"base_lr": self.base_lr, "decay": self.decay, "decay_epochs": list(self.decay_epochs),
+                "scaling": self.scaling, "warmup_epochs": self.warmup_epochs, "cap": self.cap}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the configuration."""
+        self.__init__(state["base_lr"], state["decay"], state["decay_epochs"], state["scaling"],
+                      state["warmup_epochs"], state["cap"])
+
+    def at(self, controller: "BatchController", epoch: int, epoch_fraction: float = 0.0) -> float:
+        """The LR for a controller's current state (the usual call in the training loop)."""
+        prev = None if controller.prev_batch is None else controller.prev_batch / controller.initial_batch
+        return self.lr(epoch, epoch_fraction, controller.scale, prev, controller.change_epoch)

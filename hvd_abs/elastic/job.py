@@ -1,0 +1,200 @@
+"""An elastic training job: the trainer inside Horovod's elastic loop (hvd_runner.run_elastic).
+
+    hvd.init(); build the trainer (no collective: new workers may be joining)
+    run_elastic(loop, CommittedState(trainer)):
+        sync from rank 0  ->  recompute what depends on the world size (threads; the layout, LR and
+                              this rank's samples are recomputed at every step anyway)
+        rank 0 publishes wanted = min(max_np, ceil(G / base_batch))       [world-size signal]
+        fit(): after every --commit-every updates, every growth and every epoch end: commit
+               (a commit may raise HostsUpdatedInterrupt: hosts changed -> reset -> re-enter)
+    a worker failure (HorovodInternalError) rolls every survivor back to the last commit
+
+Metrics get a `resize` or `failure` event for every reset with its stall: from the end of the
+last update before it to the end of the first update after it, minus one update's time.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from hvd_abs.batching.layout import wanted_world_size
+from hvd_abs.elastic.world_signal import write_wanted
+from hvd_abs.metrics import MetricsWriter
+from hvd_abs.train import Trainer, TrainConfig, checkpoint_if_due, finish, prepare_out_dir
+
+log = logging.getLogger(__name__)
+
+
+class _Timeline:
+    """Update end times (this process's clock) and the resets between them, for stall figures."""
+
+    def __init__(self) -> None:
+        self.last_end: float | None = None
+        self.durations: list[float] = []
+        self.pending: dict[str, Any] | None = None
+
+    def step_done(self) -> dict[str, Any] | None:
+        """Record an update's end; returns the finished reset record when one was pending."""
+        now = time.perf_counter()
+        if self.last_end is not None and self.pending is None:
+            self.durations = (self.durations + [now - self.last_end])[-20:]
+        done = None
+        if self.pending is not None:
+            step_s = statistics.median(self.durations) if self.durations else 0.0
+            gap = now - self.pending.pop("since") if self.pending.get("since") is not None else None
+            done = {**self.pending, "step_s": step_s,
+                    "stall_s": max(0.0, gap - step_s) if gap is not None else None}
+            self.pending = None
+        self.last_end = now
+        return done
+
+
+def train_elastic(cfg: TrainConfig, eigen_fn: Any = None, on_epoch: Callable[[dict[str, Any]], None] | None = None,
+                  plot: bool = True) -> dict[str, Any]:
+    """Run `cfg` as one worker of an elastic job (under horovodrun --min-np/--max-np or the Ray
+    executor). Returns the summary (complete on rank 0)."""
+    import horovod.torch as hvd
+
+    from hvd_abs.comm import HorovodComm
+    from hvd_abs.elastic.hvd_runner import CommittedState, run_elastic
+
+    comm = HorovodComm()  # hvd.init()
+    trainer = Trainer(cfg, comm=comm, eigen_fn=eigen_fn, broadcast=False)
+    out = Path(cfg.out).expanduser()
+    if cfg.resume is not None:
+        from hvd_abs.elastic.checkpoint import load_latest
+
+        # Every worker reads the checkpoint (a new worker would be overwritten by the sync anyway).
+        found = load_latest(Path(cfg.resume).expanduser() / "checkpoints")
+        if found is None:
+            from hvd_abs.errors import UserError
+
+            raise UserError(f"--resume {cfg.resume}: no checkpoint there verifies; start a new run with another --out")
+        _, snapshot = found
+        torch.set_rng_state(snapshot.pop("rng"))
+        trainer.load_state_dict(snapshot)
+    if comm.rank == 0:
+        _prepare_once(out, cfg.overwrite and cfg.resume is None)
+    state = CommittedState(trainer)
+    timeline = _Timeline()
+    ledger = _Ledger(out, trainer) if cfg.ledger else None
+    writers: dict[int, MetricsWriter] = {}
+
+    def writer() -> MetricsWriter:
+        # The writer belongs to whoever is rank 0 now (rank 0 may change across a failure).
+        rank = comm.rank
+        if rank not in writers:
+            for w in writers.values():
+                w.close()
+            writers.clear()
+            writers[rank] = MetricsWriter(out, enabled=rank == 0)
+        return writers[rank]
+
+    def publish() -> None:
+        if comm.rank == 0:
+            want = wanted_world_size(trainer.controller.global_batch, cfg.base_batch, cfg.max_np)
+            write_wanted(out, want, reason=f"global batch {trainer.controller.global_batch}")
+
+    def on_step() -> None:
+        if ledger is not None:
+            ledger.write()
+        done = timeline.step_done()
+        if done is not None:
+            writer().event(done.pop("kind"), epoch=trainer.epoch + 1, updates=trainer.updates,
+                           world_size=comm.size, **done)
+        if trainer.updates % cfg.commit_every == 0:
+            state.commit()
+
+    def on_epoch_end(grew: bool) -> None:
+        state.commit()  # a growth (and every epoch end) is committed before anything else
+        if grew:
+            publish()
+        checkpoint_if_due(trainer, writer())
+
+    def on_reset(kind: str, seconds: float) -> None:
+        trainer.set_threads()
+        timeline.pending = {"kind": kind, "since": timeline.last_end, "reinit_s": seconds,
+                            "commit_s": state.commit_s}
+
+    def loop(_state: CommittedState) -> dict[str, Any]:
+        trainer.on_step, trainer.on_epoch_end = on_step, on_epoch_end
+        if ledger is not None:
+            ledger.attempt = _attempt_id(comm)
+            ledger.write_digest()
+        publish()
+        summary = trainer.fit(writer(), on_epoch=on_epoch)
+        trainer.save_checkpoint(writer())
+        return summary
+
+    try:
+        summary = run_elastic(loop, state, on_reset=on_reset)
+        summary.update(commit_s=state.commit_s, commits=state.commits, world_size=hvd.size())
+        return finish(trainer, summary, writer(), out, plot)
+    finally:
+        for w in writers.values():
+            w.close()
+
+
+def _prepare_once(out: Path, overwrite: bool) -> None:
+    """Prepare the out dir (with --overwrite: clear the previous run) once per job: a worker that
+    becomes rank 0 later in the same job (after a failure) must not clear what this job wrote.
+    The job is told apart by its rendezvous endpoint, which horovodrun picks per launch."""
+    job = f"{os.environ.get('HOROVOD_GLOO_RENDEZVOUS_ADDR')}:{os.environ.get('HOROVOD_GLOO_RENDEZVOUS_PORT')}"
+    marker = out / "elastic" / "job"
+    if marker.exists() and marker.read_text() == job:
+        return
+    prepare_out_dir(out, overwrite)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(job)
+
+
+def _flatten(tree: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(tree, dict):
+        return [kv for k, v in tree.items() for kv in _flatten(v, f"{prefix}/{k}")]
+    return [(prefix, tree)]
+
+
+def _attempt_id(comm: Any) -> int:
+    """One id per entry into the loop, the same on every rank and larger for later entries."""
+    return int(comm.broadcast_object(time.time_ns() if comm.rank == 0 else None))
+
+
+class _Ledger:
+    """Test instrumentation (--ledger): each rank appends the sample ids of every update it runs
+    to <out>/ledger/rank-<pid>.jsonl, tagged with the loop entry (attempt) they belong to. The
+    committed history is, for each update number, the records of its latest attempt."""
+
+    def __init__(self, out: Path, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self.attempt = 0
+        d = out / "ledger"
+        d.mkdir(parents=True, exist_ok=True)
+        self.path = d / f"rank-{os.getpid()}.jsonl"
+
+    def write_digest(self) -> None:
+        """After a sync: a hash of this rank's model and optimizer state (bit-identical ranks
+        have equal digests)."""
+        h = hashlib.sha256()
+        for tree in (self.trainer.model.state_dict(), self.trainer.optimizer.state_dict()["state"]):
+            for key, value in sorted(_flatten(tree), key=lambda kv: kv[0]):
+                h.update(key.encode())
+                h.update(value.detach().cpu().contiguous().numpy().tobytes() if hasattr(value, "detach")
+                         else repr(value).encode())
+        with open(self.path.with_name(self.path.name.replace("rank-", "sync-")), "a") as f:
+            f.write(json.dumps({"attempt": self.attempt, "rank": self.trainer.comm.rank,
+                                "updates": self.trainer.updates, "digest": h.hexdigest()}) + "\n")
+
+    def write(self) -> None:
+        t = self.trainer
+        ids = t.last_step_ids.tolist() if t.last_step_ids is not None else []
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"attempt": self.attempt, "update": t.updates, "epoch": t.last_step_epoch,
+                                "rank": t.comm.rank, "world_size": t.comm.size, "ids": ids}) + "\n")

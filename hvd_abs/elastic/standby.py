@@ -1,0 +1,229 @@
+"""Warm joins: a pre-started, pre-imported worker that a joining slot hands its identity to.
+
+A cold join makes every survivor wait while the new process starts Python, imports torch and
+Horovod and loads the data (seconds). Here that work happens *before* the slot is advertised:
+
+1. The launcher keeps `standby` processes ready on the local host: each imports torch, Horovod
+   and the trainer, preloads the data set, listens on a Unix socket (mode 0600, in the run
+   directory: only the job's user can reach it) and then publishes `<pid>.ready`.
+2. Discovery advertises a new local slot only while a ready standby exists (discovery.py).
+3. For the new slot horovodrun runs `python -m hvd_abs.elastic.warm_exec -- <worker argv>` (standard
+   library only: starts in tens of milliseconds). It claims a standby by renaming its ready file
+   (atomic: one claimant wins), sends its argv, environment and working directory, and passes
+   its stdin/stdout/stderr over the socket (SCM_RIGHTS). With no standby it execs the cold argv.
+4. The standby takes that identity (environment, fds, cwd) and runs the worker in-process; its
+   exit code goes back to warm_exec, which exits with it. A signal to warm_exec (horovodrun
+   stopping a worker) is forwarded to the standby.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE = 1 << 20
+
+
+def standby_dir(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "elastic" / "standby"
+
+
+def ready_count(directory: str | os.PathLike) -> int:
+    """Standbys ready and unclaimed in `directory` (0 when it does not exist)."""
+    d = Path(directory)
+    if not d.is_dir():
+        return 0
+    return sum(1 for p in d.iterdir() if p.name.endswith(".ready") and _alive(p))
+
+
+def _alive(ready: Path) -> bool:
+    try:
+        os.kill(int(ready.name.split(".")[0]), 0)
+        return True
+    except (ValueError, ProcessLookupError, PermissionError):
+        return False
+
+
+def send_message(sock: socket.socket, obj: Any, fds: list[int] | None = None) -> None:
+    data = json.dumps(obj).encode()
+    header = struct.pack("!I", len(data))
+    if fds:
+        socket.send_fds(sock, [header + data], fds)
+    else:
+        sock.sendall(header + data)
+
+
+def recv_message(sock: socket.socket, max_fds: int = 0) -> tuple[Any, list[int]]:
+    """One length-prefixed JSON message (and up to `max_fds` passed descriptors)."""
+    fds: list[int] = []
+    if max_fds:
+        chunk, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE + 4, max_fds)
+    else:
+        chunk = sock.recv(MAX_MESSAGE + 4)
+    if len(chunk) < 4:
+        raise ConnectionError("peer closed the connection")
+    (length,) = struct.unpack("!I", chunk[:4])
+    if length > MAX_MESSAGE:
+        raise ConnectionError(f"message of {length} bytes is over the {MAX_MESSAGE} limit")
+    body = chunk[4:]
+    while len(body) < length:
+        more = sock.recv(length - len(body))
+        if not more:
+            raise ConnectionError("peer closed the connection mid-message")
+        body += more
+    return json.loads(body), fds
+
+
+def serve(directory: str | os.PathLike, run_worker: Callable[[list[str]], int], idle_timeout: float = 3600.0) -> int:
+    """Publish this (already warm) process as a standby in `directory`, wait for one claimant,
+    become it, and return the worker's exit code. Returns 0 without running anything when no
+    claimant comes within `idle_timeout` seconds or the directory disappears (job over)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    pid = os.getpid()
+    sock_path, ready = d / f"{pid}.sock", d / f"{pid}.ready"
+    old_umask = os.umask(0o077)  # the socket file is created 0600: only this user can connect
+    try:
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(str(sock_path))
+    finally:
+        os.umask(old_umask)
+    server.listen(1)
+    server.settimeout(1.0)
+    tmp = d / f".{pid}.ready.tmp"
+    tmp.write_text(str(sock_path))
+    os.replace(tmp, ready)
+    deadline = time.monotonic() + idle_timeout
+    try:
+        while True:
+            try:
+                conn, _ = server.accept()
+                break
+            except socket.timeout:
+                if time.monotonic() > deadline or not d.is_dir() or not (ready.exists() or _claimed(d, pid)):
+                    return 0
+        conn.settimeout(None)
+        request, fds = recv_message(conn, max_fds=3)
+        _die_with_claimant(conn)
+        if len(fds) != 3:
+            raise ConnectionError(f"expected stdin/stdout/stderr, got {len(fds)} descriptors")
+        # Become the claimant: its stdio, environment and working directory.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for target, fd in zip((0, 1, 2), fds):
+            os.dup2(fd, target)
+            os.close(fd)
+        os.environ.clear()
+        os.environ.update(request["env"])
+        os.chdir(request["cwd"])
+        code = 1
+        try:
+            code = run_worker(list(request["argv"]))
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            try:
+                send_message(conn, {"exit": code})
+            except OSError:
+                pass
+        return code
+    finally:
+        server.close()
+        for p in (sock_path, ready):
+            p.unlink(missing_ok=True)
+
+
+def _die_with_claimant(conn: socket.socket) -> None:
+    """If the claimant (warm_exec, horovodrun's child) dies, e.g. SIGKILLed when horovodrun
+    stops a slot, this worker must die too, as the cold worker in its place would have."""
+    import threading
+
+    def watch() -> None:
+        try:
+            while conn.recv(1):
+                pass
+        except OSError:
+            pass
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="hvd_abs-claimant-watch").start()
+
+
+def _claimed(d: Path, pid: int) -> bool:
+    return any(p.name.startswith(f"{pid}.claimed.") for p in d.iterdir())
+
+
+def claim(directory: str | os.PathLike) -> tuple[int, Path] | None:
+    """Atomically claim one ready standby: (its pid, its socket path), or None."""
+    d = Path(directory)
+    if not d.is_dir():
+        return None
+    for ready in sorted(d.glob("*.ready")):
+        if not _alive(ready):
+            continue
+        pid = int(ready.name.split(".")[0])
+        try:
+            os.rename(ready, d / f"{pid}.claimed.{os.getpid()}")
+        except FileNotFoundError:
+            continue  # another claimant won this one
+        return pid, d / f"{pid}.sock"
+    return None
+
+
+def hand_off(pid: int, sock_path: Path, argv: list[str]) -> int:
+    """Send this process's identity to the claimed standby; wait for and return its exit code.
+    Signals that would stop this process are forwarded to the standby."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(str(sock_path))
+
+    def forward(signum: int, _frame: Any) -> None:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, forward)
+    send_message(sock, {"argv": argv, "env": dict(os.environ), "cwd": os.getcwd()}, fds=[0, 1, 2])
+    try:
+        reply, _ = recv_message(sock)
+        return int(reply.get("exit", 1))
+    except (ConnectionError, OSError, ValueError):
+        return 1  # the standby died: horovodrun sees a failed worker, as with a cold one
+
+
+def _main(argv: list[str]) -> int:
+    """`python -m hvd_abs.elastic.standby --dir D -- TRAIN_ARGS`: get warm, then serve."""
+    if len(argv) < 3 or argv[0] != "--dir" or argv[2] != "--":
+        print("usage: python -m hvd_abs.elastic.standby --dir DIR -- TRAIN_ARGS...", file=sys.stderr)
+        return 2
+    directory, train_args = argv[1], argv[3:]
+    # The cold part of a join, done before the slot is advertised.
+    import horovod.torch  # noqa: F401
+    import torch  # noqa: F401
+
+    from hvd_abs.cli import main as cli
+    from hvd_abs.train import preload
+
+    preload(train_args)
+
+    def run_worker(args: list[str]) -> int:
+        cli.main(args=args, prog_name="hvd-abs", standalone_mode=True)
+        return 0
+
+    return serve(directory, run_worker)
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

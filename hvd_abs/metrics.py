@@ -1,0 +1,126 @@
+"""metrics.jsonl and summary.json, written by rank 0 only.
+
+metrics.jsonl has one JSON object per line:
+- an epoch line (no `event` field) with exactly EPOCH_FIELDS;
+- an event line with `event` in EVENTS (growth, resize, failure, checkpoint), `epoch`, `updates`
+  and event-specific fields.
+Lines are flushed as written, so a crashed run keeps what it did.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+log = logging.getLogger(__name__)
+
+EPOCH_FIELDS = ("epoch", "updates", "samples_seen", "global_batch", "world_size", "per_worker_batch",
+                "accum_steps", "lr", "eig", "eig_samples", "adv_ratio", "train_loss", "train_acc",
+                "test_loss", "test_acc", "epoch_s", "samples_per_s", "second_order_s")
+EVENTS = ("growth", "resize", "failure", "checkpoint")
+_ONCE_EVENTS = ("growth", "checkpoint")  # tied to an update count: redone work must not repeat them
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+
+
+def _clean(value: Any) -> Any:
+    # JSON has no NaN/inf: write null instead of invalid JSON.
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsWriter:
+    """Appends to `<out>/metrics.jsonl`; a no-op writer on ranks other than 0 (`enabled=False`)."""
+
+    def __init__(self, out_dir: str | os.PathLike, enabled: bool = True) -> None:
+        self.out_dir = Path(out_dir)
+        self.enabled = enabled
+        self.epochs: list[dict[str, Any]] = []
+        self.events: list[dict[str, Any]] = []
+        self._fh = None
+        # A rolled-back elastic job, or a resumed one, redoes epochs whose lines are already in
+        # the file: such a line (and its growth/checkpoint events) is written once, not again.
+        self._last_epoch = 0
+        self._seen_events: set[tuple[str, Any]] = set()
+        if enabled:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            path = self.out_dir / METRICS_FILE
+            if path.exists():
+                for line in _lines(path):
+                    if "event" not in line:
+                        self._last_epoch = max(self._last_epoch, int(line.get("epoch") or 0))
+                    elif line["event"] in _ONCE_EVENTS:
+                        self._seen_events.add((line["event"], line.get("updates")))
+            self._fh = open(path, "a", encoding="utf-8")
+
+    def _write(self, record: dict[str, Any]) -> None:
+        if self._fh is not None:
+            self._fh.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+            self._fh.flush()
+
+    def epoch(self, **fields: Any) -> dict[str, Any]:
+        """Write one epoch line; `fields` must be exactly EPOCH_FIELDS."""
+        missing = set(EPOCH_FIELDS) - set(fields)
+        extra = set(fields) - set(EPOCH_FIELDS)
+        if missing or extra:
+            raise ValueError(f"epoch metrics fields: missing {sorted(missing)}, unexpected {sorted(extra)}")
+        record = {k: fields[k] for k in EPOCH_FIELDS}
+        self.epochs.append(record)
+        if record["epoch"] > self._last_epoch:
+            self._write(record)
+            self._last_epoch = record["epoch"]
+        return record
+
+    def event(self, event: str, **fields: Any) -> dict[str, Any]:
+        """Write one event line (`event` in EVENTS)."""
+        if event not in EVENTS:
+            raise ValueError(f"unknown event {event!r}; expected one of {EVENTS}")
+        record = {"event": event, **fields}
+        self.events.append(record)
+        key = (event, fields.get("updates"))
+        if event not in _ONCE_EVENTS or key not in self._seen_events:
+            self._write(record)
+            self._seen_events.add(key)
+        return record
+
+    def summary(self, **fields: Any) -> None:
+        """Write `<out>/summary.json` atomically (temp file, then rename)."""
+        if not self.enabled:
+            return
+        tmp = self.out_dir / (SUMMARY_FILE + ".tmp")
+        tmp.write_text(json.dumps({k: _clean(v) for k, v in fields.items()}, indent=2) + "\n")
+        os.replace(tmp, self.out_dir / SUMMARY_FILE)
+
+    def close(self) -> None:
+        """Close the file (idempotent)."""
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def read_metrics(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(epoch lines, event lines) of a metrics.jsonl (or of the run dir holding one)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    epochs, events = [], []
+    for line in _lines(path):
+        (events if "event" in line else epochs).append(line)
+    return epochs, events
+
+
+def _lines(path: Path) -> Iterator[dict[str, Any]]:
+    with open(path, encoding="utf-8") as fh:
+        for n, raw in enumerate(fh, 1):
+            raw = raw.strip()
+            if not raw:
+                continue
+            try:
+                yield json.loads(raw)
+            except json.JSONDecodeError:
+                # A run killed mid-write leaves a partial last line: skip it, say so.
+                log.warning("%s:%d: unreadable line skipped", path, n)

@@ -1,0 +1,62 @@
+"""The communicator the second-order estimators use when the estimate is spread across workers.
+
+Any object with ``size``, ``rank`` and ``allreduce_sum`` works (a structural protocol), so tests
+and other launchers can pass their own. With ``comm=None`` the estimators auto-detect Horovod:
+only if ``horovod.torch`` is already imported, initialised and has more than one worker. Horovod
+itself is never imported here (see :mod:`hvd_abs.second_order._horovod_comm`).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class Comm(Protocol):
+    """What the estimators need from a communicator."""
+
+    size: int
+    rank: int
+
+    def allreduce_sum(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Element-wise sum of each tensor over all ranks, as ONE fused reduction."""
+        ...
+
+
+class SingleProcess:
+    """The trivial communicator: one rank, no reduction."""
+
+    size = 1
+    rank = 0
+
+    def allreduce_sum(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return list(tensors)
+
+    def __repr__(self) -> str:
+        return "SingleProcess()"
+
+
+def resolve_comm(comm: Comm | None) -> Comm:
+    """``comm`` if given (checked), else Horovod when it is imported, initialised and has size > 1,
+    else :class:`SingleProcess`."""
+    if comm is not None:
+        for attr in ("size", "rank", "allreduce_sum"):
+            if not hasattr(comm, attr):
+                raise TypeError(f"comm {comm!r} lacks `{attr}`: pass an object with .size, .rank and "
+                                ".allreduce_sum(list[Tensor]) -> list[Tensor], or None to auto-detect Horovod")
+        if not 0 <= comm.rank < comm.size:
+            raise ValueError(f"comm has rank {comm.rank} outside [0, size={comm.size})")
+        return comm
+    if "horovod.torch" in sys.modules:
+        from hvd_abs.second_order._horovod_comm import horovod_comm
+
+        hc = horovod_comm()
+        if hc is not None:
+            return hc
+    return SingleProcess()

@@ -1,0 +1,601 @@
+"""The training loop: SGD, ABS and ABSA on one process or on a fixed-size Horovod world.
+
+The loop, with its events (E = epochs, G = global batch, b = micro-batch, W = world size):
+
+    setup:    validate config; check out dir; load data; build model (same seed on all ranks);
+              broadcast model + optimizer state from rank 0
+    for epoch in [start_epoch, E):
+        adv_ratio = adv.ratio(epoch)                 # ABSA only; 0 for sgd/abs
+        while sampler has a full global batch G:     # short last batch skipped
+            lr = lr_schedule.at(controller, epoch, epoch fraction after this batch)
+            for micro-batch m of this rank (layout(G, b, W)):   # accumulation steps
+                replace the first round(adv_ratio * |m|) samples of m by FGSM inputs (eval mode)
+                (sum of losses over m / G).backward()      # grads accumulate locally
+            grads + [loss_sum, correct, count] -> comm.allreduce_sum (one fused call)
+            optimizer.step(); sampler.advance(G); updates += 1      [EVENT: update]
+        broadcast BatchNorm buffers from rank 0       # all ranks evaluate the same model
+        if abs/absa and controller not at the cap:
+            eig = top Hessian eigenvalue on eig_samples training samples
+                  (drawn from (seed, epoch); sharded over ranks by the second-order engine)
+        evaluate on the test split, each rank its shard, sums allreduced
+        write the epoch line to metrics.jsonl          [EVENT: epoch end]
+        decision = controller.check(eig, epoch)
+        if decision.grew: adv.on_growth(...); write a `growth` line   [EVENT: growth]
+        sampler.new_epoch()
+    summary.json and plots.png on rank 0                [EVENT: end]
+
+Everything a resize or a restore needs is in `Trainer.state_dict()` (model, optimizer, controller,
+adversarial schedule, sampler cursor, counters); none of it depends on the world size, and the LR,
+the layout and this rank's samples are recomputed from it at every step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hvd_abs.adversarial import AdversarialSchedule
+from hvd_abs.batching.controller import BatchController
+from hvd_abs.batching.layout import layout
+from hvd_abs.batching.lr import SCALINGS, LRSchedule
+from hvd_abs.comm import LocalComm
+from hvd_abs.errors import UserError
+from hvd_abs.metrics import METRICS_FILE, SUMMARY_FILE, MetricsWriter
+from hvd_abs.sampling import EpochSampler, rank_micro_batches
+
+log = logging.getLogger(__name__)
+
+METHODS = ("sgd", "abs", "absa")
+EIG_METHODS = ("stochastic", "lanczos", "power")
+DEFAULT_MODELS = {"digits": "cnn", "cifar10": "resnet20", "cifar100": "resnet20", "svhn": "resnet20",
+                  "imagefolder": "tv:resnet18"}
+RUN_FILES = (METRICS_FILE, SUMMARY_FILE, "plots.png")  # files whose presence marks a run dir
+CHECKPOINT_DIR = "checkpoints"
+RUN_DIRS = (CHECKPOINT_DIR, "ledger")  # folders of a run's own, cleared with its files by --overwrite
+
+# Chosen by benchmarks/bench_eig_trigger.py (results in benchmarks/results/eig_trigger.json):
+# streaming power iteration over 8 fresh 128-sample batches (2 burn-in, 6 averaged). On CIFAR-10
+# ResNet-20 its spread over seeds (std/mean) was about a fifth of the reference's single-batch
+# estimate, at about 7% of an epoch's time on this 2-core CPU.
+DEFAULT_EIG_SAMPLES = 1024
+DEFAULT_EIG_METHOD = "stochastic"
+DEFAULT_EIG_TOL = 1e-2
+EIG_BATCH = 128  # samples per Hessian-vector product batch, as the reference (not --base-batch)
+DEFAULT_EIG_MAX_ITER = 10
+
+
+@dataclass
+class TrainConfig:
+    """Every option of `hvd-abs train`, with its default."""
+
+    method: str = "absa"
+    dataset: str = "digits"
+    data_dir: str | None = None
+    download: bool = False
+    model: str = "auto"  # auto: DEFAULT_MODELS[dataset]
+    epochs: int = 90
+    base_batch: int = 128
+    batch: int | None = None  # initial global batch (sgd: the fixed one); None = base_batch
+    max_batch: int = 16384
+    duration: int = 10
+    lr: float = 0.1
+    lr_decay: float = 0.2
+    lr_decay_epochs: Sequence[int] | None = None  # None: at E/3 and 2E/3 (30, 60 for 90 epochs)
+    lr_scaling: str = "linear"
+    warmup_epochs: float = 0.0
+    lr_cap: float | None = None
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    adv_eps: float = 0.005
+    adv_ratio: float = 0.2
+    eig_samples: int = DEFAULT_EIG_SAMPLES
+    eig_method: str = DEFAULT_EIG_METHOD
+    eig_tol: float = DEFAULT_EIG_TOL
+    eig_max_iter: int = DEFAULT_EIG_MAX_ITER
+    seed: int = 0
+    out: str = "runs/latest"
+    overwrite: bool = False
+    quiet: bool = False
+    device: str = "cpu"
+    threads: int | None = None
+    eval_batch: int = 1024
+    checkpoint_every: int = 0  # epochs between disk checkpoints (0: only at the end)
+    resume: str | None = None  # run dir whose newest good checkpoint to continue from
+    # Elastic (horovodrun --min-np/--max-np, or the Ray executor): see hvd_abs/elastic/job.py.
+    elastic: bool = False
+    max_np: int = 1
+    commit_every: int = 10  # updates between in-memory commits (and at every growth, epoch end)
+    ledger: bool = False  # test instrumentation: each rank logs the sample ids of every update
+
+    @property
+    def initial_batch(self) -> int:
+        return self.base_batch if self.batch is None else self.batch
+
+    def decay_epochs(self) -> list[int]:
+        """The step-decay epochs (explicit, or E/3 and 2E/3 when not given)."""
+        if self.lr_decay_epochs is None:
+            return sorted({d for d in (self.epochs // 3, 2 * self.epochs // 3) if 0 < d < self.epochs})
+        return sorted(int(d) for d in self.lr_decay_epochs)
+
+    def validate(self) -> None:
+        """Raise UserError naming the flag to fix for the first bad value."""
+        def positive(value: Any, flag: str) -> None:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UserError(f"{flag} must be a positive integer, got {value!r}: pass {flag} N with N >= 1")
+
+        if self.method not in METHODS:
+            raise UserError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        positive(self.epochs, "--epochs")
+        positive(self.base_batch, "--base-batch")
+        positive(self.initial_batch, "--batch")
+        positive(self.max_batch, "--max-batch")
+        positive(self.duration, "--duration")
+        positive(self.eval_batch, "--eval-batch")
+        if self.max_batch < self.base_batch:
+            raise UserError(f"--max-batch ({self.max_batch}) is below --base-batch ({self.base_batch}): "
+                            f"raise --max-batch or lower --base-batch")
+        if self.method != "sgd" and self.max_batch < self.initial_batch:
+            raise UserError(f"--max-batch ({self.max_batch}) is below --batch ({self.initial_batch}): "
+                            f"raise --max-batch or lower --batch")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise UserError(f"--lr must be a positive number, got {self.lr}")
+        if not 0 < self.lr_decay <= 1:
+            raise UserError(f"--lr-decay must be in (0, 1] (1 = no decay), got {self.lr_decay}")
+        for d in self.decay_epochs():
+            if not 0 < d < self.epochs:
+                raise UserError(f"--lr-decay-epochs entry {d} is outside 1..{self.epochs - 1} "
+                                f"(--epochs {self.epochs}): give epochs inside the run")
+        if self.lr_scaling not in SCALINGS:
+            raise UserError(f"--lr-scaling must be one of {', '.join(SCALINGS)}, got {self.lr_scaling!r}")
+        if not self.warmup_epochs >= 0:
+            raise UserError(f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
+        if self.lr_cap is not None and not self.lr_cap > 0:
+            raise UserError(f"--lr-cap must be > 0, got {self.lr_cap}")
+        if not 0 <= self.momentum < 1:
+            raise UserError(f"--momentum must be in [0, 1), got {self.momentum}")
+        if not self.weight_decay >= 0:
+            raise UserError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if not (self.adv_eps >= 0 and math.isfinite(self.adv_eps)):
+            raise UserError(f"--adv-eps must be >= 0 (on the [0, 1] pixel scale), got {self.adv_eps}")
+        if not 0 <= self.adv_ratio <= 1:
+            raise UserError(f"--adv-ratio must be in [0, 1], got {self.adv_ratio}")
+        positive(self.eig_samples, "--eig-samples")
+        if self.eig_method not in EIG_METHODS:
+            raise UserError(f"--eig-method must be one of {', '.join(EIG_METHODS)}, got {self.eig_method!r}")
+        if not self.eig_tol > 0:
+            raise UserError(f"--eig-tol must be > 0, got {self.eig_tol}")
+        positive(self.eig_max_iter, "--eig-max-iter")
+        if self.threads is not None:
+            positive(self.threads, "--threads")
+        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
+            raise UserError(f"--checkpoint-every must be >= 0 epochs (0: only at the end), got {self.checkpoint_every!r}")
+        positive(self.commit_every, "--commit-every")
+        positive(self.max_np, "--max-np")
+        if self.resume is not None and not (Path(self.resume).expanduser() / CHECKPOINT_DIR).is_dir():
+            raise UserError(f"--resume {self.resume}: no {CHECKPOINT_DIR}/ folder there; pass the --out "
+                            f"directory of the run to continue")
+        if self.device not in ("cpu", "cuda"):
+            raise UserError(f"--device must be cpu or cuda, got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise UserError("--device cuda was asked but no CUDA device is visible: pass --device cpu")
+        check_out_dir(self.out, self.overwrite or self.resume is not None or self.elastic)
+
+
+def check_out_dir(out: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse an unusable out dir without touching anything in it."""
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {path} is a file, not a directory: pass another --out")
+    if path.is_dir():
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise UserError(f"--out {path} is not writable: pass a writable --out")
+        held = [name for name in RUN_FILES if (path / name).exists()]
+        if held and not overwrite:
+            raise UserError(f"--out {path} already holds a run ({', '.join(held)}): "
+                            f"pass --overwrite to replace it, or another --out")
+        return
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--out {path} cannot be created ({parent} is not a writable directory): "
+                        f"pass a writable --out")
+
+
+EigenFn = Callable[..., Any]
+
+
+def _default_eigen_fn() -> EigenFn:
+    from hvd_abs.batching.eig_trigger import estimate_top_eigenvalue
+
+    return estimate_top_eigenvalue
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    """A tqdm bar on rank 0 when wanted and stderr is a TTY, else None."""
+    if not enabled or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+class Trainer:
+    """One training job (see the module docstring). `comm` defaults to one process."""
+
+    def __init__(self, cfg: TrainConfig, comm: Any = None, eigen_fn: EigenFn | None = None,
+                 data: Any = None, model: nn.Module | None = None, broadcast: bool = True) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.comm = comm if comm is not None else LocalComm()
+        self.eigen_fn = eigen_fn
+        self.device = torch.device(cfg.device)
+
+        if data is None:
+            from hvd_abs.data import load_dataset
+
+            data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download)
+        self.data = data
+        if model is None:
+            from hvd_abs.models import build_model
+
+            name = DEFAULT_MODELS.get(cfg.dataset, "cnn") if cfg.model == "auto" else cfg.model
+            torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+            model = build_model(name, data.num_classes, data.in_shape, mean=data.mean, std=data.std)
+            self.model_name = name
+        else:
+            self.model_name = type(model).__name__
+        self.model = model.to(self.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.SGD(self.params, lr=cfg.lr, momentum=cfg.momentum,
+                                         weight_decay=cfg.weight_decay)
+
+        adaptive = cfg.method != "sgd"
+        self.controller = BatchController(cfg.initial_batch, cfg.max_batch if adaptive else cfg.initial_batch,
+                                          cfg.duration)
+        self.lr_schedule = LRSchedule(cfg.lr, cfg.lr_decay, cfg.decay_epochs(), cfg.lr_scaling,
+                                      cfg.warmup_epochs, cfg.lr_cap)
+        self.adv = AdversarialSchedule(cfg.adv_ratio if cfg.method == "absa" else 0.0, cfg.adv_eps, cfg.epochs)
+        self.sampler = EpochSampler(int(data.train_y.shape[0]), cfg.seed)
+        self.updates = 0
+        self.samples_seen = 0
+        self.elapsed_s = 0.0
+        self.second_order_total_s = 0.0
+        self.history: list[dict[str, Any]] = []  # epoch lines so far (rank 0's summary)
+        self.growths: list[dict[str, Any]] = []
+        self._epoch_sums = torch.zeros(3, dtype=torch.float64)  # loss_sum, correct, count (global)
+        self._warned_eig_samples = False
+        # Hooks of the elastic layer (hvd_abs/elastic/job.py): after every update, and after each
+        # epoch's bookkeeping with whether the batch grew. They may raise to leave the loop.
+        self.on_step: Callable[[], None] | None = None
+        self.last_step_ids: torch.Tensor | None = None
+        self.last_step_epoch = 0
+        self.on_epoch_end: Callable[[bool], None] | None = None
+        self.set_threads()
+
+        if broadcast:  # elastic jobs sync from rank 0 inside the elastic loop instead
+            self.comm.broadcast_state(self.model, self.optimizer)
+
+    def set_threads(self) -> None:
+        """torch threads for this rank; called again after an elastic resize."""
+        if self.cfg.threads is not None:
+            torch.set_num_threads(self.cfg.threads)
+        elif self.comm.size > 1:
+            # Workers share the machine's cores: oversubscription makes every rank slower.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.comm.size))
+
+    # --- state -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue, independent of the world size.
+
+        Like torch's own state dicts it holds references to live tensors: deep-copy it to snapshot.
+        """
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "controller": self.controller.state_dict(), "lr_schedule": self.lr_schedule.state_dict(),
+                "adversarial": self.adv.state_dict(), "sampler": self.sampler.state_dict(),
+                "updates": self.updates, "samples_seen": self.samples_seen, "elapsed_s": self.elapsed_s,
+                "second_order_total_s": self.second_order_total_s,
+                "epoch_sums": self._epoch_sums.tolist(), "history": list(self.history),
+                "growths": list(self.growths)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from `state_dict()` output."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.controller.load_state_dict(state["controller"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        self.adv.load_state_dict(state["adversarial"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.updates = int(state["updates"])
+        self.samples_seen = int(state["samples_seen"])
+        self.elapsed_s = float(state["elapsed_s"])
+        self.second_order_total_s = float(state["second_order_total_s"])
+        self._epoch_sums = torch.tensor(state["epoch_sums"], dtype=torch.float64)
+        self.history = list(state["history"])
+        self.growths = list(state["growths"])
+
+    # --- derived quantities ------------------------------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def current_lr(self, epoch_fraction: float | None = None) -> float:
+        """LR for the next update: a function of the controller state and the epoch progress."""
+        frac = self.sampler.epoch_fraction if epoch_fraction is None else epoch_fraction
+        return self.lr_schedule.at(self.controller, self.epoch, frac)
+
+    # --- one update --------------------------------------------------------------------------------
+    def step(self) -> bool:
+        """One parameter update on the next global batch; False (nothing done) at the epoch's end."""
+        G = self.controller.global_batch
+        idx = self.sampler.next_indices(G)
+        if idx is None:
+            return False
+        lay = layout(G, self.cfg.base_batch, self.comm.size)
+        # LR at the end of this batch's share of the epoch: a warm-up never starts at exactly 0.
+        lr = self.current_lr((self.sampler.position + G) / self.sampler.num_samples)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=False)
+        self.model.train()
+        stats = torch.zeros(3, dtype=torch.float64)  # loss_sum, correct, count on this rank
+        micros = rank_micro_batches(idx, lay, self.comm.rank)
+        self.last_step_ids = torch.cat(micros) if micros else idx[:0]  # for the --ledger check
+        self.last_step_epoch = self.epoch
+        for micro in micros:
+            x = self.data.train_x[micro].to(self.device, non_blocking=True)  # (m, C, H, W)
+            y = self.data.train_y[micro].to(self.device, non_blocking=True)  # (m,)
+            if self.adv.initial_ratio > 0:
+                x, _ = self.adv.apply(self.model, F.cross_entropy, x, y, self.epoch)
+            logits = self.model(x)  # (m, classes)
+            loss_sum = F.cross_entropy(logits, y, reduction="sum")
+            # Divide by the GLOBAL batch: summed over micro-batches and ranks this is the mean.
+            (loss_sum / G).backward()
+            stats += torch.tensor([loss_sum.item(), (logits.argmax(1) == y).sum().item(), y.numel()],
+                                  dtype=torch.float64)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        reduced = self.comm.allreduce_sum([*grads, stats.to(self.device)])
+        for p, g in zip(self.params, reduced[:-1]):
+            if p.grad is None:
+                p.grad = g
+            elif g is not p.grad:
+                p.grad.copy_(g)
+        self.optimizer.step()
+        self._epoch_sums += reduced[-1].cpu().double()
+        self.sampler.advance(G)
+        self.updates += 1
+        self.samples_seen += G
+        return True
+
+    # --- epoch-end pieces ----------------------------------------------------------------------------
+    def eig_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The estimate's data: eig_samples training samples from (seed, epoch), in batches of EIG_BATCH.
+
+        Identical on every rank (the second-order engine shards them), independent of the world size.
+        """
+        n = self.sampler.num_samples
+        k = min(self.cfg.eig_samples, n)
+        if k < self.cfg.eig_samples and not self._warned_eig_samples:
+            log.warning("--eig-samples %d exceeds the %d training samples: using all of them",
+                        self.cfg.eig_samples, n)
+            self._warned_eig_samples = True
+        gen = torch.Generator().manual_seed(self.cfg.seed * 7_919 + 104_729 * (self.epoch + 1))
+        idx = torch.randperm(n, generator=gen)[:k]
+        b = EIG_BATCH
+        return [(self.data.train_x[idx[i:i + b]].to(self.device), self.data.train_y[idx[i:i + b]].to(self.device))
+                for i in range(0, k, b)]
+
+    def estimate_eig(self) -> tuple[float | None, int, float]:
+        """(top eigenvalue, samples used, seconds) or (None, 0, 0.0) when no estimate is needed."""
+        if self.cfg.method == "sgd" or not self.controller.needs_estimate:
+            # sgd never grows, and at the cap there is nothing left to decide: spend no HVPs.
+            return None, 0, 0.0
+        if self.eigen_fn is None:
+            self.eigen_fn = _default_eigen_fn()
+        t0 = time.perf_counter()
+        batches = self.eig_batches()
+        result = self.eigen_fn(self.model, nn.CrossEntropyLoss(), batches, tol=self.cfg.eig_tol,
+                               max_iter=self.cfg.eig_max_iter, method=self.cfg.eig_method,
+                               seed=self.cfg.seed + self.epoch, comm=self.comm)
+        eig = float(result.eigenvalues[0])
+        return eig, sum(int(y.numel()) for _, y in batches), time.perf_counter() - t0
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float]:
+        """(test loss, test accuracy) over the whole test split, each rank its shard, sums allreduced."""
+        self.model.eval()
+        x_all, y_all = self.data.test_x, self.data.test_y
+        shard = torch.arange(self.comm.rank, int(y_all.shape[0]), self.comm.size)
+        sums = torch.zeros(3, dtype=torch.float64)  # loss_sum, correct, count
+        for i in range(0, shard.numel(), self.cfg.eval_batch):
+            sel = shard[i:i + self.cfg.eval_batch]
+            x, y = x_all[sel].to(self.device), y_all[sel].to(self.device)
+            logits = self.model(x)
+            sums += torch.tensor([F.cross_entropy(logits, y, reduction="sum").item(),
+                                  (logits.argmax(1) == y).sum().item(), y.numel()], dtype=torch.float64)
+        (total,) = self.comm.allreduce_sum([sums])
+        loss_sum, correct, count = total.tolist()
+        return loss_sum / max(count, 1), correct / max(count, 1)
+
+    # --- the loop ----------------------------------------------------------------------------------
+    def run_epoch(self, writer: MetricsWriter, show_progress: bool = True) -> dict[str, Any]:
+        """Train the rest of the current epoch, then estimate, evaluate, log and decide growth."""
+        epoch = self.epoch
+        G = self.controller.global_batch
+        lay = layout(G, self.cfg.base_batch, self.comm.size)
+        adv_ratio = self.adv.ratio(epoch) if self.cfg.method == "absa" else 0.0
+        t0 = time.perf_counter()
+        bar = _progress(self.sampler.steps_left(G), f"epoch {epoch + 1}/{self.cfg.epochs} G={G}",
+                        show_progress and self.comm.rank == 0 and not self.cfg.quiet)
+        samples_before = self.samples_seen
+        lr = self.current_lr()  # reported as is when the epoch has no full batch left
+        while self.step():
+            lr = self.optimizer.param_groups[0]["lr"]  # the LR of the epoch's last update
+            if bar is not None:
+                bar.update(1)
+            if self.on_step is not None:
+                self.on_step()
+        if bar is not None:
+            bar.close()
+        train_s = time.perf_counter() - t0
+        self.comm.broadcast_buffers(self.model)  # BatchNorm stats of rank 0 everywhere
+        eig, eig_samples, so_s = self.estimate_eig()
+        test_loss, test_acc = self.evaluate()
+        loss_sum, correct, count = self._epoch_sums.tolist()
+        epoch_s = time.perf_counter() - t0
+        self.elapsed_s += epoch_s
+        self.second_order_total_s += so_s
+        record = writer.epoch(
+            epoch=epoch + 1, updates=self.updates, samples_seen=self.samples_seen, global_batch=G,
+            world_size=self.comm.size, per_worker_batch=lay.per_worker_batch, accum_steps=lay.accum_steps,
+            lr=lr, eig=eig, eig_samples=eig_samples, adv_ratio=adv_ratio,
+            train_loss=loss_sum / max(count, 1), train_acc=correct / max(count, 1),
+            test_loss=test_loss, test_acc=test_acc, epoch_s=epoch_s,
+            samples_per_s=(self.samples_seen - samples_before) / max(train_s, 1e-9), second_order_s=so_s)
+        self.history.append(record)
+        # No decision after the last epoch: a growth there would apply to nothing.
+        grew = False
+        if self.cfg.method != "sgd" and epoch + 1 < self.cfg.epochs:
+            decision = self.controller.check(eig, epoch)
+            if decision.grew:
+                grew = True
+                self.adv.on_growth(self.controller.at_max)
+                growth = writer.event("growth", epoch=epoch + 1, updates=self.updates,
+                                      old_batch=decision.old_batch, new_batch=decision.new_batch,
+                                      reason=decision.reason, eig=eig, ref=decision.ref,
+                                      lr=self.lr_schedule.at(self.controller, epoch + 1, 0.0))
+                self.growths.append(growth)
+        self._epoch_sums.zero_()
+        self.sampler.new_epoch()
+        if self.on_epoch_end is not None:
+            self.on_epoch_end(grew)
+        return record
+
+    def fit(self, writer: MetricsWriter, on_epoch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Run the remaining epochs; returns the summary (written to summary.json on rank 0)."""
+        while self.epoch < self.cfg.epochs:
+            record = self.run_epoch(writer)
+            if on_epoch is not None and self.comm.rank == 0:
+                on_epoch(record)
+        summary = self.summary()
+        writer.summary(**summary)
+        return summary
+
+    # --- disk checkpoints ----------------------------------------------------------------------------
+    def save_checkpoint(self, writer: MetricsWriter) -> Path | None:
+        """Rank 0 writes the whole state (and torch's RNG) atomically to <out>/checkpoints/."""
+        if self.comm.rank != 0:
+            return None
+        from hvd_abs.elastic.checkpoint import save_checkpoint, to_host
+
+        t0 = time.perf_counter()
+        state = to_host({**self.state_dict(), "rng": torch.get_rng_state()})
+        path = save_checkpoint(Path(self.cfg.out).expanduser() / CHECKPOINT_DIR, state, self.updates)
+        writer.event("checkpoint", epoch=self.epoch, updates=self.updates, path=str(path),
+                     seconds=time.perf_counter() - t0)
+        return path
+
+    def resume(self, run_dir: str | os.PathLike) -> Path:
+        """Load the newest checkpoint of `run_dir` that verifies (rank 0 reads, all ranks get it)."""
+        from hvd_abs.elastic.checkpoint import load_latest
+
+        found = load_latest(Path(run_dir).expanduser() / CHECKPOINT_DIR) if self.comm.rank == 0 else None
+        if self.comm.rank == 0 and found is None:
+            raise UserError(f"--resume {run_dir}: no checkpoint there verifies (all missing or damaged); "
+                            f"start a new run with another --out")
+        path, state = self.comm.broadcast_object(found if found is not None else (None, None))
+        torch.set_rng_state(state.pop("rng"))
+        self.load_state_dict(state)
+        log.info("resumed from %s at epoch %d, %d updates", path, self.epoch, self.updates)
+        return Path(path)
+
+    def summary(self) -> dict[str, Any]:
+        """The run's outcome in one flat-ish dict."""
+        last = self.history[-1] if self.history else {}
+        return {
+            "method": self.cfg.method, "dataset": self.cfg.dataset, "model": self.model_name,
+            "epochs": len(self.history), "updates": self.updates, "samples_seen": self.samples_seen,
+            "initial_batch": self.controller.initial_batch, "final_batch": self.controller.global_batch,
+            "max_batch": self.controller.max_batch, "num_growths": self.controller.num_growths,
+            "growths": [{k: g[k] for k in ("epoch", "updates", "old_batch", "new_batch", "reason")}
+                        for g in self.growths],
+            "world_size": self.comm.size, "final_lr": last.get("lr"),
+            "final_test_acc": last.get("test_acc"),
+            "best_test_acc": max((h["test_acc"] for h in self.history), default=None),
+            "final_train_acc": last.get("train_acc"), "total_s": self.elapsed_s,
+            "second_order_s": self.second_order_total_s,
+            "second_order_share": self.second_order_total_s / self.elapsed_s if self.elapsed_s else None,
+            "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self.cfg).items()},
+        }
+
+
+def prepare_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
+    """Create the out dir; with --overwrite remove the previous run's files (only those)."""
+    path = Path(out).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        for name in RUN_FILES:
+            (path / name).unlink(missing_ok=True)
+        for name in RUN_DIRS:  # stale checkpoints would otherwise be found by a later --resume
+            shutil.rmtree(path / name, ignore_errors=True)
+    return path
+
+
+def train(cfg: TrainConfig, comm: Any = None, eigen_fn: EigenFn | None = None,
+          on_epoch: Callable[[dict[str, Any]], None] | None = None, plot: bool = True) -> dict[str, Any]:
+    """Validate, set up, train, and write metrics.jsonl, summary.json and plots.png (rank 0).
+
+    Nothing is written before the config, the data and the model were all accepted.
+    """
+    if comm is None:
+        from hvd_abs.comm import make_comm
+
+        comm = make_comm("auto")
+    if cfg.elastic:
+        from hvd_abs.elastic.job import train_elastic
+
+        return train_elastic(cfg, eigen_fn=eigen_fn, on_epoch=on_epoch, plot=plot)
+    trainer = Trainer(cfg, comm=comm, eigen_fn=eigen_fn)
+    if cfg.resume is not None:
+        trainer.resume(cfg.resume)
+    out = Path(cfg.out).expanduser()
+    if comm.rank == 0:
+        prepare_out_dir(out, cfg.overwrite and cfg.resume is None)
+    writer = MetricsWriter(out, enabled=comm.rank == 0)
+    trainer.on_epoch_end = lambda grew: checkpoint_if_due(trainer, writer)
+    try:
+        summary = trainer.fit(writer, on_epoch=on_epoch)
+        trainer.save_checkpoint(writer)
+    finally:
+        writer.close()
+    return finish(trainer, summary, writer, out, plot)
+
+
+def checkpoint_if_due(trainer: Trainer, writer: MetricsWriter) -> None:
+    """After an epoch's bookkeeping: a disk checkpoint every --checkpoint-every epochs."""
+    every = trainer.cfg.checkpoint_every
+    if every and trainer.epoch % every == 0 and trainer.epoch < trainer.cfg.epochs:
+        trainer.save_checkpoint(writer)
+
+
+def finish(trainer: Trainer, summary: dict[str, Any], writer: MetricsWriter, out: Path, plot: bool) -> dict[str, Any]:
+    """Rank 0: plots.png and the final summary.json."""
+    comm = trainer.comm
+    if comm.rank == 0 and plot:
+        from hvd_abs.plotting import plot_run
+
+        summary["plot"] = str(plot_run(out))
+        summary["metrics"] = str(out / METRICS_FILE)
+        writer.summary(**summary)
+    return summary

@@ -1,0 +1,113 @@
+"""Elastic training under real horovodrun (Gloo on 127.0.0.1): growth-driven scale-up, shrink,
+bit-identical joins, and the sample ledger. Each test is one bounded horovodrun job."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, run_checked
+from hvd_abs.metrics import read_metrics
+
+DIGITS = ["--dataset", "digits", "--model", "cnn", "--base-batch", "32", "--quiet", "--ledger", "--commit-every", "1"]
+
+
+def committed_ids(out: Path) -> dict[int, list[int]]:
+    """Sample ids per epoch in the committed history: for every update number, the records of
+    its latest attempt (earlier attempts of it were rolled back)."""
+    records = [json.loads(line) for f in (out / "ledger").glob("rank-*.jsonl") for line in f.read_text().splitlines()]
+    latest: dict[int, int] = {}
+    for r in records:
+        latest[r["update"]] = max(latest.get(r["update"], 0), r["attempt"])
+    assert sorted(latest) == list(range(1, max(latest) + 1)), "an update is missing from the ledger"
+    per_epoch: dict[int, list[int]] = defaultdict(list)
+    for r in records:
+        if r["attempt"] == latest[r["update"]]:
+            per_epoch[r["epoch"]].extend(r["ids"])
+    return per_epoch
+
+
+def check_every_sample_once(out: Path) -> None:
+    epochs, _ = read_metrics(out)
+    per_epoch = committed_ids(out)
+    seen_before = 0
+    for line in epochs:
+        ids = per_epoch[line["epoch"] - 1]
+        assert len(ids) == len(set(ids)), f"epoch {line['epoch']}: a sample was processed twice"
+        assert len(ids) == line["samples_seen"] - seen_before, f"epoch {line['epoch']}: samples lost"
+        seen_before = line["samples_seen"]
+
+
+def check_ranks_identical_after_sync(out: Path) -> int:
+    """Every sync left all ranks with the same model + optimizer digest; returns the syncs seen
+    by more than one rank."""
+    by_attempt: dict[int, set[str]] = defaultdict(set)
+    ranks: dict[int, int] = defaultdict(int)
+    for f in (out / "ledger").glob("sync-*.jsonl"):
+        for line in f.read_text().splitlines():
+            r = json.loads(line)
+            by_attempt[r["attempt"]].add(r["digest"])
+            ranks[r["attempt"]] += 1
+    assert by_attempt and all(len(d) == 1 for d in by_attempt.values()), "ranks differ after a sync"
+    return sum(1 for a in ranks if ranks[a] > 1)
+
+
+@pytest.mark.multiprocess
+def test_growth_adds_a_worker_and_follows_the_one_process_schedule(tmp_path):
+    args = [*DIGITS, "--method", "absa", "--epochs", "6", "--batch", "32", "--max-batch", "128", "--duration", "1"]
+    elastic, single = tmp_path / "elastic", tmp_path / "single"
+    run_checked([str(BIN / "hvd-abs"), "launch", "horovod", "--min-np", "1", "--max-np", "2", "--",
+                 *args, "--out", str(elastic)], timeout=300)
+    run_checked([str(BIN / "hvd-abs"), "train", *args, "--out", str(single)], timeout=300)
+
+    ep_e, ev_e = read_metrics(elastic)
+    ep_s, _ = read_metrics(single)
+    # The batch and LR schedule is the one-process schedule, update for update.
+    sched = lambda eps: [(e["epoch"], e["updates"], e["global_batch"], round(e["lr"], 12), e["adv_ratio"]) for e in eps]
+    assert sched(ep_e) == sched(ep_s)
+    # Workers: 1 until the first doubling (after epoch 1), then 2 soon after, never back.
+    sizes = [e["world_size"] for e in ep_e]
+    assert sizes[0] == 1 and sizes[-1] == 2 and sizes == sorted(sizes), sizes
+    assert sizes.index(2) <= 3, sizes
+    resizes = [e for e in ev_e if e["event"] == "resize"]
+    assert len(resizes) == 1 and resizes[0]["world_size"] == 2 and resizes[0]["stall_s"] >= 0
+    assert json.loads((elastic / "elastic" / "world_size.json").read_text())["world_size"] == 2
+    check_every_sample_once(elastic)
+    assert check_ranks_identical_after_sync(elastic) >= 1  # the join's sync: new worker == rank 0
+
+
+@pytest.mark.multiprocess
+def test_shrink_when_a_slot_leaves_the_pool(tmp_path):
+    out, hostfile = tmp_path / "run", tmp_path / "hosts"
+    hostfile.write_text("localhost slots=2\n")
+    # sgd at global batch 64 = 2 x 32: the job wants 2 workers from the start.
+    args = [*DIGITS, "--method", "sgd", "--epochs", "8", "--batch", "64", "--out", str(out)]
+    proc = subprocess.Popen([str(BIN / "hvd-abs"), "launch", "horovod", "--min-np", "1", "--max-np", "2",
+                             "--hostfile", str(hostfile), "--", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            # Once two workers have run a few updates together, take a slot out of the pool.
+            two = [line for f in (out / "ledger").glob("rank-*.jsonl") if f.exists()
+                   for line in f.read_text().splitlines() if '"world_size": 2' in line] if (out / "ledger").is_dir() else []
+            if len(two) >= 10:
+                hostfile.write_text("localhost slots=1\n")
+                break
+            time.sleep(0.2)
+        output, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output
+    epochs, events = read_metrics(out)
+    assert len(epochs) == 8 and epochs[-1]["world_size"] == 1, [e["world_size"] for e in epochs]
+    assert 2 in [e["world_size"] for e in epochs] or any(e["event"] == "resize" for e in events)
+    assert [e["world_size"] for e in events if e["event"] == "resize"][-1] == 1
+    check_every_sample_once(out)
+    check_ranks_identical_after_sync(out)

@@ -1,0 +1,130 @@
+"""The training loop on one process: exact accumulation, a real ABSA run, the CLI's bad input."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from hvd_abs.cli import main
+from hvd_abs.metrics import EPOCH_FIELDS, read_metrics
+from hvd_abs.train import TrainConfig, Trainer
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from hvd_abs.data import load_dataset
+
+    return load_dataset("digits")
+
+
+def _one_update(digits, tmp_path: Path, base_batch: int) -> list[torch.Tensor]:
+    cfg = TrainConfig(method="sgd", model="mlp", epochs=2, batch=512, base_batch=base_batch, lr=0.5,
+                      out=str(tmp_path / f"b{base_batch}"), quiet=True, seed=11)
+    trainer = Trainer(cfg, data=digits)
+    assert trainer.step()
+    # Momentum buffers must agree too: they carry the update into the next step.
+    assert trainer.step()
+    return [p.detach().clone() for p in trainer.model.parameters()]
+
+
+def test_sgd_accumulation_4x128_equals_one_512_batch(digits, tmp_path: Path) -> None:
+    accumulated = _one_update(digits, tmp_path, base_batch=128)  # 4 micro-batches of 128
+    whole = _one_update(digits, tmp_path, base_batch=512)        # 1 batch of 512
+    for a, w in zip(accumulated, whole):
+        torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-6)
+
+
+def test_trainer_state_round_trip_continues_identically(digits, tmp_path: Path) -> None:
+    import types
+
+    fake = lambda *a, **k: types.SimpleNamespace(eigenvalues=[1.0], num_hvps=1, converged=True)  # noqa: E731
+    cfg = TrainConfig(method="absa", model="mlp", epochs=3, base_batch=64, out=str(tmp_path / "a"), quiet=True)
+    t1 = Trainer(cfg, data=digits, eigen_fn=fake)
+    for _ in range(3):
+        t1.step()
+    state = copy.deepcopy(t1.state_dict())  # like torch's, the state holds references
+    t2 = Trainer(TrainConfig(**{**cfg.__dict__, "seed": 99}), data=digits, eigen_fn=fake)
+    t2.load_state_dict(state)
+    t1.step()
+    t2.step()
+    for a, b in zip(t1.model.parameters(), t2.model.parameters()):
+        assert torch.equal(a, b)
+    assert t1.current_lr() == t2.current_lr() and t1.sampler.position == t2.sampler.position
+
+
+def test_real_absa_run_on_digits_grows_the_batch(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, [
+        "train", "--dataset", "digits", "--method", "absa", "--model", "mlp", "--epochs", "4",
+        "--base-batch", "32", "--duration", "1", "--max-batch", "256", "--eig-samples", "256",
+        "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    epochs, events = read_metrics(out)
+    assert len(epochs) == 4 and all(tuple(e) == EPOCH_FIELDS for e in epochs)
+    growths = [e for e in events if e["event"] == "growth"]
+    assert growths and epochs[-1]["global_batch"] > epochs[0]["global_batch"]
+    assert all(e["eig"] is not None and e["eig"] > 0 for e in epochs[:2])
+    assert epochs[0]["adv_ratio"] == 0.2 and epochs[-1]["adv_ratio"] == 0.0
+    assert all(0 <= e["test_acc"] <= 1 for e in epochs) and epochs[-1]["test_acc"] > 0.8
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_growths"] == len(growths) and (out / "plots.png").stat().st_size > 0
+    assert "plot:" in result.output
+    # `hvd-abs plot` redraws from metrics.jsonl alone
+    (out / "plots.png").unlink()
+    redraw = CliRunner().invoke(main, ["plot", str(out)])
+    assert redraw.exit_code == 0 and (out / "plots.png").exists()
+
+
+BAD = {
+    "zero epochs": ["--epochs", "0"],
+    "negative base batch": ["--base-batch", "-4"],
+    "zero batch": ["--batch", "0"],
+    "max below base": ["--max-batch", "64", "--base-batch", "128"],
+    "max below batch": ["--batch", "512", "--max-batch", "256"],
+    "zero duration": ["--duration", "0"],
+    "negative lr": ["--lr", "-0.1"],
+    "decay epoch out of range": ["--epochs", "5", "--lr-decay-epochs", "3,9"],
+    "decay factor": ["--lr-decay", "1.5"],
+    "negative eps": ["--adv-eps", "-0.01"],
+    "adv ratio above 1": ["--adv-ratio", "1.2"],
+    "adv ratio negative": ["--adv-ratio", "-0.2"],
+    "zero eig samples": ["--eig-samples", "0"],
+    "unknown model": ["--model", "nope"],
+    "unknown dataset": ["--dataset", "nope"],
+    "missing data dir": ["--dataset", "imagefolder", "--data-dir", "/nonexistent/data"],
+    "negative weight decay": ["--weight-decay", "-1"],
+    "zero threads": ["--threads", "0"],
+}
+
+
+@pytest.mark.parametrize("args", BAD.values(), ids=BAD.keys())
+def test_bad_input_one_line_exit_2_out_dir_untouched(args: list[str], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = CliRunner().invoke(main, ["train", "--epochs", "2", "--out", str(out), "--quiet", *args])
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in result.output
+    assert sorted(os.listdir(out)) == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+
+
+def test_out_dir_with_another_run_needs_overwrite(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    result = CliRunner().invoke(main, ["train", "--out", str(out), "--quiet", "--epochs", "1"])
+    assert result.exit_code == 2 and "--overwrite" in result.output
+    assert (out / "metrics.jsonl").read_text() == '{"epoch": 1}\n'
+
+
+def test_unwritable_out_dir_is_refused(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = CliRunner().invoke(main, ["train", "--out", str(blocker / "sub"), "--quiet"])
+    assert result.exit_code == 2 and "--out" in result.output
