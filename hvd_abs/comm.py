@@ -78,13 +78,16 @@ class HorovodComm:
         """Sum over ranks, fused into one grouped allreduce."""
         if not tensors:
             return []
-        return list(self._hvd.grouped_allreduce(list(tensors), op=self._hvd.Sum))
+        # A stable name per call shape lets Horovod's response cache hit instead of churning
+        # through one auto-generated name per call.
+        return list(self._hvd.grouped_allreduce(list(tensors), op=self._hvd.Sum, name=f"hvd_abs.sum.{len(tensors)}"))
 
     def allreduce_mean(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Mean over ranks, fused into one grouped allreduce."""
         if not tensors:
             return []
-        return list(self._hvd.grouped_allreduce(list(tensors), op=self._hvd.Average))
+        return list(self._hvd.grouped_allreduce(list(tensors), op=self._hvd.Average,
+                                                name=f"hvd_abs.mean.{len(tensors)}"))
 
     def broadcast_state(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                         root_rank: int = 0) -> None:
@@ -124,3 +127,4 @@ def make_comm(kind: str = "auto") -> LocalComm | HorovodComm:
     if kind == "local" or (kind == "auto" and "HOROVOD_RANK" not in os.environ):
         return LocalComm()
     return HorovodComm()
+

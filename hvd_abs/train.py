@@ -215,6 +215,25 @@ def check_out_dir(out: str | os.PathLike, overwrite: bool) -> None:
 
 EigenFn = Callable[..., Any]
 
+# Data sets loaded ahead of time by a warm standby (hvd_abs/elastic/standby.py), by (name, dir).
+_PRELOADED: dict[tuple[str, str | None], Any] = {}
+
+
+def _data_key(dataset: str, data_dir: str | None) -> tuple[str, str | None]:
+    return dataset, str(Path(data_dir).expanduser().resolve()) if data_dir else None
+
+
+def preload(train_args: list[str]) -> None:
+    """Load the data set of a `train` command line into memory now, for the Trainer the same
+    process builds later (a warm standby does this before its slot is advertised)."""
+    from hvd_abs.commands.train import command
+    from hvd_abs.data import load_dataset
+
+    args = list(train_args[1:] if train_args[:1] == ["train"] else train_args)
+    params = command.make_context("train", args, resilient_parsing=True).params
+    key = _data_key(params["dataset"], params["data_dir"])
+    _PRELOADED[key] = load_dataset(params["dataset"], data_dir=params["data_dir"], download=False)
+
 
 def _default_eigen_fn() -> EigenFn:
     from hvd_abs.batching.eig_trigger import estimate_top_eigenvalue
@@ -242,6 +261,8 @@ class Trainer:
         self.eigen_fn = eigen_fn
         self.device = torch.device(cfg.device)
 
+        if data is None:
+            data = _PRELOADED.pop(_data_key(cfg.dataset, cfg.data_dir), None)
         if data is None:
             from hvd_abs.data import load_dataset
 
@@ -558,14 +579,14 @@ def train(cfg: TrainConfig, comm: Any = None, eigen_fn: EigenFn | None = None,
 
     Nothing is written before the config, the data and the model were all accepted.
     """
-    if comm is None:
-        from hvd_abs.comm import make_comm
-
-        comm = make_comm("auto")
     if cfg.elastic:
         from hvd_abs.elastic.job import train_elastic
 
         return train_elastic(cfg, eigen_fn=eigen_fn, on_epoch=on_epoch, plot=plot)
+    if comm is None:
+        from hvd_abs.comm import make_comm
+
+        comm = make_comm("auto")
     trainer = Trainer(cfg, comm=comm, eigen_fn=eigen_fn)
     if cfg.resume is not None:
         trainer.resume(cfg.resume)

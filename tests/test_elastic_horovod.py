@@ -58,10 +58,11 @@ def check_ranks_identical_after_sync(out: Path) -> int:
 
 
 @pytest.mark.multiprocess
-def test_growth_adds_a_worker_and_follows_the_one_process_schedule(tmp_path):
-    args = [*DIGITS, "--method", "absa", "--epochs", "6", "--batch", "32", "--max-batch", "128", "--duration", "1"]
+def test_growth_adds_a_warm_worker_and_follows_the_one_process_schedule(tmp_path):
+    args = [*DIGITS, "--method", "absa", "--epochs", "10", "--batch", "32", "--max-batch", "128", "--duration", "1"]
     elastic, single = tmp_path / "elastic", tmp_path / "single"
-    run_checked([str(BIN / "hvd-abs"), "launch", "horovod", "--min-np", "1", "--max-np", "2", "--",
+    # --warm 1: the joining slot is handed to a pre-started, pre-imported standby.
+    run_checked([str(BIN / "hvd-abs"), "launch", "horovod", "--min-np", "1", "--max-np", "2", "--warm", "1", "--",
                  *args, "--out", str(elastic)], timeout=300)
     run_checked([str(BIN / "hvd-abs"), "train", *args, "--out", str(single)], timeout=300)
 
@@ -70,15 +71,19 @@ def test_growth_adds_a_worker_and_follows_the_one_process_schedule(tmp_path):
     # The batch and LR schedule is the one-process schedule, update for update.
     sched = lambda eps: [(e["epoch"], e["updates"], e["global_batch"], round(e["lr"], 12), e["adv_ratio"]) for e in eps]
     assert sched(ep_e) == sched(ep_s)
-    # Workers: 1 until the first doubling (after epoch 1), then 2 soon after, never back.
+    # Workers: 1 until the first doubling (after epoch 1), then 2 once the standby is warm (the
+    # job goes on with accumulation meanwhile), never back.
     sizes = [e["world_size"] for e in ep_e]
     assert sizes[0] == 1 and sizes[-1] == 2 and sizes == sorted(sizes), sizes
-    assert sizes.index(2) <= 3, sizes
     resizes = [e for e in ev_e if e["event"] == "resize"]
     assert len(resizes) == 1 and resizes[0]["world_size"] == 2 and resizes[0]["stall_s"] >= 0
     assert json.loads((elastic / "elastic" / "world_size.json").read_text())["world_size"] == 2
     check_every_sample_once(elastic)
     assert check_ranks_identical_after_sync(elastic) >= 1  # the join's sync: new worker == rank 0
+    # The join went through a standby (claimed once), and every standby left with the job.
+    standby = elastic / "elastic" / "standby"
+    assert len(list(standby.glob("*.claimed.*"))) == 1
+    assert not list(standby.glob("*.ready")) and not list(standby.glob("*.sock"))
 
 
 @pytest.mark.multiprocess

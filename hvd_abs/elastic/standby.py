@@ -209,14 +209,24 @@ def _main(argv: list[str]) -> int:
         print("usage: python -m hvd_abs.elastic.standby --dir DIR -- TRAIN_ARGS...", file=sys.stderr)
         return 2
     directory, train_args = argv[1], argv[3:]
-    # The cold part of a join, done before the slot is advertised.
+    # The cold part of a join, done before the slot is advertised: imports, the data set, and
+    # torch's lazy first-use work (the first optimizer imports torch._dynamo: ~1.5 s here).
     import horovod.torch  # noqa: F401
-    import torch  # noqa: F401
+    import torch
 
+    import hvd_abs.comm  # noqa: F401
+    import hvd_abs.elastic.job  # noqa: F401
+    import hvd_abs.second_order  # noqa: F401
     from hvd_abs.cli import main as cli
     from hvd_abs.train import preload
 
     preload(train_args)
+    p = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+    (p * 2).sum().backward()
+    opt.step()
+    # Terminated while waiting (the job ended): leave through `finally`, removing our files.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 
     def run_worker(args: list[str]) -> int:
         cli.main(args=args, prog_name="hvd-abs", standalone_mode=True)
@@ -227,3 +237,4 @@ def _main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(_main(sys.argv[1:]))
+
