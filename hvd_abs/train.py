@@ -117,6 +117,9 @@ class TrainConfig:
     max_np: int = 1
     commit_every: int = 10  # updates between in-memory commits (and at every growth, epoch end)
     ledger: bool = False  # test instrumentation: each rank logs the sample ids of every update
+    train_subset: int | None = None  # use a fixed random subset of this many training samples
+    test_subset: int | None = None  # and of this many test samples (quick experiments, benchmarks)
+    stop_at_update: int | None = None  # checkpoint and stop after this update (restart benchmarks)
 
     @property
     def initial_batch(self) -> int:
@@ -181,6 +184,10 @@ class TrainConfig:
         if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
             raise UserError(f"--checkpoint-every must be >= 0 epochs (0: only at the end), got {self.checkpoint_every!r}")
         positive(self.commit_every, "--commit-every")
+        for value, flag in ((self.train_subset, "--train-subset"), (self.test_subset, "--test-subset"),
+                            (self.stop_at_update, "--stop-at-update")):
+            if value is not None:
+                positive(value, flag)
         positive(self.max_np, "--max-np")
         if self.resume is not None and not (Path(self.resume).expanduser() / CHECKPOINT_DIR).is_dir():
             raise UserError(f"--resume {self.resume}: no {CHECKPOINT_DIR}/ folder there; pass the --out "
@@ -214,6 +221,24 @@ def check_out_dir(out: str | os.PathLike, overwrite: bool) -> None:
 
 
 EigenFn = Callable[..., Any]
+
+class StopRequested(Exception):
+    """--stop-at-update reached: leave the loop as at the end of the run (checkpoint included)."""
+
+
+def _subset(data: Any, n_train: int | None, n_test: int | None) -> Any:
+    """`data` with a fixed random subset (seed 12345, the same for every run and rank) of its
+    training and test samples; `data` itself when neither is given."""
+    if not n_train and not n_test:
+        return data
+    gen = torch.Generator().manual_seed(12_345)
+    pick = lambda n, k: torch.randperm(n, generator=gen)[:k].sort().values if k and k < n else None  # noqa: E731
+    tr, te = pick(len(data.train_y), n_train), pick(len(data.test_y), n_test)
+    return dataclasses.replace(
+        data,
+        train_x=data.train_x[tr] if tr is not None else data.train_x, train_y=data.train_y[tr] if tr is not None else data.train_y,
+        test_x=data.test_x[te] if te is not None else data.test_x, test_y=data.test_y[te] if te is not None else data.test_y)
+
 
 # Data sets loaded ahead of time by a warm standby (hvd_abs/elastic/standby.py), by (name, dir).
 _PRELOADED: dict[tuple[str, str | None], Any] = {}
@@ -267,7 +292,7 @@ class Trainer:
             from hvd_abs.data import load_dataset
 
             data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download)
-        self.data = data
+        self.data = _subset(data, cfg.train_subset, cfg.test_subset)
         if model is None:
             from hvd_abs.models import build_model
 
@@ -288,7 +313,7 @@ class Trainer:
         self.lr_schedule = LRSchedule(cfg.lr, cfg.lr_decay, cfg.decay_epochs(), cfg.lr_scaling,
                                       cfg.warmup_epochs, cfg.lr_cap)
         self.adv = AdversarialSchedule(cfg.adv_ratio if cfg.method == "absa" else 0.0, cfg.adv_eps, cfg.epochs)
-        self.sampler = EpochSampler(int(data.train_y.shape[0]), cfg.seed)
+        self.sampler = EpochSampler(int(self.data.train_y.shape[0]), cfg.seed)
         self.updates = 0
         self.samples_seen = 0
         self.elapsed_s = 0.0
@@ -358,7 +383,10 @@ class Trainer:
 
     # --- one update --------------------------------------------------------------------------------
     def step(self) -> bool:
-        """One parameter update on the next global batch; False (nothing done) at the epoch's end."""
+        """One parameter update on the next global batch; False (nothing done) at the epoch's end.
+        Raises StopRequested once --stop-at-update updates are done."""
+        if self.cfg.stop_at_update is not None and self.updates >= self.cfg.stop_at_update:
+            raise StopRequested
         G = self.controller.global_batch
         idx = self.sampler.next_indices(G)
         if idx is None:
@@ -504,9 +532,13 @@ class Trainer:
         return record
 
     def fit(self, writer: MetricsWriter, on_epoch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-        """Run the remaining epochs; returns the summary (written to summary.json on rank 0)."""
+        """Run the remaining epochs (or up to --stop-at-update); returns the summary (written to
+        summary.json on rank 0)."""
         while self.epoch < self.cfg.epochs:
-            record = self.run_epoch(writer)
+            try:
+                record = self.run_epoch(writer)
+            except StopRequested:
+                break
             if on_epoch is not None and self.comm.rank == 0:
                 on_epoch(record)
         summary = self.summary()

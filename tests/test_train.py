@@ -128,3 +128,14 @@ def test_unwritable_out_dir_is_refused(tmp_path: Path) -> None:
     blocker.write_text("x")
     result = CliRunner().invoke(main, ["train", "--out", str(blocker / "sub"), "--quiet"])
     assert result.exit_code == 2 and "--out" in result.output
+
+
+def test_train_and_test_subsets_are_fixed_and_used(tmp_path):
+    from hvd_abs.metrics import read_metrics
+    from hvd_abs.train import TrainConfig, train
+
+    cfg = TrainConfig(method="sgd", dataset="digits", model="mlp", epochs=1, base_batch=32, batch=32,
+                      train_subset=320, test_subset=100, out=str(tmp_path / "a"), quiet=True)
+    train(cfg, plot=False)
+    (line,), _ = read_metrics(tmp_path / "a")
+    assert line["samples_seen"] == 320 and line["updates"] == 10  # 320 / 32, no short batch

@@ -70,6 +70,11 @@ def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> 
               help="Elastic: most workers; the job asks for min(max-np, global batch / base batch).")
 @click.option("--commit-every", type=int, default=10, show_default=True,
               help="Elastic: updates between in-memory state commits (also at every growth and epoch end).")
+@click.option("--train-subset", type=int, default=None,
+              help="Train on a fixed random subset of this many training samples (quick experiments).")
+@click.option("--test-subset", type=int, default=None, help="Evaluate on a fixed random subset of the test split.")
+@click.option("--stop-at-update", type=int, default=None, hidden=True,
+              help="Checkpoint and stop after this many updates (restart benchmarks).")
 @click.option("--ledger", is_flag=True, hidden=True, help="Test instrumentation: log each update's sample ids.")
 @user_errors_exit_2
 def command(**options) -> None:
@@ -79,17 +84,10 @@ def command(**options) -> None:
     """
     import logging
 
-    from hvd_abs.train import DEFAULT_EIG_METHOD, DEFAULT_EIG_SAMPLES, TrainConfig, train
+    from hvd_abs.train import train
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if options["eig_samples"] is None:
-        options["eig_samples"] = DEFAULT_EIG_SAMPLES
-    if options["eig_method"] is None:
-        options["eig_method"] = DEFAULT_EIG_METHOD
-    ctx = click.get_current_context()
-    if options["resume"] is not None and ctx.get_parameter_source("out") == click.core.ParameterSource.DEFAULT:
-        options["out"] = options["resume"]  # continue in place unless told otherwise
-    cfg = TrainConfig(**options)
+    cfg = config_from_options(options, click.get_current_context())
     quiet = cfg.quiet
 
     def on_epoch(r: dict) -> None:
@@ -100,6 +98,53 @@ def command(**options) -> None:
     if summary is None or "plot" not in summary:  # ranks other than 0 print nothing
         return
     click.echo(format_summary(summary))
+
+
+def config_from_options(options: dict, ctx: click.Context):
+    """The TrainConfig of parsed `hvd-abs train` options (defaults filled in, --resume's out dir)."""
+    from hvd_abs.train import DEFAULT_EIG_METHOD, DEFAULT_EIG_SAMPLES, TrainConfig
+
+    options = dict(options)
+    if options["eig_samples"] is None:
+        options["eig_samples"] = DEFAULT_EIG_SAMPLES
+    if options["eig_method"] is None:
+        options["eig_method"] = DEFAULT_EIG_METHOD
+    if options["resume"] is not None and ctx.get_parameter_source("out") == click.core.ParameterSource.DEFAULT:
+        options["out"] = options["resume"]  # continue in place unless told otherwise
+    return TrainConfig(**options)
+
+
+def check_train_args(train_args: list[str]) -> None:
+    """Validate `hvd-abs train TRAIN_ARGS` as a launcher would start them, before anything starts:
+    click's parsing, TrainConfig.validate() for a fresh (not elastic) run, so an out dir holding
+    another run is refused unless --resume or --overwrite is given, and the data set's name.
+    Raises click.UsageError or UserError naming the fix."""
+    import dataclasses
+
+    from hvd_abs.data import DATASETS
+    from hvd_abs.errors import UserError
+
+    ctx = command.make_context("hvd-abs train", list(train_args))
+    cfg = config_from_options(ctx.params, ctx)
+    dataclasses.replace(cfg, elastic=False).validate()
+    if cfg.dataset.strip().lower() not in DATASETS:
+        raise UserError(f"--dataset {cfg.dataset!r} is unknown; pass one of {', '.join(DATASETS)}")
+    if cfg.resume is not None:
+        from pathlib import Path
+
+        from hvd_abs.elastic.checkpoint import list_checkpoints, load_checkpoint, CheckpointError
+        from hvd_abs.train import CHECKPOINT_DIR
+
+        found = list_checkpoints(Path(cfg.resume).expanduser() / CHECKPOINT_DIR)
+        for path in reversed(found):
+            try:
+                load_checkpoint(path)
+                break
+            except CheckpointError:
+                continue
+        else:
+            raise UserError(f"--resume {cfg.resume}: no checkpoint there verifies "
+                            f"({len(found)} found, all damaged or none); start a new run with another --out")
 
 
 _COLUMNS = ("epoch", "updates", "global_batch", "world_size", "accum_steps", "lr", "eig", "adv_ratio",

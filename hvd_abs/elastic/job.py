@@ -41,6 +41,10 @@ class _Timeline:
         self.durations: list[float] = []
         self.pending: dict[str, Any] | None = None
 
+    def touch(self) -> None:
+        """Move the last update's end to now (time spent waiting on purpose is no stall)."""
+        self.last_end = time.perf_counter()
+
     def step_done(self) -> dict[str, Any] | None:
         """Record an update's end; returns the finished reset record when one was pending."""
         now = time.perf_counter()
@@ -112,6 +116,8 @@ def train_elastic(cfg: TrainConfig, eigen_fn: Any = None, on_epoch: Callable[[di
                            world_size=comm.size, **done)
         if trainer.updates % cfg.commit_every == 0:
             state.commit()
+        if ledger is not None:
+            ledger.hold(state, on_wait=timeline.touch)
 
     def on_epoch_end(grew: bool) -> None:
         state.commit()  # a growth (and every epoch end) is committed before anything else
@@ -170,7 +176,8 @@ def _attempt_id(comm: Any) -> int:
 class _Ledger:
     """Test instrumentation (--ledger): each rank appends the sample ids of every update it runs
     to <out>/ledger/rank-<pid>.jsonl, tagged with the loop entry (attempt) they belong to. The
-    committed history is, for each update number, the records of its latest attempt."""
+    committed history is, for each update number, the records of its latest attempt. Hold files
+    (`hold`) let a test stop the job at a known update."""
 
     def __init__(self, out: Path, trainer: Trainer) -> None:
         self.trainer = trainer
@@ -192,9 +199,28 @@ class _Ledger:
             f.write(json.dumps({"attempt": self.attempt, "rank": self.trainer.comm.rank,
                                 "updates": self.trainer.updates, "digest": h.hexdigest()}) + "\n")
 
+    def hold(self, state: Any, on_wait: Callable[[], None], limit_s: float = 300.0) -> None:
+        """Test instrumentation: pin a fault to a known update on a loaded machine. After update
+        U, while `<out>/ledger/hold-U` exists, every rank waits (no collective). While
+        `hold-U-world-W` exists and fewer than W workers run, the job waits too; on one worker
+        it commits every 0.1 s meanwhile, so a pending resize gets in. At most `limit_s`.
+        `on_wait` is called while waiting: the wait is the test's, not a stall of the job."""
+        u, size = self.trainer.updates, self.trainer.comm.size
+        for f in self.path.parent.glob("hold-*"):
+            parts = f.name.split("-")
+            if not parts[1].isdigit() or int(parts[1]) != u:
+                continue
+            want = int(parts[3]) if len(parts) == 4 and parts[2] == "world" and parts[3].isdigit() else None
+            deadline = time.monotonic() + limit_s
+            while f.exists() and time.monotonic() < deadline and (want is None or size < want):
+                time.sleep(0.1)
+                on_wait()
+                if want is not None and size == 1:
+                    state.commit()  # may raise HostsUpdatedInterrupt: the resize this waits for
+
     def write(self) -> None:
         t = self.trainer
         ids = t.last_step_ids.tolist() if t.last_step_ids is not None else []
         with open(self.path, "a") as f:
-            f.write(json.dumps({"attempt": self.attempt, "update": t.updates, "epoch": t.last_step_epoch,
+            f.write(json.dumps({"attempt": self.attempt, "update": t.updates, "epoch": t.last_step_epoch, "t": time.time(),
                                 "rank": t.comm.rank, "world_size": t.comm.size, "ids": ids}) + "\n")

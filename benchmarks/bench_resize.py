@@ -1,0 +1,176 @@
+"""Resize stalls on horovodrun: 1 -> 2 and 2 -> 1 workers, in place vs a restart baseline.
+
+ResNet-20 on CIFAR-10 images (a fixed subset, so a run takes minutes on 2 cores), sgd at a global
+batch of 2 x --base-batch, on localhost over Gloo.
+
+- in place: `hvd-abs launch horovod --min-np 1 --max-np 2 --hostfile H [--warm 1]`. The pool
+  starts with 1 slot; after --k updates it grows to 2 slots (a worker joins in place); after --k
+  more it shrinks to 1 (a worker leaves). Stalls are the job's own `resize` events: from the end of
+  the last update before the reset to the end of the first after it, minus one update's time.
+- restart: what users do without elastic training. Run at the old size with --stop-at-update
+  (a checkpoint, then every worker exits), relaunch horovodrun at the new size with --resume.
+  Stall: from the end of the last update before (the ledger's wall-clock time) to the end of the
+  first update after, minus one update's time.
+
+Prints one JSON object and writes benchmarks/results/resize.json (and resize.png): stall seconds per resize for
+each way, their ratios (in place / restart; target <= 0.15), and the resize share of a full
+Cifar-10 run (90 epochs of 50,000 samples at the measured update time; target <= 0.3%).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def ledger(out: Path) -> list[dict]:
+    return sorted((json.loads(line) for f in (out / "ledger").glob("rank-*.jsonl") for line in f.read_text().splitlines()),
+                  key=lambda r: r["t"])
+
+
+def world_sizes(out: Path) -> list[int]:
+    return [r["world_size"] for r in ledger(out) if r["rank"] == 0] if (out / "ledger").is_dir() else []
+
+
+def step_time(records: list[dict]) -> float:
+    """Median time between consecutive updates of rank 0 (no reset in between)."""
+    r0 = [r for r in records if r["rank"] == 0]
+    gaps = [b["t"] - a["t"] for a, b in zip(r0, r0[1:]) if b["update"] == a["update"] + 1 and b["attempt"] == a["attempt"]]
+    return statistics.median(gaps) if gaps else 0.0
+
+
+def train_args(args: argparse.Namespace, out: Path) -> list[str]:
+    return ["--dataset", "cifar10", "--data-dir", args.data_dir, "--model", "resnet20", "--method", "sgd",
+            "--base-batch", str(args.base_batch), "--batch", str(2 * args.base_batch), "--epochs", str(args.epochs),
+            "--train-subset", str(args.train_subset), "--test-subset", "256", "--lr", "0.05", "--threads", "1",
+            "--commit-every", "1", "--quiet", "--ledger", "--out", str(out), "--overwrite"]
+
+
+def in_place(args: argparse.Namespace, work: Path, warm: bool) -> dict:
+    out, hostfile = work / ("warm" if warm else "cold"), work / f"hosts-{warm}"
+    hostfile.write_text("localhost slots=1\n")
+    cmd = [str(BIN / "hvd-abs"), "launch", "horovod", "--min-np", "1", "--max-np", "2", "--hostfile", str(hostfile)]
+    cmd += ["--warm", "1"] if warm else []
+    proc = subprocess.Popen([*cmd, "--", *train_args(args, out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline, phase = time.time() + args.timeout, 0
+    while proc.poll() is None and time.time() < deadline and phase < 2:
+        sizes = world_sizes(out)
+        if phase == 0 and sizes.count(1) >= args.k:
+            hostfile.write_text("localhost slots=2\n")  # a slot joins the pool: 1 -> 2 in place
+            phase = 1
+        elif phase == 1 and sizes.count(2) >= args.k:
+            hostfile.write_text("localhost slots=1\n")  # it leaves again: 2 -> 1 in place
+            phase = 2
+        time.sleep(0.2)
+    output, _ = proc.communicate(timeout=max(1.0, deadline - time.time()))
+    if proc.returncode != 0:
+        raise RuntimeError(f"in-place run failed:\n{output[-3000:]}")
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"event": "resize"' in line]
+    by_size = {e["world_size"]: e for e in events}
+    records = ledger(out)
+    return {"join_stall_s": by_size.get(2, {}).get("stall_s"), "leave_stall_s": by_size.get(1, {}).get("stall_s"),
+            "resizes": len(events), "update_s_1": step_time([r for r in records if r["world_size"] == 1]),
+            "update_s_2": step_time([r for r in records if r["world_size"] == 2])}
+
+
+def restart(args: argparse.Namespace, work: Path, old: int, new: int) -> dict:
+    """Stop at the old size after --k updates (checkpoint), relaunch at the new size with --resume."""
+    out = work / f"restart-{old}-{new}"
+    first = train_args(args, out) + ["--stop-at-update", str(args.k)]
+    run = lambda n, extra: subprocess.run(  # noqa: E731
+        [str(BIN / "hvd-abs"), "launch", "horovod", "--min-np", str(n), "--max-np", str(n), "--", *extra],
+        capture_output=True, text=True, timeout=args.timeout)
+    p1 = run(old, first)
+    before = ledger(out)
+    second = [a for a in train_args(args, out) if a != "--overwrite"] + ["--resume", str(out), "--stop-at-update", str(2 * args.k)]
+    p2 = run(new, second)
+    for p in (p1, p2):
+        if p.returncode != 0:
+            raise RuntimeError(f"restart run failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
+    after = [r for r in ledger(out) if r["t"] > before[-1]["t"]]
+    last_before = max(r["t"] for r in before if r["update"] == args.k)
+    first_after = min(r["t"] for r in after if r["update"] == args.k + 1)
+    step = step_time(after)
+    return {"stall_s": max(0.0, first_after - last_before - step), "update_s": step}
+
+
+def plot(result: dict, path: Path) -> None:
+    """Bar chart of the stall per resize: in place (cold, warm) against the restart baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = {"1 -> 2 (join)": [result["in_place_cold"]["join_stall_s"], result["in_place_warm"]["join_stall_s"],
+                                result["restart_1_to_2"]["stall_s"]],
+              "2 -> 1 (leave)": [result["in_place_cold"]["leave_stall_s"], result["in_place_warm"]["leave_stall_s"],
+                                 result["restart_2_to_1"]["stall_s"]]}
+    labels = ["in place, cold", "in place, warm", "restart"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, label in enumerate(labels):
+        ax.bar([g + (i - 1) * 0.27 for g in range(len(groups))], [v[i] or 0 for v in groups.values()], 0.27, label=label)
+    ax.set_xticks(range(len(groups)), list(groups))
+    ax.set_ylabel("stall per resize (s)")
+    ax.set_title(f"Resize stalls, ResNet-20 on Cifar-10, global batch {result['global_batch']}, {result['machine']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "cifar10"))
+    p.add_argument("--train-subset", type=int, default=4096)
+    p.add_argument("--base-batch", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--k", type=int, default=6, help="updates before each resize")
+    p.add_argument("--timeout", type=float, default=900)
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "resize.json"))
+    p.add_argument("--plot-only", action="store_true", help="redraw the plot from the --out JSON")
+    args = p.parse_args()
+    if args.plot_only:
+        plot(json.loads(Path(args.out).read_text()), Path(args.out).with_suffix(".png"))
+        return 0
+    if not Path(args.data_dir).is_dir():
+        print(f"bench_resize: no CIFAR-10 at {args.data_dir}: pass --data-dir", file=sys.stderr)
+        return 2
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="hvd_abs_resize_") as tmp:
+        work = Path(tmp)
+        cold, warm = in_place(args, work, warm=False), in_place(args, work, warm=True)
+        up, down = restart(args, work, 1, 2), restart(args, work, 2, 1)
+    ratio = lambda a, b: (a / b) if a is not None and b else None  # noqa: E731
+    # A full Cifar-10 run: 90 epochs of 50,000 samples at the measured update time on 2 workers.
+    update_s = warm["update_s_2"] or cold["update_s_2"]
+    full_run_s = 90 * 50_000 / (2 * args.base_batch) * update_s
+    result = {
+        "machine": f"{os.cpu_count()} CPU cores, CPU only", "model": "resnet20", "data": "cifar10 JPEG subset",
+        "train_subset": args.train_subset, "global_batch": 2 * args.base_batch, "updates_before_resize": args.k,
+        "in_place_cold": cold, "in_place_warm": warm, "restart_1_to_2": up, "restart_2_to_1": down,
+        "ratio_join_cold": ratio(cold["join_stall_s"], up["stall_s"]),
+        "ratio_join_warm": ratio(warm["join_stall_s"], up["stall_s"]),
+        "ratio_leave": ratio(warm["leave_stall_s"], down["stall_s"]),
+        "full_run_s_estimate": full_run_s,
+        "share_of_full_run_warm": ((warm["join_stall_s"] or 0) + (warm["leave_stall_s"] or 0)) / full_run_s,
+        "share_of_full_run_restart": (up["stall_s"] + down["stall_s"]) / full_run_s,
+        "targets": {"ratio": 0.15, "share": 0.003}, "bench_s": time.time() - t0,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, Path(args.out).with_suffix(".png"))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
