@@ -139,3 +139,27 @@ def test_train_and_test_subsets_are_fixed_and_used(tmp_path):
     train(cfg, plot=False)
     (line,), _ = read_metrics(tmp_path / "a")
     assert line["samples_seen"] == 320 and line["updates"] == 10  # 320 / 32, no short batch
+
+
+def test_stop_then_resume_equals_an_uninterrupted_run(tmp_path):
+    """A run stopped mid-epoch (checkpoint at --stop-at-update) and continued with --resume has
+    the same controller, LR, sampler and metrics as one that never stopped."""
+    from hvd_abs.elastic.checkpoint import load_latest
+    from hvd_abs.metrics import read_metrics
+    from hvd_abs.train import TrainConfig, train
+
+    common = dict(method="absa", dataset="digits", model="mlp", epochs=4, base_batch=32, batch=32,
+                  max_batch=128, duration=1, eig_samples=128, quiet=True, threads=1)
+    full = train(TrainConfig(**common, out=str(tmp_path / "full")), plot=False)
+    train(TrainConfig(**common, out=str(tmp_path / "cut"), stop_at_update=60), plot=False)
+    path, state = load_latest(tmp_path / "cut" / "checkpoints")
+    assert state["updates"] == 60 and state["sampler"]["position"] > 0  # stopped mid-epoch
+    resumed = train(TrainConfig(**{**common, "out": str(tmp_path / "cut"), "resume": str(tmp_path / "cut")}), plot=False)
+
+    timing = {"epoch_s", "samples_per_s", "second_order_s"}
+    a, _ = read_metrics(tmp_path / "full")
+    b, _ = read_metrics(tmp_path / "cut")
+    assert [{k: v for k, v in e.items() if k not in timing} for e in b] == \
+           [{k: v for k, v in e.items() if k not in timing} for e in a]
+    for key in ("updates", "final_batch", "num_growths", "final_lr", "final_test_acc", "growths"):
+        assert resumed[key] == full[key], key
