@@ -2,8 +2,14 @@
 
 Each subcommand lives in hvd_abs/commands/ and imports its machinery (torch, Horovod, Ray) inside
 its body, so `hvd-abs --help` stays fast and needs neither Horovod nor Ray.
+
+Bad input, whether click's own usage errors or `hvd_abs.errors.UserError` (see
+commands/_errors.py), ends in ONE line on stderr, `Error: <what to fix>`, and exit code 2.
 """
 from __future__ import annotations
+
+import sys
+from typing import Any
 
 import click
 
@@ -11,7 +17,29 @@ from hvd_abs import __version__
 from hvd_abs.commands import bench, env, hessian, launch, plot, train
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineErrors(click.Group):
+    """A click group whose usage errors print one line (no usage block) and exit 2."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as exc:
+            message = " ".join(exc.format_message().split())
+            command = exc.ctx.command_path if isinstance(exc, click.UsageError) and exc.ctx else None
+            hint = f" (see `{command} --help`)" if command else ""
+            click.echo(f"Error: {message}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        # Without standalone mode click returns an Exit's code (--help, --version) or the command's value.
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="hvd-abs")
 def main() -> None:
     """Elastic adaptive-batch-size (ABS/ABSA) training of PyTorch models on Horovod."""

@@ -44,8 +44,8 @@ def build_command(train_args: list[str], *, min_np: int, max_np: int, hostfile: 
            "--gloo", "-np", str(min_np), "--min-np", str(min_np), "--max-np", str(max_np),
            "--network-interface", nic, "--host-discovery-script", shlex.join(discovery)]
     if cooldown:
-        # Every worker on one machine shares a host name, and Horovod blacklists a host whose
-        # worker failed: without a cooldown one failure would bar the machine for good.
+        # Horovod bars the host of a failed worker; the cooldown lets it back in later (the
+        # default pool names this machine twice, so one failure never bars every worker).
         cmd += ["--blacklist-cooldown-range", *cooldown.split(",")]
     worker = [py, "-m", "hvd_abs", "train", "--elastic", "--max-np", str(max_np), *train_args]
     if warm:

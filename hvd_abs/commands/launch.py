@@ -5,6 +5,8 @@ import re
 
 import click
 
+from hvd_abs.commands._errors import user_errors_exit_2
+
 
 @click.group("launch")
 def command() -> None:
@@ -21,10 +23,13 @@ def command() -> None:
               help="NIC for Horovod's traffic; 'lo' for a single machine (without it the driver hangs).")
 @click.option("--blacklist-cooldown", default="5,30", show_default=True,
               help="Seconds MIN,MAX before a host whose worker failed may be used again ('' = never).")
+@click.option("--warm", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Keep this many pre-started, pre-imported standby workers ready on this host; "
+                   "growth adds slots only as standbys are ready, so joins skip the cold start.")
 @click.option("--dry-run", is_flag=True, help="Print the horovodrun command without running it.")
 @click.argument("train_args", nargs=-1, type=click.UNPROCESSED)
 def horovod(min_np: int, max_np: int, hostfile: str | None, network_interface: str, blacklist_cooldown: str,
-            dry_run: bool, train_args: tuple[str, ...]) -> None:
+            warm: int, dry_run: bool, train_args: tuple[str, ...]) -> None:
     """Build, print and run the elastic horovodrun command for `hvd-abs train TRAIN_ARGS`.
 
     Example: hvd-abs launch horovod --min-np 1 --max-np 2 -- --dataset digits --method absa --out runs/x
@@ -33,18 +38,68 @@ def horovod(min_np: int, max_np: int, hostfile: str | None, network_interface: s
     import subprocess
     import sys
 
-    from hvd_abs.launch_horovod import build_command
+    from hvd_abs.launch_horovod import build_command, run_with_standbys
 
     if max_np < min_np:
         raise click.BadParameter(f"--max-np ({max_np}) must be at least --min-np ({min_np})", param_hint="--max-np")
+    if hostfile:
+        _check_hostfile(hostfile, max_np)
+    _check_train(list(train_args))
     try:
         cmd = build_command(list(train_args), min_np=min_np, max_np=max_np, hostfile=hostfile,
-                            nic=network_interface, cooldown=blacklist_cooldown)
+                            nic=network_interface, cooldown=blacklist_cooldown, warm=warm > 0)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     click.echo("+ " + shlex.join(cmd), err=True)
-    if not dry_run:
-        sys.exit(subprocess.call(cmd))
+    if dry_run:
+        return
+    if warm:
+        code = run_with_standbys(cmd, list(train_args), max_np=max_np, keep=warm)
+    else:
+        code = subprocess.call(cmd)
+    if code != 0:
+        _say_how_to_resume(list(train_args), f"horovodrun exited {code}")
+    sys.exit(code)
+
+
+def _check_hostfile(hostfile: str, max_np: int) -> None:
+    """Parse the hostfile now: a bad line is a one-line usage error, not a failure of the
+    discovery script inside a started job."""
+    from pathlib import Path
+
+    from hvd_abs.elastic.discovery import HostfileError, parse_hostfile
+
+    try:
+        parse_hostfile(Path(hostfile).read_text(), hostfile)
+    except (OSError, UnicodeDecodeError, HostfileError) as exc:
+        raise click.UsageError(f"--hostfile: {exc}") from None
+
+
+@user_errors_exit_2
+def _check_train(train_args: list[str]) -> None:
+    """The training options as `hvd-abs train` checks them, before any process starts."""
+    from hvd_abs.commands.train import check_train_args
+    from hvd_abs.launch_horovod import option_value
+
+    if not option_value(train_args, "--out"):
+        raise click.UsageError("elastic training needs a run directory: pass --out DIR among the train options "
+                               "(after --)")
+    check_train_args(train_args)
+
+
+def _say_how_to_resume(train_args: list[str], why: str) -> None:
+    """After a failed job: one line saying how to continue from its newest good checkpoint."""
+    from pathlib import Path
+
+    from hvd_abs.elastic.checkpoint import list_checkpoints
+    from hvd_abs.launch_horovod import option_value
+
+    out = option_value(train_args, "--out")
+    if out and list_checkpoints(Path(out).expanduser() / "checkpoints"):
+        hint = f"continue from its newest good checkpoint: rerun with --resume {out} among the train options"
+    else:
+        hint = "it left no checkpoint (pass --checkpoint-every N to keep some); rerun it"
+    click.echo(f"Error: the elastic job failed ({why}); {hint}", err=True)
 
 
 _RAY_ADDRESS = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]):(\d{1,5})$")
@@ -101,10 +156,8 @@ def ray(address: str, min_workers: int, max_workers: int, cpus_per_worker: float
                                  param_hint="--max-workers")
     if cpus_per_worker == 0 and gpus_per_worker == 0:
         raise click.UsageError("a worker must hold some resource: pass --cpus-per-worker > 0 or --gpus-per-worker > 0")
+    _check_train(list(train_args))
     out = option_value(list(train_args), "--out")
-    if not out:
-        raise click.UsageError("elastic training needs a run directory: pass --out DIR among the train options "
-                               "(after --)")
     # Actors do not run in this directory: the run directory travels as an absolute path.
     run_dir = str(Path(out).resolve())
     args = _with_option(list(train_args), "--out", run_dir)
@@ -125,7 +178,8 @@ def ray(address: str, min_workers: int, max_workers: int, cpus_per_worker: float
     try:
         executor.run(train_worker, (worker_argv,))
     except RayExecutorError as exc:
-        raise click.ClickException(str(exc)) from None
+        _say_how_to_resume(list(train_args), " ".join(str(exc).split())[:300])
+        raise SystemExit(1) from None
     finally:
         executor.shutdown()
 

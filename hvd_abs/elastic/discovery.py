@@ -46,6 +46,13 @@ def parse_hostfile(text: str, source: str = "hostfile") -> list[tuple[str, int]]
     return pool
 
 
+def local_pool(slots: int) -> list[tuple[str, int]]:
+    """This machine under two names: rank 0's slot as `localhost`, the others as `127.0.0.1`.
+    Horovod bars the *host* of a failed worker and stops the job once every host with workers
+    is barred: with a single name, one failure on one machine would end the job."""
+    return [("localhost", 1)] + ([("127.0.0.1", slots - 1)] if slots > 1 else [])
+
+
 def select_hosts(pool: list[tuple[str, int]], wanted: int) -> list[tuple[str, int]]:
     """The first `wanted` slots of the pool, host by host: [(host, slots)]."""
     chosen, left = [], wanted
@@ -106,17 +113,22 @@ def _warm_cap(run_dir: Path, target: int, cold_after_s: float) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run-dir", required=True, help="the job's --out directory (holds the signal)")
-    p.add_argument("--hostfile", help="host pool, 'HOST slots=N' per line (default: localhost with --slots)")
+    p.add_argument("--hostfile", help="host pool, 'HOST slots=N' per line (default: this machine with --slots, "
+                                      "as localhost:1 + 127.0.0.1:rest, see local_pool)")
     p.add_argument("--slots", type=int, default=None, help="slots on localhost when no hostfile is given (default: max-np)")
     p.add_argument("--min-np", type=int, default=1)
     p.add_argument("--max-np", type=int, required=True)
     p.add_argument("--warm", action="store_true", help="grow only into slots a ready standby will fill")
     args = p.parse_args(argv)
+    if args.min_np < 1 or args.max_np < args.min_np or (args.slots is not None and args.slots < 1):
+        print(f"discover_hosts: need 1 <= --min-np <= --max-np and --slots >= 1, got --min-np {args.min_np} "
+              f"--max-np {args.max_np} --slots {args.slots}", file=sys.stderr)
+        return 2
     try:
         if args.hostfile:
             pool = parse_hostfile(Path(args.hostfile).read_text(), args.hostfile)
         else:
-            pool = [("localhost", args.slots or args.max_np)]
+            pool = local_pool(args.slots or args.max_np)
     except (OSError, HostfileError) as exc:
         print(f"discover_hosts: {exc}", file=sys.stderr)
         return 2

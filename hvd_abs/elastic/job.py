@@ -120,10 +120,12 @@ def train_elastic(cfg: TrainConfig, eigen_fn: Any = None, on_epoch: Callable[[di
             ledger.hold(state, on_wait=timeline.touch)
 
     def on_epoch_end(grew: bool) -> None:
-        state.commit()  # a growth (and every epoch end) is committed before anything else
-        if grew:
-            publish()
+        # The disk checkpoint first: the commit may raise HostsUpdatedInterrupt, and the state
+        # is the same either way (a redone epoch end rewrites the same file atomically).
         checkpoint_if_due(trainer, writer())
+        state.commit()  # every growth and epoch end is committed
+        if grew:
+            publish()  # also done on re-entry, should the commit above have raised
 
     def on_reset(kind: str, seconds: float) -> None:
         trainer.set_threads()
@@ -200,10 +202,11 @@ class _Ledger:
                                 "updates": self.trainer.updates, "digest": h.hexdigest()}) + "\n")
 
     def hold(self, state: Any, on_wait: Callable[[], None], limit_s: float = 300.0) -> None:
-        """Test instrumentation: pin a fault to a known update on a loaded machine. After update
-        U, while `<out>/ledger/hold-U` exists, every rank waits (no collective). While
-        `hold-U-world-W` exists and fewer than W workers run, the job waits too; on one worker
-        it commits every 0.1 s meanwhile, so a pending resize gets in. At most `limit_s`.
+        """Test instrumentation: pin a fault or a resize to a known update on a loaded machine.
+        After update U, while `<out>/ledger/hold-U` exists, every rank waits (no collective).
+        With `hold-U-world-W`, the job waits until W workers run, committing every 0.1 s so the
+        pending resize gets in (every rank runs the same loop: the size is the same on all, and
+        the file is not consulted again, so the commits stay collective). At most `limit_s`.
         `on_wait` is called while waiting: the wait is the test's, not a stall of the job."""
         u, size = self.trainer.updates, self.trainer.comm.size
         for f in self.path.parent.glob("hold-*"):
@@ -212,11 +215,15 @@ class _Ledger:
                 continue
             want = int(parts[3]) if len(parts) == 4 and parts[2] == "world" and parts[3].isdigit() else None
             deadline = time.monotonic() + limit_s
-            while f.exists() and time.monotonic() < deadline and (want is None or size < want):
+            if want is None:
+                while f.exists() and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    on_wait()
+                continue
+            while size != want and time.monotonic() < deadline:
                 time.sleep(0.1)
                 on_wait()
-                if want is not None and size == 1:
-                    state.commit()  # may raise HostsUpdatedInterrupt: the resize this waits for
+                state.commit()  # raises HostsUpdatedInterrupt once the resize this waits for comes
 
     def write(self) -> None:
         t = self.trainer

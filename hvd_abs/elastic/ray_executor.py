@@ -211,6 +211,24 @@ def _local_network(node_ips: Iterable[str], driver_ip: str) -> tuple[str, str]:
                            f"(`--network-interface`) naming the interface that reaches every node")
 
 
+def BoundRendezvousServer(address: str, verbose: int = 0) -> Any:
+    """Horovod's Gloo rendezvous server (an HTTP key-value store without authentication),
+    listening on `address` only. Horovod's `RendezvousServer.start` binds every interface
+    (`('', port)`); workers only ever reach it at the address they are given."""
+    from horovod.runner.http.http_server import RendezvousHTTPServer, RendezvousServer
+    from horovod.runner.util.network import find_port
+    from horovod.runner.util.threads import in_thread
+
+    class _Bound(RendezvousServer):
+        def start(self, handler_cls: Any) -> int:
+            self._httpd, port = find_port(lambda addr: RendezvousHTTPServer((address, addr[1]), handler_cls,
+                                                                            self._verbose))
+            self._listen_thread = in_thread(target=self._httpd.serve_forever)
+            return port
+
+    return _Bound(verbose=verbose)
+
+
 # ---------------------------------------------------------------------------------------------
 # The executor
 # ---------------------------------------------------------------------------------------------
@@ -308,7 +326,6 @@ class RayElasticExecutor:
         from horovod.runner.elastic.driver import ElasticDriver
         from horovod.runner.elastic.rendezvous import create_rendezvous_handler
         from horovod.runner.gloo_run import create_run_env_vars, create_slot_env_vars
-        from horovod.runner.http.http_server import RendezvousServer
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         if self.discovery is None or self._network is None:
@@ -320,7 +337,9 @@ class RayElasticExecutor:
             raise TypeError(f"fn and its arguments must be picklable (use a module-level function): {exc}") from None
 
         nic, server_ip = self._network
-        rendezvous = RendezvousServer(verbose=0)
+        # Listens on the address the workers are given only (loopback on one machine), not on
+        # every interface as Horovod's own does: its HTTP key-value store has no authentication.
+        rendezvous = BoundRendezvousServer(server_ip)
         driver = ElasticDriver(rendezvous, self.discovery, min_num_proc=self.min_workers,
                                max_num_proc=self.max_workers, timeout=self.elastic_timeout,
                                reset_limit=self.reset_limit, cooldown_range=self.cooldown_range)
