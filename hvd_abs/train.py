@@ -565,15 +565,14 @@ class Trainer:
                      seconds=time.perf_counter() - t0)
         return path
 
-    def resume(self, run_dir: str | os.PathLike) -> Path:
-        """Load the newest checkpoint of `run_dir` that verifies (rank 0 reads, all ranks get it)."""
-        from hvd_abs.elastic.checkpoint import load_latest
-
-        found = load_latest(Path(run_dir).expanduser() / CHECKPOINT_DIR) if self.comm.rank == 0 else None
-        if self.comm.rank == 0 and found is None:
-            raise UserError(f"--resume {run_dir}: no checkpoint there verifies (all missing or damaged); "
-                            f"start a new run with another --out")
-        path, state = self.comm.broadcast_object(found if found is not None else (None, None))
+    def resume(self, run_dir: str | os.PathLike, collective: bool = True) -> Path:
+        """Load the newest checkpoint of `run_dir` that verifies. collective: rank 0 reads and
+        broadcasts it; else every rank reads it (elastic jobs, where no collective may run before
+        the elastic loop, which then syncs from rank 0 anyway)."""
+        found = read_newest_checkpoint(run_dir) if (self.comm.rank == 0 or not collective) else None
+        if collective:
+            found = self.comm.broadcast_object(found)
+        path, state = found
         torch.set_rng_state(state.pop("rng"))
         self.load_state_dict(state)
         log.info("resumed from %s at epoch %d, %d updates", path, self.epoch, self.updates)
@@ -639,6 +638,17 @@ def train(cfg: TrainConfig, comm: Any = None, eigen_fn: EigenFn | None = None,
     finally:
         writer.close()
     return finish(trainer, summary, writer, out, plot)
+
+
+def read_newest_checkpoint(run_dir: str | os.PathLike) -> tuple[str, dict[str, Any]]:
+    """(path, state) of the newest checkpoint of `run_dir` that verifies; UserError if none."""
+    from hvd_abs.elastic.checkpoint import load_latest
+
+    found = load_latest(Path(run_dir).expanduser() / CHECKPOINT_DIR)
+    if found is None:
+        raise UserError(f"--resume {run_dir}: no checkpoint there verifies (all missing or damaged); "
+                        f"start a new run with another --out")
+    return str(found[0]), found[1]
 
 
 def checkpoint_if_due(trainer: Trainer, writer: MetricsWriter) -> None:

@@ -99,10 +99,11 @@ def _warm_cap(run_dir: Path, target: int, cold_after_s: float) -> int:
     else:
         now = time.time()
         since = since or now  # growth asked: add only the slots ready standbys will fill
-        if last + ready_count(standby_dir(run_dir)) >= target or now - since >= cold_after_s:
+        ready = ready_count(standby_dir(run_dir))
+        if last + ready >= target or now - since >= cold_after_s:
             advertised, since = target, 0.0
         else:
-            advertised = last + ready_count(standby_dir(run_dir))
+            advertised = last + ready
     state_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = state_path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"advertised": advertised, "waiting_since": since}))

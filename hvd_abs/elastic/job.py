@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 
 from hvd_abs.batching.layout import wanted_world_size
 from hvd_abs.elastic.world_signal import write_wanted
@@ -74,17 +73,7 @@ def train_elastic(cfg: TrainConfig, eigen_fn: Any = None, on_epoch: Callable[[di
     trainer = Trainer(cfg, comm=comm, eigen_fn=eigen_fn, broadcast=False)
     out = Path(cfg.out).expanduser()
     if cfg.resume is not None:
-        from hvd_abs.elastic.checkpoint import load_latest
-
-        # Every worker reads the checkpoint (a new worker would be overwritten by the sync anyway).
-        found = load_latest(Path(cfg.resume).expanduser() / "checkpoints")
-        if found is None:
-            from hvd_abs.errors import UserError
-
-            raise UserError(f"--resume {cfg.resume}: no checkpoint there verifies; start a new run with another --out")
-        _, snapshot = found
-        torch.set_rng_state(snapshot.pop("rng"))
-        trainer.load_state_dict(snapshot)
+        trainer.resume(cfg.resume, collective=False)
     if comm.rank == 0:
         _prepare_once(out, cfg.overwrite and cfg.resume is None)
     state = CommittedState(trainer)
