@@ -1,0 +1,481 @@
+"""The paper's claim on real data: SGD vs a fixed large batch vs ABS vs ABSA on CIFAR-10.
+
+One command runs the study (issue 8):
+
+    python benchmarks/abs_study.py --protocol quick            # ~2 h on a 2-core CPU (estimate)
+    python benchmarks/abs_study.py --protocol full --device cuda --models resnet20 --jobs 8
+
+Runs, for every model (c1, resnet20) and seed (same epoch budget and seeds for all):
+  sgd        the small-batch baseline: fixed batch 128 (the base batch), the model's base LR.
+  sgd_large  a fixed large batch L with linear LR scaling: --method sgd --batch L --lr base*L/128
+             (for sgd the trainer applies --lr as given at --batch; see hvd_abs/batching/lr.py:
+             the growth scale is global_batch / initial_batch = 1 for a fixed batch).
+  abs        adaptive batch from 128, Hessian-triggered doubling up to the cap, LR x2 per doubling.
+  absa       abs + FGSM adversarial samples (ratio 0.2, eps 0.005, halved per doubling).
+
+Protocols (what differs from the paper is said in `protocol["shortened"]` of the JSON):
+  full   the paper: 90 epochs, all 50,000 training images, step decay x0.2 at 30, 60 (C1, lr 0.02)
+         or 30, 60, 80 (ResNet-20, lr 0.1), max batch 16,384, duration 10, fixed large batch 4,096,
+         test accuracy on all 10,000 test images every epoch.
+  quick  sized for ~2 h of a 2-core CPU: 8 epochs on a fixed random subset of 8,192 training images
+         (the same subset for every run); decay epochs, duration and batch sizes scaled with it:
+         decays at round(d * E / 90), duration max(1, round(10 * E / 90)), max batch the largest
+         128 * 2^k <= N / 4 (16,384 / 50,000 is about 1/3), large batch = max batch / 4 (as 4,096 vs
+         16,384). Per-epoch test accuracy on a fixed 2,000-image test subset; the final accuracy
+         of every run is on all 10,000 test images.
+Flags override single knobs (--epochs, --train-subset, --eval-subset, --models, --seeds, --methods).
+
+Each run is a child process (`--run-one`) writing a normal run dir (metrics.jsonl, summary.json,
+plots.png) plus result.json under --runs-dir; `--jobs K` runs K at once (useful on a GPU, where one
+small model leaves it mostly idle). The parent then writes <out>/<name>.json as
+{"runs": [...], "protocol": {...}, "table": [...], "targets": {...}}, three plots
+(<name>_acc_vs_updates.png, <name>_batch_vs_epoch.png, <name>_eig.png), and prints a markdown table.
+`--collect-only` rebuilds the JSON, plots and table from an existing --runs-dir (e.g. copied back
+from another machine). Nothing in the outputs is typed in by hand: every number comes from a run.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+RESULTS = ROOT / "benchmarks" / "results"
+METHODS = ("sgd", "sgd_large", "abs", "absa")
+MODELS = ("c1", "resnet20")
+BASE_BATCH = 128
+# The paper's per-model recipe (shared notes, HessianFlow defaults), in 90-epoch terms.
+RECIPES = {
+    "c1": {"lr": 0.02, "decay_epochs": (30, 60)},
+    "resnet20": {"lr": 0.1, "decay_epochs": (30, 60, 80)},
+}
+PAPER_EPOCHS = 90
+PAPER_DURATION = 10
+PAPER_MAX_BATCH = 16384
+PAPER_LARGE_BATCH = 4096
+FULL_TRAIN = 50000
+QUICK = {"epochs": 8, "train_subset": 8192, "eval_subset": 2000}
+SUBSET_SEED = 12345  # which training / test images a subset holds (the same for every run)
+
+
+# --- the protocol --------------------------------------------------------------------------------
+def pow2_batch_at_most(limit: float) -> int:
+    """Largest BASE_BATCH * 2^k <= limit (at least BASE_BATCH)."""
+    b = BASE_BATCH
+    while b * 2 <= limit:
+        b *= 2
+    return b
+
+
+def make_protocol(args: argparse.Namespace) -> dict[str, Any]:
+    """Every knob of the study, derived from --protocol and the overriding flags."""
+    full = args.protocol == "full"
+    epochs = args.epochs or (PAPER_EPOCHS if full else QUICK["epochs"])
+    n_train = args.train_subset or (FULL_TRAIN if full else QUICK["train_subset"])
+    n_train = min(n_train, FULL_TRAIN)
+    eval_subset = args.eval_subset if args.eval_subset is not None else (0 if full else QUICK["eval_subset"])
+    if n_train >= FULL_TRAIN:
+        max_batch, large = PAPER_MAX_BATCH, PAPER_LARGE_BATCH
+    else:
+        max_batch = pow2_batch_at_most(n_train / 4)
+        large = max(BASE_BATCH, max_batch // 4)
+    duration = PAPER_DURATION if epochs == PAPER_EPOCHS else max(1, round(PAPER_DURATION * epochs / PAPER_EPOCHS))
+    models = {}
+    for m in args.models:
+        recipe = RECIPES[m]
+        decays = sorted({round(d * epochs / PAPER_EPOCHS) for d in recipe["decay_epochs"]} - {0})
+        decays = [d for d in decays if 0 < d < epochs]
+        models[m] = {"lr": recipe["lr"], "decay_epochs": decays, "lr_decay": 0.2,
+                     "large_batch_lr": recipe["lr"] * large / BASE_BATCH}
+    shortened = []
+    if epochs != PAPER_EPOCHS:
+        shortened.append(f"{epochs} epochs instead of {PAPER_EPOCHS} (LR decay epochs and the duration "
+                         f"fallback scaled by {epochs}/{PAPER_EPOCHS})")
+    if n_train < FULL_TRAIN:
+        shortened.append(f"{n_train} of the 50000 training images (fixed random subset); max batch "
+                         f"{max_batch} instead of {PAPER_MAX_BATCH} and fixed large batch {large} instead of "
+                         f"{PAPER_LARGE_BATCH}, scaled to the subset")
+    if eval_subset:
+        shortened.append(f"per-epoch test accuracy on a fixed {eval_subset}-image test subset "
+                         f"(final accuracy on all 10000)")
+    return {
+        "name": args.protocol, "dataset": "cifar10 (real JPEG images, /work/shared/data/cifar10)",
+        "epochs": epochs, "train_samples": n_train, "eval_subset": eval_subset or None,
+        "base_batch": BASE_BATCH, "max_batch": max_batch, "large_batch": large, "duration": duration,
+        "models": models, "methods": list(args.methods), "seeds": list(args.seeds),
+        "eig": "trainer defaults (stochastic power iteration, 1024 samples, tol 1e-2, <= 10 iter)",
+        "adversarial": "trainer defaults for absa (FGSM eps 0.005, ratio 0.2 halved per doubling, off from E/2)",
+        "momentum": 0.9, "weight_decay": 0.0, "augmentation": "none (as the reference)",
+        "normalisation": "per-channel mean/std inside the model (hvd_abs.models)",
+        "shortened": shortened or ["nothing: the paper's protocol"],
+        "device": args.device,
+    }
+
+
+def run_config(proto: dict[str, Any], model: str, method: str, seed: int, out: Path, args: argparse.Namespace):
+    """The TrainConfig of one run."""
+    from hvd_abs.train import TrainConfig
+
+    m = proto["models"][model]
+    common = dict(dataset="cifar10", data_dir=args.data_dir, model=model, epochs=proto["epochs"],
+                  base_batch=BASE_BATCH, lr_decay=m["lr_decay"], lr_decay_epochs=m["decay_epochs"],
+                  duration=proto["duration"], seed=seed, out=str(out), overwrite=True, quiet=True,
+                  device=args.device, threads=args.threads)
+    if method == "sgd":
+        return TrainConfig(method="sgd", batch=BASE_BATCH, lr=m["lr"], max_batch=BASE_BATCH, **common)
+    if method == "sgd_large":
+        L = proto["large_batch"]
+        return TrainConfig(method="sgd", batch=L, lr=m["large_batch_lr"], max_batch=L, **common)
+    return TrainConfig(method=method, batch=BASE_BATCH, lr=m["lr"], max_batch=proto["max_batch"], **common)
+
+
+# --- one run (child process) ------------------------------------------------------------------------
+def subset_data(data, n_train: int, eval_subset: int | None, device: str):
+    """The run's data: a fixed random training subset, an optional per-epoch test subset, on `device`."""
+    import torch
+
+    gen = torch.Generator().manual_seed(SUBSET_SEED)
+    full = data
+    if n_train < len(data.train_y):
+        idx = torch.randperm(len(data.train_y), generator=gen)[:n_train].sort().values
+        data = dataclasses.replace(data, train_x=data.train_x[idx], train_y=data.train_y[idx])
+    if eval_subset:
+        idx = torch.randperm(len(data.test_y), generator=gen)[:eval_subset].sort().values
+        data = dataclasses.replace(data, test_x=data.test_x[idx], test_y=data.test_y[idx])
+    if device != "cpu":  # the whole set on the GPU once: no per-batch host copies
+        move = lambda d: dataclasses.replace(d, train_x=d.train_x.to(device), train_y=d.train_y.to(device),
+                                             test_x=d.test_x.to(device), test_y=d.test_y.to(device))
+        data, full = move(data), move(full)
+    return data, full
+
+
+def run_one(args: argparse.Namespace) -> None:
+    """Train one (model, method, seed) and write result.json into its run dir."""
+    from hvd_abs.comm import LocalComm
+    from hvd_abs.data import load_dataset
+    from hvd_abs.metrics import MetricsWriter
+    from hvd_abs.train import Trainer, finish, prepare_out_dir
+
+    proto = json.loads(Path(args.run_one_protocol).read_text())
+    model, method, seed = args.run_one.split(":")
+    seed = int(seed)
+    out = Path(args.runs_dir) / f"{model}_{method}_s{seed}"
+    t_load = time.perf_counter()
+    data, full = subset_data(load_dataset("cifar10", data_dir=args.data_dir), proto["train_samples"],
+                             proto["eval_subset"], args.device)
+    load_s = time.perf_counter() - t_load
+    cfg = run_config(proto, model, method, seed, out, args)
+    trainer = Trainer(cfg, comm=LocalComm(), data=data)
+    prepare_out_dir(out, True)
+    writer = MetricsWriter(out)
+    t_start = time.perf_counter()
+
+    def record(test_acc: float, test_loss: float | None, test_samples: int, complete: bool,
+               final_eval_s: float | None = None) -> dict[str, Any]:
+        hist = trainer.history
+        return {
+            "method": method, "model": model, "seed": seed, "complete": complete,
+            "test_acc": test_acc, "test_loss": test_loss, "test_samples": test_samples,
+            "updates": trainer.updates, "wall_s": trainer.elapsed_s,
+            "max_batch_reached": max(h["global_batch"] for h in hist),
+            "initial_batch": cfg.initial_batch, "lr": cfg.lr, "epochs": len(hist),
+            "epochs_planned": cfg.epochs, "num_growths": trainer.controller.num_growths,
+            "growths": [{k: g[k] for k in ("epoch", "updates", "old_batch", "new_batch", "reason")}
+                        for g in trainer.growths],
+            "second_order_s": trainer.second_order_total_s, "final_eval_s": final_eval_s,
+            "data_load_s": load_s, "process_s": time.perf_counter() - t_start, "samples_seen": trainer.samples_seen,
+            "train_samples_per_s": statistics.median(h["samples_per_s"] for h in hist),
+            "final_train_acc": hist[-1]["train_acc"],
+            "curve": [{k: h[k] for k in ("epoch", "updates", "global_batch", "lr", "eig", "adv_ratio", "train_loss",
+                                          "train_acc", "test_acc", "epoch_s", "second_order_s")} for h in hist],
+            "curve_test_samples": int(data.test_y.shape[0]),
+            "device": args.device, "run_dir": str(out),
+        }
+
+    def on_epoch(r: dict[str, Any]) -> None:
+        print(f"  {model} {method} s{seed} epoch {r['epoch']}: G={r['global_batch']} updates={r['updates']} "
+              f"test_acc={r['test_acc']:.4f} eig={r['eig']} {r['epoch_s']:.1f}s", flush=True)
+        # A partial result after every epoch: a run cut short (a time limit) still reports how far it got.
+        partial = record(r["test_acc"], r["test_loss"], int(data.test_y.shape[0]), complete=False)
+        (out / "result.json").write_text(json.dumps(partial, indent=1) + "\n")
+
+    try:
+        summary = trainer.fit(writer, on_epoch=on_epoch)
+    finally:
+        writer.close()
+    # The final accuracy always on the whole test split (the per-epoch one may be on a subset).
+    t_eval = time.perf_counter()
+    trainer.data = full
+    test_loss, test_acc = trainer.evaluate()
+    final_eval_s = time.perf_counter() - t_eval
+    finish(trainer, summary, writer, out, plot=True)
+    result = record(test_acc, test_loss, int(full.test_y.shape[0]), complete=True, final_eval_s=final_eval_s)
+    (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(f"done {model} {method} s{seed}: test_acc={test_acc:.4f} updates={trainer.updates} "
+          f"wall={trainer.elapsed_s:.0f}s max_batch={result['max_batch_reached']}", flush=True)
+
+
+# --- the study (parent) -------------------------------------------------------------------------------
+def launch_all(args: argparse.Namespace, proto: dict[str, Any]) -> None:
+    """Every missing run as a child process, --jobs at a time, stopping new launches after --deadline-s."""
+    runs_dir = Path(args.runs_dir)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    proto_path = runs_dir / "protocol.json"
+    proto_path.write_text(json.dumps(proto, indent=1))
+    # Decode (or read the cache of) the data once, before children race to build the cache.
+    from hvd_abs.data import load_dataset
+
+    load_dataset("cifar10", data_dir=args.data_dir)
+    # Order: seed-major, so a cut-short study still has every method for the first seed(s).
+    todo = [(m, meth, s) for s in args.seeds for m in args.models for meth in args.methods]
+    if not args.rerun:
+        todo = [t for t in todo if not _complete(runs_dir / f"{t[0]}_{t[1]}_s{t[2]}" / "result.json")]
+    t0 = time.perf_counter()
+    running: list[tuple[subprocess.Popen, str]] = []
+    base = [sys.executable, str(Path(__file__).resolve()), "--runs-dir", str(runs_dir), "--device", args.device,
+            "--data-dir", args.data_dir, "--run-one-protocol", str(proto_path)]
+    if args.threads:
+        base += ["--threads", str(args.threads)]
+    while todo or running:
+        while todo and len(running) < args.jobs:
+            if args.deadline_s and time.perf_counter() - t0 > args.deadline_s:
+                print(f"deadline reached: {len(todo)} runs not started", flush=True)
+                todo = []
+                break
+            m, meth, s = todo.pop(0)
+            key = f"{m}:{meth}:{s}"
+            print(f"start {key}", flush=True)
+            running.append((subprocess.Popen(base + ["--run-one", key]), key))
+        time.sleep(1.0)
+        for p, key in list(running):
+            if p.poll() is not None:
+                running.remove((p, key))
+                if p.returncode != 0:
+                    print(f"run {key} failed with exit code {p.returncode}", flush=True)
+    print(f"all runs finished in {time.perf_counter() - t0:.0f}s", flush=True)
+
+
+def _complete(path: Path) -> bool:
+    return path.exists() and json.loads(path.read_text()).get("complete", False)
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def collect(args: argparse.Namespace, proto: dict[str, Any] | None) -> dict[str, Any]:
+    """Read every result.json under --runs-dir; table, targets, plots, JSON."""
+    runs_dir = Path(args.runs_dir)
+    if proto is None or args.collect_only:
+        proto = json.loads((runs_dir / "protocol.json").read_text())
+    found = sorted((json.loads(p.read_text()) for p in runs_dir.glob("*/result.json")),
+                   key=lambda r: (r["model"], METHODS.index(r["method"]), r["seed"]))
+    # Only finished runs enter the table; runs cut short are listed apart with how far they got.
+    runs = [r for r in found if r.get("complete", True)]
+    incomplete = [{k: r[k] for k in ("method", "model", "seed", "epochs", "epochs_planned", "updates",
+                                     "test_acc", "max_batch_reached", "wall_s")} for r in found if not r.get("complete", True)]
+    table = []
+    for model in proto["models"]:
+        for method in METHODS:
+            rs = [r for r in runs if r["model"] == model and r["method"] == method]
+            if not rs:
+                continue
+            acc_m, acc_s = mean_std([100 * r["test_acc"] for r in rs])
+            table.append({"model": model, "method": method, "seeds": [r["seed"] for r in rs],
+                          "test_acc_mean": acc_m, "test_acc_std": acc_s,
+                          "updates_mean": statistics.fmean(r["updates"] for r in rs),
+                          "wall_s_mean": statistics.fmean(r["wall_s"] for r in rs),
+                          "max_batch_reached": max(r["max_batch_reached"] for r in rs),
+                          "growths_by_eig_mean": statistics.fmean(
+                              sum(g["reason"] == "eig" for g in r["growths"]) for r in rs),
+                          "growths_mean": statistics.fmean(r["num_growths"] for r in rs),
+                          "second_order_s_mean": statistics.fmean(r["second_order_s"] for r in rs)})
+    targets = {}
+    for model in proto["models"]:
+        row = {t["method"]: t for t in table if t["model"] == model}
+        if "sgd" not in row:
+            continue
+        base = row["sgd"]
+        entry: dict[str, Any] = {}
+        for method in ("abs", "absa"):
+            if method in row:
+                r = row[method]
+                entry[method] = {
+                    "update_reduction": base["updates_mean"] / r["updates_mean"],
+                    "acc_minus_baseline_points": r["test_acc_mean"] - base["test_acc_mean"],
+                    "met_5x_fewer_updates": base["updates_mean"] / r["updates_mean"] >= 5.0,
+                    "met_acc_within_0.3": r["test_acc_mean"] >= base["test_acc_mean"] - 0.3}
+        if "absa" in row and "sgd_large" in row:
+            entry["absa_minus_large_batch_points"] = row["absa"]["test_acc_mean"] - row["sgd_large"]["test_acc_mean"]
+        targets[model] = entry
+    # With runs cut short, the fair comparison is at the last epoch that every run of a model reached.
+    at_common: list[dict[str, Any]] = []
+    if incomplete:
+        for model in proto["models"]:
+            rs = [r for r in found if r["model"] == model]
+            if not rs:
+                continue
+            e = min(len(r["curve"]) for r in rs)
+            for method in METHODS:
+                sel = [r["curve"][e - 1] for r in rs if r["method"] == method]
+                if sel:
+                    at_common.append({"model": model, "method": method, "epoch": e, "seeds": len(sel),
+                                      "test_acc_mean": 100 * statistics.fmean(c["test_acc"] for c in sel),
+                                      "updates_mean": statistics.fmean(c["updates"] for c in sel),
+                                      "global_batch_max": max(c["global_batch"] for c in sel)})
+        print("\nat the last epoch every run reached (per-epoch test set):")
+        for a in at_common:
+            print(f"  {a['model']} {a['method']}: epoch {a['epoch']}, acc {a['test_acc_mean']:.2f}%, "
+                  f"updates {a['updates_mean']:.0f}, batch {a['global_batch_max']}")
+    result = {"runs": runs, "incomplete_runs": incomplete, "at_common_epoch": at_common, "protocol": proto, "table": table, "targets": targets,
+              "machine": args.machine or f"{platform.node()} ({os.cpu_count()} CPUs), device {proto.get('device')}",
+              "collected_on": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                       "torch": _torch_version(), "device": proto.get("device")},
+              "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    plots = plot(found, out, args.name, proto)  # curves of cut-short runs too
+    print(markdown_table(table, proto))
+    print("\ntargets:", json.dumps(targets, indent=1))
+    if incomplete:
+        print("\nincomplete runs (cut short, not in the table):", json.dumps(incomplete, indent=1))
+    print(f"\nwrote {out / (args.name + '.json')} and {', '.join(str(p) for p in plots)}")
+    return result
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+def markdown_table(table: list[dict[str, Any]], proto: dict[str, Any]) -> str:
+    """The README table: accuracy mean +- std over seeds, updates, wall time, max batch."""
+    label = {"sgd": "SGD, batch 128 (baseline)", "sgd_large": f"SGD, fixed batch {proto['large_batch']} (linear LR)",
+             "abs": "ABS", "absa": "ABSA"}
+    lines = ["| model | method | seeds | test acc % (mean +- std) | updates | vs baseline | wall s | max batch |",
+             "|---|---|---|---|---|---|---|---|"]
+    base = {t["model"]: t["updates_mean"] for t in table if t["method"] == "sgd"}
+    for t in table:
+        red = f"{base[t['model']] / t['updates_mean']:.2f}x fewer" if t["model"] in base else "n/a"
+        lines.append(f"| {t['model']} | {label[t['method']]} | {len(t['seeds'])} | {t['test_acc_mean']:.2f} +- "
+                     f"{t['test_acc_std']:.2f} | {t['updates_mean']:.0f} | {red} | {t['wall_s_mean']:.0f} | "
+                     f"{t['max_batch_reached']} |")
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict[str, Any]], out: Path, name: str, proto: dict[str, Any]) -> list[Path]:
+    """Accuracy vs updates, batch vs epoch, eigenvalue vs epoch: one panel per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    models = [m for m in proto["models"] if any(r["model"] == m for r in runs)]
+    colors = {"sgd": "C0", "sgd_large": "C1", "abs": "C2", "absa": "C3"}
+    paths = []
+    specs = [("acc_vs_updates", "updates", "test_acc", "parameter updates", "test accuracy (per-epoch eval set)", "log", None),
+             ("batch_vs_epoch", "epoch", "global_batch", "epoch", "global batch", None, 2),
+             ("eig", "epoch", "eig", "epoch", "top Hessian eigenvalue (epoch end)", None, 10)]
+    for tag, xk, yk, xl, yl, xscale, ylog in specs:
+        if not models:
+            break
+        fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.2), squeeze=False)
+        for ax, model in zip(axes[0], models):
+            for r in runs:
+                if r["model"] != model:
+                    continue
+                pts = [(c[xk], c[yk]) for c in r["curve"] if c[yk] is not None]
+                if not pts:
+                    continue
+                ls = "-" if r["seed"] == min(proto["seeds"]) else "--"
+                ax.plot(*zip(*pts), ls, marker="o", ms=2.5, color=colors[r["method"]],
+                        label=f"{r['method']} s{r['seed']}")
+            ax.set_title(f"{model}, CIFAR-10 ({proto['name']}: {proto['epochs']} ep, {proto['train_samples']} imgs)")
+            ax.set_xlabel(xl)
+            ax.set_ylabel(yl)
+            if xscale:
+                ax.set_xscale(xscale)
+                ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # no overlapping labels
+            if ylog:
+                ax.set_yscale("log", base=ylog)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / f"{name}_{tag}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--protocol", choices=("quick", "full"), default="quick")
+    p.add_argument("--models", default="c1,resnet20", help="comma-separated: c1, resnet20")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated: " + ", ".join(METHODS))
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--epochs", type=int, default=None, help="override the protocol's epochs")
+    p.add_argument("--train-subset", type=int, default=None, help="training images (default: protocol's)")
+    p.add_argument("--eval-subset", type=int, default=None,
+                   help="test images for the per-epoch accuracy (0: all; final accuracy always on all)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per run")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (child processes)")
+    p.add_argument("--deadline-s", type=float, default=0, help="start no run after this many seconds (0: none)")
+    p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "cifar10"))
+    p.add_argument("--runs-dir", default=None, help="run dirs (default runs/abs_study_<protocol>)")
+    p.add_argument("--out", default=str(RESULTS), help="where the JSON and plots go")
+    p.add_argument("--name", default="abs_study", help="file stem of the JSON and plots")
+    p.add_argument("--machine", default=None, help="where the runs ran, recorded in the JSON (default: this host)")
+    p.add_argument("--rerun", action="store_true", help="redo runs that already have a result.json")
+    p.add_argument("--collect-only", action="store_true", help="only rebuild JSON/plots/table from --runs-dir")
+    p.add_argument("--run-one", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--run-one-protocol", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.run_one is None:
+        args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+        args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        for m in args.models:
+            if m not in MODELS:
+                p.error(f"--models: unknown model {m!r}; choose from {', '.join(MODELS)}")
+        for m in args.methods:
+            if m not in METHODS:
+                p.error(f"--methods: unknown method {m!r}; choose from {', '.join(METHODS)}")
+        if len(args.seeds) < 2:
+            print("warning: fewer than 2 seeds; the table's mean is over one run", file=sys.stderr)
+    if args.runs_dir is None:
+        args.runs_dir = str(ROOT / "runs" / f"abs_study_{args.protocol}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.run_one is not None:
+        run_one(args)
+        return
+    proto = None
+    if not args.collect_only:
+        proto = make_protocol(args)
+        print(json.dumps(proto, indent=1), flush=True)
+        launch_all(args, proto)
+    collect(args, proto)
+
+
+if __name__ == "__main__":
+    main()

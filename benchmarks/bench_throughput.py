@@ -1,0 +1,271 @@
+"""Does the toolkit cost anything? Trainer.step vs a plain Horovod loop, and the ABS/ABSA split.
+
+One run: `horovodrun -np W --gloo --network-interface lo -H localhost:W` for each world size W
+(default 1 and 2) starts this file as workers. In every worker, on the same model (C1 by default),
+the same CIFAR-10 data, the same per-worker batch (128, so the global batch is 128 * W) and the
+same torch thread count (cores / W, the trainer's own policy), single updates alternate between:
+
+  plain    the textbook Horovod loop: hvd.DistributedOptimizer (gradient allreduce hooked into
+           backward), hvd.broadcast_parameters, mean cross-entropy, optimizer.step();
+  trainer  `hvd-abs train --method sgd`'s update: hvd_abs.train.Trainer.step() over HorovodComm
+           (one fused grouped allreduce of the gradients and the step statistics after backward).
+
+After `--warmup` untimed updates of each, `--pairs` pairs of single updates are timed, alternating
+plain/trainer in ABBA order so that a shared, noisy machine loads both alike (each timed update is
+bracketed by barriers, and by a CUDA sync on a GPU). samples/s = global batch / median update time
+(the trainer's own samples_per_s is samples over training seconds, the same quantity); the ratio is
+plain median / trainer median. `ratio_vs_plain_horovod` in the JSON is the lowest per-world ratio.
+
+Then, with the ABS/ABSA machinery on (`--method abs` and `absa` Trainers, at batch 128 per worker):
+the update's time with FGSM on (adversarial time measured around AdversarialSchedule.apply), and
+one epoch-end eigenvalue estimate (Trainer.estimate_eig, the trainer's defaults); reported as
+seconds per epoch of 50,000 samples at the initial batch (the costliest epoch: 390 updates, ratio
+0.2, one estimate) split into training, second-order and adversarial, and the samples/s they give.
+
+Writes benchmarks/results/throughput.json. Usage:
+    python benchmarks/bench_throughput.py [--worlds 1,2] [--model c1] [--pairs 30]
+    python benchmarks/bench_throughput.py --local --device cuda --model resnet20   # no Horovod: vs plain PyTorch
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "benchmarks" / "results" / "throughput.json"
+PER_WORKER = 128
+EPOCH_SAMPLES = 50000
+
+
+def _threads(world: int) -> int:
+    return max(1, (os.cpu_count() or 1) // world)  # as Trainer.set_threads for world > 1
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One Horovod worker: alternate plain/trainer updates, then the ABS/ABSA split; rank 0 writes JSON."""
+    import torch
+    import torch.nn.functional as F
+
+    from hvd_abs.comm import HorovodComm, LocalComm
+    from hvd_abs.data import load_dataset
+    from hvd_abs.models import build_model
+    from hvd_abs.train import TrainConfig, Trainer
+
+    if args.local:  # one process, no Horovod: plain torch loop vs Trainer.step over LocalComm
+        hvd = None
+        comm = LocalComm()
+        W, rank = 1, 0
+    else:
+        import horovod.torch as hvd
+
+        comm = HorovodComm()  # hvd.init()
+        W, rank = hvd.size(), hvd.rank()
+    torch.set_num_threads(_threads(W) if W > 1 else torch.get_num_threads())
+    threads = torch.get_num_threads()
+    device = torch.device(args.device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if hvd is not None:
+            hvd.barrier()
+
+    data = load_dataset("cifar10", data_dir=args.data_dir)
+    if device.type != "cpu":  # the whole set on the GPU once, for both loops alike
+        import dataclasses
+
+        data = dataclasses.replace(data, train_x=data.train_x.to(device), train_y=data.train_y.to(device),
+                                   test_x=data.test_x.to(device), test_y=data.test_y.to(device))
+    G = PER_WORKER * W
+    tmp = Path(tempfile.mkdtemp(prefix=f"bench_tp_r{rank}_"))
+
+    def make_trainer(method: str) -> Trainer:
+        cfg = TrainConfig(method=method, dataset="cifar10", data_dir=args.data_dir, model=args.model,
+                          epochs=90, base_batch=PER_WORKER, batch=G, max_batch=max(G, 16384), lr=0.02,
+                          seed=0, out=str(tmp / method), overwrite=True, quiet=True, device=args.device)
+        return Trainer(cfg, comm=comm, data=data)
+
+    # The plain loop: same model and initial weights, its own optimizer.
+    torch.manual_seed(0)
+    model = build_model(args.model, data.num_classes, data.in_shape, mean=data.mean, std=data.std).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.02 * W, momentum=0.9)
+    if hvd is not None:
+        opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    perm = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(0))
+    cursor = [0]
+
+    def plain_step() -> None:
+        start = cursor[0] % (len(perm) - G)
+        idx = perm[start + rank * PER_WORKER: start + (rank + 1) * PER_WORKER]  # this rank's share
+        cursor[0] += G
+        model.train()
+        opt.zero_grad()
+        x, y = data.train_x[idx], data.train_y[idx]
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+        opt.step()
+        # The same per-step statistics a real loop logs (loss, accuracy) so both do the same work.
+        _ = (loss.item(), (logits.argmax(1) == y).sum().item())
+
+    trainer = make_trainer("sgd")
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+
+    def trainer_step() -> None:
+        if not trainer.step():  # the epoch ran out: start the next one
+            trainer.sampler.new_epoch()
+            trainer.step()
+
+    def timed(fn, steps: int) -> float:
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        sync()
+        return time.perf_counter() - t0
+
+    for fn in (plain_step, trainer_step):
+        timed(fn, args.warmup)
+    # Single updates, alternating plain/trainer (ABBA order): load spikes from other users of the
+    # machine hit neighbouring steps alike, and medians drop the spikes.
+    times: dict[str, list[float]] = {"plain_step": [], "trainer_step": []}
+    for i in range(args.pairs):
+        for fn in ((plain_step, trainer_step) if i % 2 == 0 else (trainer_step, plain_step)):
+            times[fn.__name__].append(timed(fn, 1))
+    plain_med = statistics.median(times["plain_step"])
+    trainer_med = statistics.median(times["trainer_step"])
+
+    # ABS / ABSA: the update with FGSM on, and one epoch-end estimate.
+    split = {}
+    for method in ("abs", "absa"):
+        t = make_trainer(method)
+        t.controller.global_batch = G  # (already G: the initial batch)
+        adv_s = [0.0]
+        apply = t.adv.apply
+
+        def timed_apply(*a, _apply=apply, **k):
+            t0 = time.perf_counter()
+            out = _apply(*a, **k)
+            adv_s[0] += time.perf_counter() - t0
+            return out
+
+        t.adv.apply = timed_apply
+        timed(t.step, args.warmup)
+        adv_s[0] = 0.0
+        n_abs = max(3, args.pairs // 3)
+        step_s = timed(t.step, n_abs) / n_abs
+        adv_per_step = adv_s[0] / n_abs
+        sync()
+        eig, n_eig, eig_s = t.estimate_eig()
+        eig_s = max(comm.allgather_object(eig_s))  # the slowest rank sets the pace
+        updates = EPOCH_SAMPLES // G
+        train_epoch = updates * (step_s - adv_per_step)
+        adv_epoch = updates * adv_per_step
+        total = train_epoch + adv_epoch + eig_s
+        split[method] = {
+            "step_s": step_s, "adversarial_s_per_step": adv_per_step, "second_order_s_per_estimate": eig_s,
+            "eig_samples": n_eig, "eig": eig,
+            "epoch_updates": updates,
+            "epoch_training_s": train_epoch, "epoch_adversarial_s": adv_epoch, "epoch_second_order_s": eig_s,
+            "epoch_total_s": total,
+            "share": {"training": train_epoch / total, "adversarial": adv_epoch / total, "second_order": eig_s / total},
+            "samples_per_s_training_only": G / (step_s - adv_per_step),
+            "samples_per_s_with_machinery": updates * G / total,
+        }
+
+    if rank == 0:
+        out = {"world_size": W, "local": args.local, "device": args.device, "global_batch": G,
+               "per_worker_batch": PER_WORKER, "threads_per_worker": threads, "model": args.model,
+               "pairs": args.pairs, "warmup_steps": args.warmup,
+               "plain_step_s": times["plain_step"], "trainer_step_s": times["trainer_step"],
+               "plain_samples_per_s": G / plain_med, "trainer_samples_per_s": G / trainer_med,
+               "ratio_vs_plain_horovod": plain_med / trainer_med,
+               "ratio_of_means": statistics.fmean(times["plain_step"]) / statistics.fmean(times["trainer_step"]),
+               "abs_split": split}
+        Path(args.worker_out).write_text(json.dumps(out, indent=1))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--worlds", default="1,2")
+    p.add_argument("--model", default="c1", choices=("c1", "resnet20", "cnn"))
+    p.add_argument("--pairs", type=int, default=30, help="timed (plain, trainer) update pairs, alternating")
+    p.add_argument("--warmup", type=int, default=3, help="untimed updates of each before timing")
+    p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "cifar10"))
+    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--local", action="store_true",
+                   help="one process without Horovod: a plain torch loop vs Trainer.step (e.g. on a GPU host "
+                        "without Horovod); the ratio is then vs plain PyTorch, not vs plain Horovod")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return
+    if args.local:
+        with tempfile.TemporaryDirectory() as d:
+            args.worker_out = str(Path(d) / "w.json")
+            worker(args)
+            res = json.loads(Path(args.worker_out).read_text())
+        res["ratio_vs_plain_pytorch"] = res.pop("ratio_vs_plain_horovod")
+        import torch
+
+        doc = {"ratio_vs_plain_pytorch": res["ratio_vs_plain_pytorch"], "results": [res],
+               "host": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                        "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None},
+               "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+        print(json.dumps(doc, indent=1))
+        return
+    from hvd_abs.data import load_dataset
+
+    load_dataset("cifar10", data_dir=args.data_dir)  # build the decode cache once, before the workers
+    horovodrun = str(Path(sys.executable).with_name("horovodrun"))
+    results = []
+    for W in (int(w) for w in args.worlds.split(",")):
+        with tempfile.TemporaryDirectory() as d:
+            wout = Path(d) / "w.json"
+            cmd = [horovodrun, "-np", str(W), "--gloo", "--network-interface", "lo", "-H", f"localhost:{W}",
+                   sys.executable, str(Path(__file__).resolve()), "--worker", "--worker-out", str(wout),
+                   "--model", args.model, "--pairs", str(args.pairs), "--warmup", str(args.warmup), "--data-dir", args.data_dir, "--device", args.device]
+            print("$", " ".join(cmd), flush=True)
+            subprocess.run(cmd, check=True)
+            res = json.loads(wout.read_text())
+        print(json.dumps({k: v for k, v in res.items() if k != "abs_split"}, indent=1), flush=True)
+        results.append(res)
+    import torch
+
+    doc = {"ratio_vs_plain_horovod": min(r["ratio_vs_plain_horovod"] for r in results),
+           "ratio_by_world_size": {str(r["world_size"]): r["ratio_vs_plain_horovod"] for r in results},
+           "target": 0.95, "results": results,
+           "host": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                    "load_avg_at_end": os.getloadavg()},
+           "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+    print(json.dumps({k: doc[k] for k in ("ratio_vs_plain_horovod", "ratio_by_world_size")}, indent=1))
+    for r in results:
+        for m, s in r["abs_split"].items():
+            print(f"W={r['world_size']} {m}: epoch {s['epoch_total_s']:.0f}s = training {s['share']['training']:.0%}, "
+                  f"adversarial {s['share']['adversarial']:.0%}, second-order {s['share']['second_order']:.0%}; "
+                  f"{s['samples_per_s_with_machinery']:.0f} samples/s with machinery vs "
+                  f"{s['samples_per_s_training_only']:.0f} training only")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
