@@ -62,6 +62,9 @@ class HorovodComm:
         hvd.init()
         self._hvd = hvd
 
+    def __repr__(self) -> str:
+        return f"HorovodComm(rank={self.rank}, size={self.size})"
+
     @property
     def size(self) -> int:
         return self._hvd.size()

@@ -402,8 +402,9 @@ class Trainer:
         # (.item()) would stall a GPU at every micro-batch (128 stalls per update at G = 16384).
         stats = torch.zeros(3, dtype=torch.float64, device=self.device)
         micros = rank_micro_batches(idx, lay, self.comm.rank)
-        self.last_step_ids = torch.cat(micros) if micros else idx[:0]  # for the --ledger check
-        self.last_step_epoch = self.epoch
+        if self.cfg.ledger:  # test instrumentation only: keep it off the hot path otherwise
+            self.last_step_ids = torch.cat(micros) if micros else idx[:0]
+            self.last_step_epoch = self.epoch
         for micro in micros:
             x = self.data.train_x[micro].to(self.device, non_blocking=True)  # (m, C, H, W)
             y = self.data.train_y[micro].to(self.device, non_blocking=True)  # (m,)

@@ -2,8 +2,8 @@
 
 Any object with ``size``, ``rank`` and ``allreduce_sum`` works (a structural protocol), so tests
 and other launchers can pass their own. With ``comm=None`` the estimators auto-detect Horovod:
-only if ``horovod.torch`` is already imported, initialised and has more than one worker. Horovod
-itself is never imported here (see :mod:`hvd_abs.second_order._horovod_comm`).
+only if ``horovod.torch`` is already imported, initialised and has more than one worker, through
+:class:`hvd_abs.comm.HorovodComm`. Horovod itself is never imported here.
 """
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
+
+from hvd_abs.comm import LocalComm
 
 log = logging.getLogger(__name__)
 
@@ -29,17 +31,8 @@ class Comm(Protocol):
         ...
 
 
-class SingleProcess:
-    """The trivial communicator: one rank, no reduction."""
-
-    size = 1
-    rank = 0
-
-    def allreduce_sum(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        return list(tensors)
-
-    def __repr__(self) -> str:
-        return "SingleProcess()"
+# The trivial communicator (one rank, no reduction) is the trainer's own: one class for both.
+SingleProcess = LocalComm
 
 
 def resolve_comm(comm: Comm | None) -> Comm:
@@ -54,9 +47,12 @@ def resolve_comm(comm: Comm | None) -> Comm:
             raise ValueError(f"comm has rank {comm.rank} outside [0, size={comm.size})")
         return comm
     if "horovod.torch" in sys.modules:
-        from hvd_abs.second_order._horovod_comm import horovod_comm
+        try:
+            hvd = sys.modules["horovod.torch"]
+            if hvd.is_initialized() and hvd.size() > 1:
+                from hvd_abs.comm import HorovodComm  # the trainer's Horovod edge, one fused reduction per call
 
-        hc = horovod_comm()
-        if hc is not None:
-            return hc
+                return HorovodComm()
+        except Exception as exc:  # noqa: BLE001 - a broken Horovod must not break a local estimate
+            log.warning("Horovod is imported but unusable (%s); estimating on this process alone", exc)
     return SingleProcess()
