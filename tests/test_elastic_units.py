@@ -11,7 +11,7 @@ import torch
 
 from hvd_abs.elastic import checkpoint as ck
 from hvd_abs.elastic.discovery import HostfileError, discover, parse_hostfile, select_hosts
-from hvd_abs.elastic.world_signal import SignalError, read_wanted, signal_path, write_wanted
+from hvd_abs.elastic.world_signal import SignalError, read_wanted, signal_path, start_job, write_wanted
 from hvd_abs.launch_horovod import build_command
 
 
@@ -27,6 +27,18 @@ def test_signal_round_trip_and_validation(tmp_path):
         signal_path(tmp_path).write_text(text)
         with pytest.raises(SignalError):
             read_wanted(tmp_path)
+
+
+def test_a_new_job_forgets_the_previous_jobs_signal(tmp_path):
+    write_wanted(tmp_path, 4)  # what the last job in this run dir asked for
+    (tmp_path / "elastic" / "advertised.json").write_text('{"advertised": 4, "waiting_since": 0}')
+    (tmp_path / "elastic" / "standby").mkdir()
+    (tmp_path / "elastic" / "standby" / "123.claimed.456").touch()
+    start_job(tmp_path, 1)
+    assert read_wanted(tmp_path) == 1
+    assert not (tmp_path / "elastic" / "advertised.json").exists()
+    assert not (tmp_path / "elastic" / "standby").exists()
+    assert discover(str(tmp_path), [("a", 4)], min_np=1, max_np=4)[0] == [("a", 1)]
 
 
 def test_hostfile_forms_and_errors():

@@ -53,6 +53,10 @@ def horovod(min_np: int, max_np: int, hostfile: str | None, network_interface: s
     click.echo("+ " + shlex.join(cmd), err=True)
     if dry_run:
         return
+    from hvd_abs.elastic.world_signal import start_job
+    from hvd_abs.launch_horovod import run_dir_of
+
+    start_job(run_dir_of(list(train_args)), min_np)
     if warm:
         code = run_with_standbys(cmd, list(train_args), max_np=max_np, keep=warm)
     else:
@@ -170,6 +174,9 @@ def ray(address: str, min_workers: int, max_workers: int, cpus_per_worker: float
                                   nic=network_interface)
     click.echo(f"+ Ray {address}: {min_workers}..{max_workers} workers x (CPU {cpus_per_worker:g}, GPU "
                f"{gpus_per_worker:g}) running hvd-abs train {' '.join(worker_argv)}", err=True)
+    from hvd_abs.elastic.world_signal import start_job
+
+    start_job(run_dir, min_workers)
     try:
         executor.start()
     except ConnectionError as exc:

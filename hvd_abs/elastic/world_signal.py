@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -61,3 +62,14 @@ def read_wanted(run_dir: str | os.PathLike) -> int | None:
     if type(n) is not int or not 1 <= n <= MAX_WORLD_SIZE:
         raise SignalError(f"{path}: 'world_size' must be an integer in [1, {MAX_WORLD_SIZE}], got {n!r}")
     return n
+
+
+def start_job(run_dir: str | os.PathLike, min_np: int) -> None:
+    """Before a launcher starts a job in `run_dir`: forget what an earlier job there published
+    (its world size, discovery's warm-mode memory, its standbys) and ask for `min_np` workers,
+    so discovery never starts the new job at the old job's size. Rank 0 publishes the job's own
+    wanted size as soon as it runs."""
+    elastic = signal_path(run_dir).parent
+    (elastic / "advertised.json").unlink(missing_ok=True)
+    shutil.rmtree(elastic / "standby", ignore_errors=True)
+    write_wanted(run_dir, min_np, reason="job start")
