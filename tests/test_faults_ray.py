@@ -16,13 +16,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
-from conftest import BIN, REPO, WORKERS
+from conftest import launch_ray
 from hvd_abs.metrics import read_metrics
 from test_elastic_horovod import check_every_sample_once, check_ranks_identical_after_sync
 from test_faults_horovod import (COMMIT_EVERY, EPOCH_UPDATES, KILL_AT, SGD2, alive, comparable, held_worker, holds,
@@ -32,38 +30,10 @@ pytestmark = pytest.mark.multiprocess
 __all__ = ["jobs"]  # the fixture, re-exported for this module's tests
 
 
-def launch_ray(address: str, *args: str) -> list[str]:
-    return [str(BIN / "hvd-abs"), "launch", "ray", "--address", address, *args]
-
-
-@pytest.fixture
-def fake_nodes():
-    """A 2-node fake Ray cluster in a child process; yields its address."""
-    proc = subprocess.Popen([sys.executable, str(WORKERS / "ray_fake_nodes.py"), "--nodes", "2"], cwd=REPO,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            start_new_session=True)
-    try:
-        line = ""
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not line.startswith("ADDRESS "):
-            line = proc.stdout.readline()
-            if not line and proc.poll() is not None:
-                pytest.fail("the fake Ray cluster did not start")
-        assert line.startswith("ADDRESS "), "no cluster address within 120 s"
-        yield line.split()[1]
-    finally:
-        proc.stdin.close()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-
-
-def test_dead_worker_actor_rolls_back_and_finishes(tmp_path, jobs, fake_nodes):
+def test_dead_worker_actor_rolls_back_and_finishes(tmp_path, jobs, fake_ray):
     out = tmp_path / "run"
     gates = holds(out, "hold-1-world-2", f"hold-{KILL_AT}")
-    job = jobs(launch_ray(fake_nodes, "--max-workers", "2", "--", *SGD2, "--epochs", "6", "--out", str(out)),
+    job = jobs(launch_ray(fake_ray(2).address, "--max-workers", "2", "--", *SGD2, "--epochs", "6", "--out", str(out)),
                tmp_path / "job.log")
     victim = wait_until(f"rank 1 at update {KILL_AT} with 2 workers", held_worker(out, KILL_AT, 1), job)
     os.kill(victim, signal.SIGKILL)  # the actor's process: Ray reports the actor dead

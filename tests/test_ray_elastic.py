@@ -1,8 +1,12 @@
 """Elastic Horovod on Ray (issue 6): discovery and CLI units, then real jobs on fake Ray nodes.
 
-The multiprocess tests run tests/workers/ray_elastic_scenario.py (a `ray.cluster_utils.Cluster`
-of 1-CPU fake nodes, the executor, and the toy elastic job of tests/workers/ray_toy_job.py) in
-a subprocess with a timeout, so a hang never blocks pytest and the cluster dies with it.
+The multiprocess tests run on a `ray.cluster_utils.Cluster` of 1-CPU fake nodes held in a child
+process (conftest.FakeRayCluster: nodes added and removed on command) or, for the dead-worker
+rejoin, in tests/workers/ray_elastic_scenario.py with the toy elastic job of
+tests/workers/ray_toy_job.py; every process has a timeout, so a hang never blocks pytest and the
+cluster dies with the test. The real trainer (`hvd-abs launch ray`) grows onto an added node when
+its batch grows, asks the autoscaler when it outgrows the cluster, and continues smaller when a
+node is removed.
 """
 from __future__ import annotations
 
@@ -12,12 +16,24 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from conftest import WORKERS, run_checked
+from conftest import WORKERS, launch_ray, run_checked
 from hvd_abs.cli import main as cli
 from hvd_abs.elastic import ray_executor
 from hvd_abs.elastic.ray_executor import (RayClusterDiscovery, RayElasticExecutor, RayExecutorError,
                                           _local_network, node_slots, target_world_size)
 from hvd_abs.elastic.world_signal import signal_path, write_wanted
+from hvd_abs.metrics import read_metrics
+from test_elastic_horovod import check_every_sample_once, check_ranks_identical_after_sync
+from test_faults_horovod import (COMMIT_EVERY, EPOCH_UPDATES, KILL_AT, SGD2, held_worker, holds, jobs, ledger,
+                                 rollback_report, wait_until)
+
+__all__ = ["jobs"]  # the fixture, re-exported for this module's tests
+# absa on digits, a worker per 32 samples: epoch 1 sets the eigenvalue reference, then the batch
+# doubles at every epoch end (the --duration 1 fallback if not the eigenvalue): 32, 32, 64, 128, 128.
+GROW = ["--dataset", "digits", "--model", "cnn", "--method", "absa", "--base-batch", "32", "--batch", "32",
+        "--max-batch", "128", "--duration", "1", "--epochs", "5", "--eig-samples", "256", "--threads", "1",
+        "--quiet", "--ledger", "--commit-every", "4"]
+GROWTH_AT = 88  # 2 epochs of 1437 training samples // 32: updates before the first doubling
 
 # ---------------------------------------------------------------------------------------------
 # Units: no Ray processes
@@ -141,7 +157,7 @@ def test_launch_ray_runs_train_elastic_with_absolute_out(tmp_path, monkeypatch) 
 
 
 # ---------------------------------------------------------------------------------------------
-# Real Ray: fake nodes, the toy elastic job
+# Real Ray: fake nodes; the real trainer, and the toy elastic job
 # ---------------------------------------------------------------------------------------------
 
 
@@ -166,32 +182,57 @@ def _check_no_step_lost(report: dict, steps: int) -> list[int]:
 
 
 @pytest.mark.multiprocess
-def test_grows_when_wanted_and_asks_autoscaler() -> None:
-    report = _scenario("grow")
-    sizes = _check_no_step_lost(report, 50)
-    assert [r["rank"] for r in report["results"]] == [0, 1] and {r["size"] for r in report["results"]} == {2}
-    # The second node joined near step 3, but the job wanted 1 worker until step 20: no growth.
-    assert report["events"]["node_added_step"] < 20
-    assert sizes[:21] == [1] * 21
-    # Wanted 2 from step 20: 1 -> 2 at a commit shortly after (discovery polls every second).
-    grown = sizes.index(2)
-    assert 20 < grown <= 35 and set(sizes[grown:]) == {2}, sizes
-    kinds = [k for k, _ in report["results"][0]["resets"]]
-    assert kinds == ["resize"], kinds
-    # Wanted 3 from step 35 with room for 2: request_resources for 3 bundles, as the GCS's
-    # autoscaler state shows it; withdrawn at shutdown.
-    assert report["request_during_run"] == [[{"CPU": 1.0}, 3]]
-    assert report["request_after_shutdown"] == []
+def test_trainer_grows_onto_an_added_node_and_asks_the_autoscaler(tmp_path, jobs, fake_ray):
+    cluster = fake_ray(1)
+    out = tmp_path / "run"
+    # Epochs 1-2 (updates 1-88, batch 32) want 1 worker; a node joins at update 3. The batch then
+    # doubles (64: 2 workers, updates 89-110) and doubles again (128: 4 wanted, capped at 3, with
+    # room for 2: the executor asks the autoscaler for 3 workers; held at update 115 to look).
+    gates = holds(out, "hold-3", "hold-115")
+    job = jobs(launch_ray(cluster.address, "--max-workers", "3", "--", *GROW, "--out", str(out)), tmp_path / "job.log")
+    wait_until("update 3", lambda: any(r["update"] == 3 for r in ledger(out)), job)
+    cluster.add_node()
+    (gates / "hold-3").unlink()
+    wait_until("update 115", lambda: any(r["update"] == 115 for r in ledger(out)), job)
+    requests = wait_until("an autoscaler request", cluster.autoscaler_request, job, timeout=30)
+    (gates / "hold-115").unlink()
+    assert job.wait(timeout=300) == 0, job.output()[-6000:]
+
+    assert requests == [[{"CPU": 1.0}, 3]]
+    assert cluster.autoscaler_request() == []  # withdrawn when the job ended
+    epochs, events = read_metrics(out)
+    assert [e["global_batch"] for e in epochs] == [32, 32, 64, 128, 128]
+    sizes = [e["world_size"] for e in epochs]
+    assert sizes[0] == 1 and sizes[-1] == 2 and sizes == sorted(sizes), sizes
+    # The added node stayed idle until the batch grew: no update before the growth ran on 2.
+    assert min(r["update"] for r in ledger(out) if r["world_size"] == 2) > GROWTH_AT
+    assert [e["world_size"] for e in events if e["event"] == "resize"] == [2]
+    check_every_sample_once(out)
+    assert check_ranks_identical_after_sync(out) >= 1  # the joiner's sync: equal to rank 0
 
 
 @pytest.mark.multiprocess
-def test_node_removed_midrun_continues_smaller_without_loss() -> None:
-    report = _scenario("shrink")
-    sizes = _check_no_step_lost(report, 30)
-    assert len(report["results"]) == 1 and report["results"][0]["size"] == 1
-    removed = report["events"]["node_removed_step"]
-    assert sizes[:removed] == [2] * removed and sizes[-1] == 1 and sizes.count(1) >= 30 - removed - 2
-    assert [k for k, _ in report["results"][0]["resets"]] == ["failure"]
+def test_trainer_continues_smaller_when_a_node_is_removed(tmp_path, jobs, fake_ray):
+    cluster = fake_ray(2)
+    out = tmp_path / "run"
+    gates = holds(out, "hold-1-world-2", f"hold-{KILL_AT}")  # 2 workers from update 1; stop at KILL_AT
+    job = jobs(launch_ray(cluster.address, "--max-workers", "2", "--", *SGD2, "--epochs", "4", "--out", str(out)),
+               tmp_path / "job.log")
+    wait_until(f"update {KILL_AT} on 2 workers", held_worker(out, KILL_AT, 0), job)
+    cluster.remove_node()  # its raylet and the worker actor on it die
+    for gate in gates.glob("hold-*"):
+        gate.unlink()
+    assert job.wait(timeout=300) == 0, job.output()[-6000:]
+    epochs, events = read_metrics(out)
+    assert [e["epoch"] for e in epochs] == [1, 2, 3, 4] and epochs[-1]["world_size"] == 1
+    failures = [e for e in events if e["event"] == "failure"]
+    assert len(failures) == 1 and failures[0]["world_size"] == 1, events
+    # Back to the last commit (update 24), updates 25-30 redone on 1 worker; nothing lost.
+    report = rollback_report(out, COMMIT_EVERY)
+    assert report["rolled_back_updates"][:6] == list(range(25, 31)), report
+    check_every_sample_once(out)
+    check_ranks_identical_after_sync(out)
+    assert json.loads((out / "summary.json").read_text())["updates"] == 4 * EPOCH_UPDATES
 
 
 @pytest.mark.multiprocess
