@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -82,13 +83,19 @@ def in_place(args: argparse.Namespace, work: Path, warm: bool) -> dict:
             "update_s_2": step_time([r for r in records if r["world_size"] == 2])}
 
 
-def restart(args: argparse.Namespace, work: Path, old: int, new: int) -> dict:
-    """Stop at the old size after --k updates (checkpoint), relaunch at the new size with --resume."""
+def launch_horovod(n: int) -> list[str]:
+    """A fixed-size job of `n` workers on horovodrun."""
+    return [str(BIN / "hvd-abs"), "launch", "horovod", "--min-np", str(n), "--max-np", str(n)]
+
+
+def restart(args: argparse.Namespace, work: Path, old: int, new: int,
+            launch: Callable[[int], list[str]] = launch_horovod) -> dict:
+    """Stop at the old size after --k updates (checkpoint), relaunch at the new size with --resume.
+    `launch(n)`: the launcher command line for a fixed-size job of n workers."""
     out = work / f"restart-{old}-{new}"
     first = train_args(args, out) + ["--stop-at-update", str(args.k)]
     run = lambda n, extra: subprocess.run(  # noqa: E731
-        [str(BIN / "hvd-abs"), "launch", "horovod", "--min-np", str(n), "--max-np", str(n), "--", *extra],
-        capture_output=True, text=True, timeout=args.timeout)
+        [*launch(n), "--", *extra], capture_output=True, text=True, timeout=args.timeout)
     p1 = run(old, first)
     before = ledger(out)
     second = [a for a in train_args(args, out) if a != "--overwrite"] + ["--resume", str(out), "--stop-at-update", str(2 * args.k)]

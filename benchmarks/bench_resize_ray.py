@@ -1,131 +1,114 @@
-"""Resize stall on Ray: in place (hvd_abs's Ray executor) against a restart, 1 -> 2 and 2 -> 1 workers.
+"""Resize stalls on Ray: 1 -> 2 and 2 -> 1 workers, in place vs a restart baseline on Ray.
 
-Job: the toy elastic job of tests/workers/ray_toy_job.py (per step: one allreduce, `--step-s`
-seconds of "compute", commit of a small state), on a `ray.cluster_utils.Cluster` of two 1-CPU
-fake nodes on this machine (one worker per node).
+The horovodrun benchmark's job and format (benchmarks/bench_resize.py: ResNet-20 on a fixed
+CIFAR-10 subset, sgd at a global batch of 2 x --base-batch, so the job wants 2 workers), run by
+`hvd-abs launch ray` on a `ray.cluster_utils.Cluster` of 1-CPU fake nodes on this machine (one
+worker per node; tests/workers/ray_fake_nodes.py holds the cluster).
 
-stall = (time of the first step after the resize) - (time of the last step before it) - one
-step time, where one step time is the median step interval of the same run at the smaller size.
-Times are rank 0's clock at each committed step (rank 0 lives on the oldest node and survives).
+- in place: `hvd-abs launch ray --max-workers 2` on a one-node cluster: the job runs on 1 worker
+  (accumulating 2 x base); after --k updates a node is added and a worker joins in place (the
+  job's `resize` event); after --k more updates on 2 workers the node is removed: its worker dies
+  and the survivor rolls back to the last commit (every update here) and goes on (the `failure`
+  event). Stalls are those events' `stall_s`: from the end of the last update before the reset to
+  the end of the first after it, minus one update's time. Ray has no graceful leave: a node going
+  away is how a Ray job loses a worker.
+- restart: what Ray users do without elastic training, on a two-node cluster: a fixed-size job
+  (`--min-workers n --max-workers n`) stops at update --k with a checkpoint, a new fixed-size job
+  at the new size resumes it: every worker process is new. The stall is measured as in
+  bench_resize.py (shared code).
 
-- in place: one run; the job asks for 2 workers at step `--at` and for 1 at step 2 x `--at`
-  (the world-size signal, as the trainer does when its batch grows); the executor grows and
-  shrinks it: a new actor joins (1 -> 2) / the extra actor leaves (2 -> 1), rank 0's state is
-  broadcast, nobody restarts.
-- restart: the job runs at 1 worker to step `--at`, the executor is shut down, a new one starts
-  at 2 workers and resumes from the state snapshot to step 2 x `--at`, then the same to 1 worker:
-  every worker process is new at each resize (Ray's own elasticity works this way).
-Each is repeated `--repeats` times; medians reported. Prints one JSON object and writes
-benchmarks/results/resize_ray.json.
-
-Usage: python benchmarks/bench_resize_ray.py [--repeats 3] [--at 20] [--step-s 0.05]
+Prints one JSON object and writes benchmarks/results/resize_ray.json: stall seconds per resize
+each way and their ratios (in place / restart).
+Usage: python benchmarks/bench_resize_ray.py [--k 6] [--train-subset 4096]
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import platform
-import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
-
-import ray
-import ray.cloudpickle
-from ray.cluster_utils import Cluster
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests" / "workers"))
-import ray_toy_job  # noqa: E402
-
-from hvd_abs.elastic.ray_executor import RayElasticExecutor  # noqa: E402
-from hvd_abs.elastic.world_signal import write_wanted  # noqa: E402
-
-ray.cloudpickle.register_pickle_by_value(ray_toy_job)  # actors cannot import tests/workers
-RESULTS = ROOT / "benchmarks" / "results" / "resize_ray.json"
+from bench_resize import BIN, ledger, restart, step_time, train_args, world_sizes  # noqa: E402
+from ray_fake_nodes import FakeRayCluster  # noqa: E402
 
 
-def stall(times: list[float], sizes: list[int], before: int, after: int) -> float:
-    """Stall of the first before -> after size change in one ledger."""
-    i = next(k for k in range(1, len(sizes)) if sizes[k - 1] == before and sizes[k] == after)
-    small = min(before, after)
-    steps = [times[k] - times[k - 1] for k in range(1, len(sizes)) if sizes[k] == sizes[k - 1] == small]
-    return times[i] - times[i - 1] - statistics.median(steps)
+def launcher(address: str):
+    def launch(n: int) -> list[str]:
+        return [str(BIN / "hvd-abs"), "launch", "ray", "--address", address, "--min-workers", str(n),
+                "--max-workers", str(n)]
+    return launch
 
 
-def rank0_ledger(results: list[dict[str, Any]]) -> dict[str, Any]:
-    return next(r for r in results if r["rank"] == 0)["ledger"]
-
-
-def in_place(at: int, step_s: float) -> dict[str, float]:
-    with tempfile.TemporaryDirectory(prefix="bench_ray_") as run_dir:
-        write_wanted(run_dir, 1)
-        with RayElasticExecutor(min_workers=1, max_workers=2, run_dir=run_dir, elastic_timeout=120) as ex:
-            results = ex.run(ray_toy_job.toy_job, (run_dir, 3 * at, step_s, {at: 2, 2 * at: 1}))
-    led = rank0_ledger(results)
-    return {"1->2": stall(led["times"], led["sizes"], 1, 2), "2->1": stall(led["times"], led["sizes"], 2, 1)}
-
-
-def restart(at: int, step_s: float) -> dict[str, float]:
-    snapshot: dict[str, Any] | None = None
-    with tempfile.TemporaryDirectory(prefix="bench_ray_") as run_dir:
-        for n, until in ((1, at), (2, 2 * at), (1, 3 * at)):
-            # A fixed-size job: no run_dir signal, min = max = n.
-            with RayElasticExecutor(min_workers=n, max_workers=n, elastic_timeout=120) as ex:
-                snapshot = rank0_ledger(ex.run(ray_toy_job.toy_job, (run_dir, until, step_s, None, snapshot)))
-    return {"1->2": stall(snapshot["times"], snapshot["sizes"], 1, 2),
-            "2->1": stall(snapshot["times"], snapshot["sizes"], 2, 1)}
+def in_place(args: argparse.Namespace, work: Path) -> dict:
+    out = work / "in_place"
+    with FakeRayCluster(1) as cluster:
+        cmd = [str(BIN / "hvd-abs"), "launch", "ray", "--address", cluster.address, "--max-workers", "2"]
+        proc = subprocess.Popen([*cmd, "--", *train_args(args, out)], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        deadline, phase = time.time() + args.timeout, 0
+        while proc.poll() is None and time.time() < deadline and phase < 2:
+            sizes = world_sizes(out)
+            if phase == 0 and sizes.count(1) >= args.k:
+                cluster.add_node()  # a node joins: 1 -> 2 in place
+                phase = 1
+            elif phase == 1 and sizes.count(2) >= args.k:
+                cluster.remove_node()  # it goes away: 2 -> 1 (the survivor rolls back one update)
+                phase = 2
+            time.sleep(0.2)
+        output, _ = proc.communicate(timeout=max(1.0, deadline - time.time()))
+    if proc.returncode != 0:
+        raise RuntimeError(f"in-place run failed:\n{output[-3000:]}")
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"event"' in line]
+    join = [e for e in events if e["event"] == "resize" and e["world_size"] == 2]
+    leave = [e for e in events if e["event"] == "failure" and e["world_size"] == 1]
+    records = ledger(out)
+    return {"join_stall_s": join[0]["stall_s"] if join else None, "leave_stall_s": leave[0]["stall_s"] if leave else None,
+            "resizes": len(join) + len(leave), "update_s_1": step_time([r for r in records if r["world_size"] == 1]),
+            "update_s_2": step_time([r for r in records if r["world_size"] == 2])}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--at", type=int, default=20, help="steps between resizes")
-    p.add_argument("--step-s", type=float, default=0.05, help="seconds of 'compute' per step")
+    p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "cifar10"))
+    p.add_argument("--train-subset", type=int, default=4096)
+    p.add_argument("--base-batch", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--k", type=int, default=6, help="updates before each resize")
+    p.add_argument("--timeout", type=float, default=900)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "resize_ray.json"))
     args = p.parse_args()
-    if args.repeats < 1 or args.at < 3 or args.step_s <= 0:
-        p.error("pass --repeats >= 1, --at >= 3 and --step-s > 0")
-
-    runs: dict[str, list[dict[str, float]]] = {"in_place": [], "restart": []}
-    # Ray prints worker deaths (the dropped worker of a shrink) to stdout: keep stdout for the JSON.
-    with contextlib.redirect_stdout(sys.stderr):
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-        try:
-            cluster.add_node(num_cpus=1)
-            cluster.wait_for_nodes()
-            ray.init(address=cluster.address, log_to_driver=False)
-            _ = in_place(args.at, args.step_s)  # burn-in: the first actor starts pay for cold caches
-            for _ in range(args.repeats):
-                for mode, fn in (("in_place", in_place), ("restart", restart)):
-                    t0 = time.time()
-                    runs[mode].append(fn(args.at, args.step_s))
-                    print(json.dumps({"mode": mode, **runs[mode][-1], "wall_s": round(time.time() - t0, 2)}),
-                          file=sys.stderr, flush=True)
-        finally:
-            ray.shutdown()
-            cluster.shutdown()
-
-    summary = {mode: {k: {"median_s": round(statistics.median(r[k] for r in rs), 3),
-                          "runs_s": [round(r[k], 3) for r in rs]} for k in ("1->2", "2->1")}
-               for mode, rs in runs.items()}
-    for k in ("1->2", "2->1"):
-        summary.setdefault("speedup", {})[k] = round(summary["restart"][k]["median_s"]
-                                                     / max(summary["in_place"][k]["median_s"], 1e-9), 2)
-    out = {"benchmark": "resize_ray",
-           "setup": {"cluster": "ray.cluster_utils.Cluster, 2 fake nodes x 1 CPU, one worker per node",
-                     "job": "toy elastic job (allreduce + sleep + commit per step)", "step_s": args.step_s,
-                     "steps_between_resizes": args.at, "repeats": args.repeats, "cpus": os.cpu_count(),
-                     "python": platform.python_version(), "ray": ray.__version__,
-                     "horovod": __import__("horovod").__version__, "torch": __import__("torch").__version__},
-           "definition": "stall = first step after - last step before - one step time (rank 0 clock)",
-           **summary}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(out, indent=2) + "\n")
-    print(json.dumps(out, indent=2))
+    if not Path(args.data_dir).is_dir():
+        print(f"bench_resize_ray: no CIFAR-10 at {args.data_dir}: pass --data-dir", file=sys.stderr)
+        return 2
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="hvd_abs_resize_ray_") as tmp:
+        work = Path(tmp)
+        cold = in_place(args, work)
+        with FakeRayCluster(2) as cluster:
+            launch = launcher(cluster.address)
+            up, down = restart(args, work, 1, 2, launch), restart(args, work, 2, 1, launch)
+    ratio = lambda a, b: (a / b) if a is not None and b else None  # noqa: E731
+    result = {
+        "machine": f"{os.cpu_count()} CPU cores, CPU only", "launcher": "hvd-abs launch ray",
+        "cluster": "ray.cluster_utils.Cluster, 1-CPU fake nodes on this machine, one worker per node",
+        "model": "resnet20", "data": "cifar10 JPEG subset", "train_subset": args.train_subset,
+        "global_batch": 2 * args.base_batch, "updates_before_resize": args.k,
+        "in_place_cold": cold, "restart_1_to_2": up, "restart_2_to_1": down,
+        "ratio_join_cold": ratio(cold["join_stall_s"], up["stall_s"]),
+        "ratio_leave": ratio(cold["leave_stall_s"], down["stall_s"]),
+        "leave_is": "a node removed (worker lost, rollback to the last commit)",
+        "bench_s": time.time() - t0,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
     return 0
 
 

@@ -1,12 +1,9 @@
 """Shared helpers for tests that start real processes (horovodrun, Ray) from pytest."""
 from __future__ import annotations
 
-import json
 import os
-import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -14,6 +11,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv running pytest holds horovodrun and hvd-abs
 WORKERS = Path(__file__).resolve().parent / "workers"
+sys.path.insert(0, str(WORKERS))
+from ray_fake_nodes import FakeClusterError, FakeRayCluster  # noqa: E402
 
 
 def run_checked(cmd: list[str], timeout: float, env: dict[str, str] | None = None,
@@ -41,61 +40,16 @@ def launch_ray(address: str, *args: str) -> list[str]:
     return [str(BIN / "hvd-abs"), "launch", "ray", "--address", address, *args]
 
 
-class FakeRayCluster:
-    """A `ray.cluster_utils.Cluster` of 1-CPU fake nodes held by tests/workers/ray_fake_nodes.py in
-    a child process of its own session (a hang or a crash never leaves a cluster behind)."""
-
-    def __init__(self, nodes: int) -> None:
-        self.proc = subprocess.Popen([sys.executable, str(WORKERS / "ray_fake_nodes.py"), "--nodes", str(nodes)],
-                                     cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, text=True, start_new_session=True)
-        self.address = self._answer("ADDRESS", timeout=120)
-
-    def _answer(self, tag: str, timeout: float = 60) -> str:
-        # A reader thread bounds the wait: readline() itself cannot time out.
-        box: list[str] = []
-        reader = threading.Thread(target=lambda: box.append(self.proc.stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(timeout)
-        line = box[0] if box else ""
-        if not line.startswith(tag + " "):
-            pytest.fail(f"the fake Ray cluster answered {line!r} (wanted {tag} within {timeout}s)")
-        return line[len(tag) + 1:].strip()
-
-    def command(self, cmd: str, tag: str) -> str:
-        self.proc.stdin.write(cmd + "\n")
-        self.proc.stdin.flush()
-        return self._answer(tag)
-
-    def add_node(self) -> str:
-        return self.command("add", "ADDED")
-
-    def remove_node(self) -> str:
-        return self.command("remove", "REMOVED")
-
-    def autoscaler_request(self) -> list:
-        """The standing `request_resources` request as the GCS holds it: [[bundle, count], ...]."""
-        return json.loads(self.command("request", "REQUEST"))
-
-    def close(self) -> None:
-        try:
-            self.proc.stdin.close()  # the holder shuts the cluster down
-            self.proc.wait(timeout=60)
-        except (OSError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait(timeout=30)
-
-
 @pytest.fixture
 def fake_ray():
     """Start fake Ray clusters: `fake_ray(nodes)` -> FakeRayCluster; all torn down after the test."""
     clusters: list[FakeRayCluster] = []
 
     def start(nodes: int) -> FakeRayCluster:
-        clusters.append(FakeRayCluster(nodes))
+        try:
+            clusters.append(FakeRayCluster(nodes))
+        except FakeClusterError as exc:
+            pytest.fail(str(exc))
         return clusters[-1]
 
     yield start

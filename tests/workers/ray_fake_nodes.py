@@ -8,21 +8,27 @@ stdin, one per line, and answers each with one line:
              back from the GCS (see `standing_request`)
 Closing stdin (or killing this process's descendants) tears the cluster down. Nodes are added and
 removed from this process's main thread: Ray does that only there (signal handlers).
+
+`FakeRayCluster` (for tests and benchmarks) starts this script and speaks the protocol; this
+module imports Ray only when run as the holder.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
+import subprocess
 import sys
-
-import ray  # noqa: E402
-from ray.cluster_utils import Cluster  # noqa: E402
+import threading
+from pathlib import Path
 
 
 def standing_request() -> list[list]:
     """What `ray.autoscaler.sdk.request_resources` left for the autoscaler, as [[bundle, count]]:
     the GCS's autoscaler state on an autoscaler-v2 cluster, else the v1 request key of the GCS's
     internal KV (a JSON list of bundles), the two places that call writes to."""
+    import ray
     from ray._private.ray_constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
     from ray.autoscaler.v2.utils import is_autoscaler_v2
     from ray.experimental.internal_kv import _internal_kv_get
@@ -43,7 +49,69 @@ def standing_request() -> list[list]:
     return counts
 
 
+class FakeClusterError(RuntimeError):
+    """The holder did not start or did not answer a command."""
+
+
+class FakeRayCluster:
+    """The client: starts this script as a child process of its own session (a hang or a crash
+    never leaves a cluster behind) and sends it commands."""
+
+    def __init__(self, nodes: int) -> None:
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--nodes", str(nodes)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+        self.address = self._answer("ADDRESS", timeout=120)
+
+    def _answer(self, tag: str, timeout: float = 60) -> str:
+        # A reader thread bounds the wait: readline() itself cannot time out.
+        box: list[str] = []
+        reader = threading.Thread(target=lambda: box.append(self.proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout)
+        line = box[0] if box else ""
+        if not line.startswith(tag + " "):
+            self.close()
+            raise FakeClusterError(f"the fake Ray cluster answered {line!r} (wanted {tag} within {timeout}s)")
+        return line[len(tag) + 1:].strip()
+
+    def command(self, cmd: str, tag: str) -> str:
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        return self._answer(tag)
+
+    def add_node(self) -> str:
+        return self.command("add", "ADDED")
+
+    def remove_node(self) -> str:
+        return self.command("remove", "REMOVED")
+
+    def autoscaler_request(self) -> list:
+        """The standing `request_resources` request as the GCS holds it: [[bundle, count], ...]."""
+        return json.loads(self.command("request", "REQUEST"))
+
+    def __enter__(self) -> "FakeRayCluster":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()  # the holder shuts the cluster down
+            self.proc.wait(timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=30)
+
+
 def main() -> int:
+    import ray
+    from ray.cluster_utils import Cluster
+
     p = argparse.ArgumentParser()
     p.add_argument("--nodes", type=int, default=2, help="fake nodes at the start, the head included")
     args = p.parse_args()
