@@ -5,13 +5,14 @@ CIFAR-10 subset, sgd at a global batch of 2 x --base-batch, so the job wants 2 w
 `hvd-abs launch ray` on a `ray.cluster_utils.Cluster` of 1-CPU fake nodes on this machine (one
 worker per node; tests/workers/ray_fake_nodes.py holds the cluster).
 
-- in place: `hvd-abs launch ray --max-workers 2` on a one-node cluster: the job runs on 1 worker
+- in place: `hvd-abs launch ray --max-workers 2 [--cold]` on a one-node cluster: the job runs on 1 worker
   (accumulating 2 x base); after --k updates a node is added and a worker joins in place (the
   job's `resize` event); after --k more updates on 2 workers the node is removed: its worker dies
   and the survivor rolls back to the last commit (every update here) and goes on (the `failure`
   event). Stalls are those events' `stall_s`: from the end of the last update before the reset to
   the end of the first after it, minus one update's time. Ray has no graceful leave: a node going
-  away is how a Ray job loses a worker.
+  away is how a Ray job loses a worker. Warm (the default): the joiner's slot is offered once it
+  has imported and loaded the data; cold (`--cold`): at once, the running worker waits for it.
 - restart: what Ray users do without elastic training, on a two-node cluster: a fixed-size job
   (`--min-workers n --max-workers n`) stops at update --k with a checkpoint, a new fixed-size job
   at the new size resumes it: every worker process is new. The stall is measured as in
@@ -46,10 +47,11 @@ def launcher(address: str):
     return launch
 
 
-def in_place(args: argparse.Namespace, work: Path) -> dict:
-    out = work / "in_place"
+def in_place(args: argparse.Namespace, work: Path, warm: bool) -> dict:
+    out = work / ("in_place_warm" if warm else "in_place_cold")
     with FakeRayCluster(1) as cluster:
-        cmd = [str(BIN / "hvd-abs"), "launch", "ray", "--address", cluster.address, "--max-workers", "2"]
+        cmd = [str(BIN / "hvd-abs"), "launch", "ray", "--address", cluster.address, "--max-workers", "2",
+               "--warm" if warm else "--cold"]
         proc = subprocess.Popen([*cmd, "--", *train_args(args, out)], stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
         deadline, phase = time.time() + args.timeout, 0
@@ -90,7 +92,7 @@ def main() -> int:
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="hvd_abs_resize_ray_") as tmp:
         work = Path(tmp)
-        cold = in_place(args, work)
+        cold, warm = in_place(args, work, warm=False), in_place(args, work, warm=True)
         with FakeRayCluster(2) as cluster:
             launch = launcher(cluster.address)
             up, down = restart(args, work, 1, 2, launch), restart(args, work, 2, 1, launch)
@@ -100,9 +102,10 @@ def main() -> int:
         "cluster": "ray.cluster_utils.Cluster, 1-CPU fake nodes on this machine, one worker per node",
         "model": "resnet20", "data": "cifar10 JPEG subset", "train_subset": args.train_subset,
         "global_batch": 2 * args.base_batch, "updates_before_resize": args.k,
-        "in_place_cold": cold, "restart_1_to_2": up, "restart_2_to_1": down,
+        "in_place_cold": cold, "in_place_warm": warm, "restart_1_to_2": up, "restart_2_to_1": down,
         "ratio_join_cold": ratio(cold["join_stall_s"], up["stall_s"]),
-        "ratio_leave": ratio(cold["leave_stall_s"], down["stall_s"]),
+        "ratio_join_warm": ratio(warm["join_stall_s"], up["stall_s"]),
+        "ratio_leave": ratio(warm["leave_stall_s"], down["stall_s"]),
         "leave_is": "a node removed (worker lost, rollback to the last commit)",
         "bench_s": time.time() - t0,
     }

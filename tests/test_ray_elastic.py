@@ -96,6 +96,47 @@ def test_discovery_without_run_dir_takes_max_and_gpu_bundles() -> None:
     assert asks == [[{"CPU": 2.0, "GPU": 1.0}] * 3]
 
 
+class FakeActors:
+    """Stands in for Ray in WarmPool's unit test: actors are names, warm-ups finish on command."""
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+        self.killed: list[str] = []
+        self.finished: set[str] = set()
+        self.failing: set[str] = set()
+
+    def start(self, host: str) -> tuple[str, str]:
+        name = f"{host}#{len(self.started)}"
+        self.started.append(name)
+        return name, name  # (actor, ready ref)
+
+    def done(self, ref: str) -> bool:
+        if ref in self.failing:
+            raise RuntimeError("no module named torch")
+        return ref in self.finished
+
+
+def test_warm_pool_advertises_a_slot_once_its_actor_is_warm() -> None:
+    ray_ = FakeActors()
+    now = [0.0]
+    pool = ray_executor.WarmPool(ray_.start, ray_.done, ray_.killed.append, cold_after_s=30, clock=lambda: now[0])
+    assert pool({"a": 1}) == {}  # first slot: its actor is warming, nothing offered yet
+    assert ray_.started == ["a#0"]
+    ray_.finished.add("a#0")
+    assert pool({"a": 1}) == {"a": 1}
+    assert pool.take("a") == "a#0" and pool.take("a") is None  # the driver's worker takes it once
+    assert pool({"a": 1, "b": 1}) == {"a": 1}  # growth: the running slot stays, b warms
+    assert pool({"a": 1, "b": 1}) == {"a": 1} and ray_.started == ["a#0", "b#1"]  # one actor per slot
+    now[0] = 31.0  # still warming after cold_after_s: offered anyway, its run queues behind the warm-up
+    assert pool({"a": 1, "b": 1}) == {"a": 1, "b": 1}
+    assert pool({"a": 1}) == {"a": 1} and ray_.killed == ["b#1"]  # b no longer wanted: its actor goes
+    ray_.failing.add("c#2")
+    assert pool({"a": 1, "c": 1}) == {"a": 1}
+    assert pool({"a": 1, "c": 1}) == {"a": 1, "c": 1} and pool.cold  # a failed warm-up: cold from now on
+    pool.close()
+    assert ray_.killed == ["b#1", "c#2"] and pool.advertised == {}
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"min_workers": 0}, "min_workers must be an integer >= 1"),
     ({"min_workers": 3, "max_workers": 2}, r"max_workers \(2\) must be at least min_workers \(3\)"),
@@ -138,8 +179,8 @@ def test_launch_ray_runs_train_elastic_with_absolute_out(tmp_path, monkeypatch) 
 
         def start(self) -> None: ...
 
-        def run(self, fn: object, args: tuple) -> list:
-            seen["fn"], seen["args"] = fn, args
+        def run(self, fn: object, args: tuple, *, warmup: object) -> list:
+            seen["fn"], seen["args"], seen["warmup"] = fn, args, warmup
             return []
 
         def shutdown(self) -> None:
@@ -153,6 +194,11 @@ def test_launch_ray_runs_train_elastic_with_absolute_out(tmp_path, monkeypatch) 
     out = str(tmp_path / "runs" / "x")
     assert seen["fn"] is ray_executor.train_worker and seen["shutdown"]
     assert seen["args"] == (["--elastic", "--max-np", "2", "--dataset", "digits", f"--out={out}"],)
+    # Workers warm up (imports, data) on the same command line before their slot is offered.
+    assert seen["warmup"].func is ray_executor.warm_train_worker and seen["warmup"].args == seen["args"]
+    result = CliRunner().invoke(cli, ["launch", "ray", "--address", "local", "--cold", "--", "--out=runs/x"])
+    assert result.exit_code == 0, result.output
+    assert seen["warmup"] is None
     assert seen["kwargs"]["run_dir"] == out and seen["kwargs"]["address"] == "local"
 
 
@@ -188,7 +234,9 @@ def test_trainer_grows_onto_an_added_node_and_asks_the_autoscaler(tmp_path, jobs
     # Epochs 1-2 (updates 1-88, batch 32) want 1 worker; a node joins at update 3. The batch then
     # doubles (64: 2 workers, updates 89-110) and doubles again (128: 4 wanted, capped at 3, with
     # room for 2: the executor asks the autoscaler for 3 workers; held at update 115 to look).
-    gates = holds(out, "hold-3", "hold-115")
+    # The joiner warms up (imports, data) before its slot is offered, the job accumulating on 1
+    # worker meanwhile: held at update 95 until it has joined, so a fast machine cannot finish first.
+    gates = holds(out, "hold-3", "hold-95-world-2", "hold-115")
     job = jobs(launch_ray(cluster.address, "--max-workers", "3", "--", *GROW, "--out", str(out)), tmp_path / "job.log")
     wait_until("update 3", lambda: any(r["update"] == 3 for r in ledger(out)), job)
     cluster.add_node()

@@ -1,6 +1,7 @@
 """`hvd-abs launch horovod|ray`: start elastic training and say exactly what was started."""
 from __future__ import annotations
 
+import functools
 import re
 
 import click
@@ -138,9 +139,12 @@ def ray_address(address: str) -> str:
 @click.option("--network-interface", default=None,
               help="NIC for Horovod's traffic (default: 'lo' when every Ray node is this machine, else the "
                    "interface holding this node's Ray IP).")
+@click.option("--warm/--cold", default=True, show_default=True,
+              help="Offer a joining worker's slot to the job only once the worker has imported and loaded the "
+                   "data (the job goes on meanwhile), or right away (the running workers wait for it).")
 @click.argument("train_args", nargs=-1, type=click.UNPROCESSED)
 def ray(address: str, min_workers: int, max_workers: int, cpus_per_worker: float, gpus_per_worker: float,
-        network_interface: str | None, train_args: tuple[str, ...]) -> None:
+        network_interface: str | None, warm: bool, train_args: tuple[str, ...]) -> None:
     """Run `hvd-abs train --elastic TRAIN_ARGS` with Ray actors as Horovod workers.
 
     Workers are placed by resources on the cluster's nodes; the job grows when its batch grows
@@ -167,7 +171,7 @@ def ray(address: str, min_workers: int, max_workers: int, cpus_per_worker: float
     args = _with_option(list(train_args), "--out", run_dir)
     worker_argv = ["--elastic", "--max-np", str(max_workers), *args]
 
-    from hvd_abs.elastic.ray_executor import RayElasticExecutor, RayExecutorError, train_worker
+    from hvd_abs.elastic.ray_executor import RayElasticExecutor, RayExecutorError, train_worker, warm_train_worker
 
     executor = RayElasticExecutor(min_workers=min_workers, max_workers=max_workers, cpus_per_worker=cpus_per_worker,
                                   gpus_per_worker=gpus_per_worker, address=address, run_dir=run_dir,
@@ -183,7 +187,9 @@ def ray(address: str, min_workers: int, max_workers: int, cpus_per_worker: float
         raise click.ClickException(f"no Ray cluster at --address {address} ({exc}): start one with "
                                    f"`ray start --head`, or pass --address local") from None
     try:
-        executor.run(train_worker, (worker_argv,))
+        # Warm joins: a joining worker imports and loads the data before the job waits for it.
+        warmup = functools.partial(warm_train_worker, worker_argv) if warm else None
+        executor.run(train_worker, (worker_argv,), warmup=warmup)
     except RayExecutorError as exc:
         _say_how_to_resume(list(train_args), " ".join(str(exc).split())[:300])
         raise SystemExit(1) from None

@@ -21,6 +21,10 @@ kept is the part that holds the semantics, used as is, the same objects `horovod
 - A worker is an actor pinned to its node (hard node affinity) with the per-worker resources;
   a dead actor or a removed node is a failed worker: survivors get HorovodInternalError, roll
   back to the last commit and continue (`hvd_abs.elastic.hvd_runner.run_elastic`).
+- Warm joins (`run(..., warmup=...)`, on by default in `hvd-abs launch ray`): a new slot is
+  offered to the driver only once an actor on its node has run the warm-up (imports, data set),
+  and the driver's worker for that slot is that actor (WarmPool): the running workers go on,
+  accumulating, instead of waiting for a cold start at the rendezvous.
 - When the job wants more workers than the cluster can host, the executor asks the autoscaler
   for them with `ray.autoscaler.sdk.request_resources` (one bundle per worker; a no-op on a
   fixed cluster); the request follows the wanted size from then on and is withdrawn at shutdown.
@@ -96,6 +100,8 @@ class RayClusterDiscovery:
         self.requested: int | None = None  # workers last asked of the autoscaler; None: never asked
         self._signal_warned = False
         self._short_logged: int | None = None
+        # Called with the hosts the job should have, returns those to advertise now (the warm pool).
+        self.gate: Callable[[dict[str, int]], dict[str, int]] | None = None
 
     # One bundle per worker: the autoscaler packs them onto node types that fit a whole worker.
     def bundle(self) -> dict[str, float]:
@@ -136,7 +142,8 @@ class RayClusterDiscovery:
             target = target_world_size(self.wanted(), self.min_workers, self.max_workers)
             capacity = sum(slots for _, slots in pool)
             self._ask(target, capacity)
-            return dict(select_hosts(pool, target))
+            hosts = dict(select_hosts(pool, target))
+            return self.gate(hosts) if self.gate is not None else hosts
 
     def _ask(self, target: int, capacity: int) -> None:
         """Ask the autoscaler for `target` workers when the cluster holds fewer; once asked,
@@ -176,12 +183,97 @@ class RayClusterDiscovery:
 class _Worker:
     """One Horovod worker process (made a Ray actor by the executor)."""
 
+    def warm(self, warmup: Callable[[], Any]) -> bool:
+        """The cold part of a join (imports, data), run before the slot is advertised."""
+        warmup()
+        return True
+
     def run(self, env: Mapping[str, str], fn: Callable[..., Any], args: Sequence[Any],
             kwargs: Mapping[str, Any]) -> tuple[int, Any]:
         # Before fn runs: Horovod's init and notification manager read these from os.environ.
         os.environ.update({k: str(v) for k, v in env.items()})
         value = fn(*args, **kwargs)
         return _final_rank(int(env["HOROVOD_RANK"])), value
+
+
+class WarmPool:
+    """Warm joins on Ray: a slot is advertised to Horovod's driver only once an actor on its node
+    has run the job's warm-up (imports, data set), so survivors never wait on a cold start; the
+    job goes on (accumulating) meanwhile. The driver's worker for that slot then takes the warm
+    actor. A slot whose actor is still warming after `cold_after_s` is advertised anyway (its
+    run queues behind the warm-up on the same actor), and a failed warm-up makes the pool cold.
+
+    `start(host) -> (actor, ready_ref)`, `done(ref) -> bool` (raises the warm-up's error) and
+    `kill(actor)` are Ray calls in the executor; tests pass fakes.
+    """
+
+    def __init__(self, start: Callable[[str], tuple[Any, Any]], done: Callable[[Any], bool],
+                 kill: Callable[[Any], None], cold_after_s: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._start, self._done, self._kill = start, done, kill
+        self.cold_after_s, self._clock = cold_after_s, clock
+        self._lock = threading.Lock()
+        self.advertised: dict[str, int] = {}
+        self._standby: dict[str, list[list[Any]]] = {}  # host -> [[actor, ref, started, ready]]
+        self.cold = False
+        self.warm_taken = 0
+
+    def __call__(self, hosts: dict[str, int]) -> dict[str, int]:
+        """The hosts (with slots) to advertise, out of the wanted `hosts`."""
+        with self._lock:
+            for host in [h for h in self._standby if h not in hosts]:  # node gone or not wanted
+                for actor, *_ in self._standby.pop(host):
+                    self._kill(actor)
+            out: dict[str, int] = {}
+            for host, want in hosts.items():
+                have = min(self.advertised.get(host, 0), want)
+                if not self.cold:
+                    have += self._admit(host, want - have)
+                else:
+                    have = want
+                if have > 0:
+                    out[host] = have
+            self.advertised = out
+            return dict(out)
+
+    def _admit(self, host: str, need: int) -> int:
+        """Slots of `host` that may be advertised now, out of `need` new ones."""
+        standbys = self._standby.setdefault(host, [])
+        admitted = 0
+        for s in standbys:
+            actor, ref, started, ready = s
+            if not ready:
+                try:
+                    s[3] = ready = self._done(ref)
+                except Exception as exc:  # noqa: BLE001 - a failed warm-up: go cold, say why once
+                    log.warning("a worker's warm-up failed on node %s (joins are cold from now on): %s",
+                                host[:12], exc)
+                    self.cold = True
+                    return need
+            if admitted < need and (ready or self._clock() - started > self.cold_after_s):
+                admitted += 1
+        for _ in range(need - len(standbys)):  # one warming actor per slot still to come
+            actor, ref = self._start(host)
+            standbys.append([actor, ref, self._clock(), False])
+        return admitted
+
+    def take(self, host: str) -> Any | None:
+        """A warm (or warming) actor of `host` for the driver's new worker; None: start a cold one."""
+        with self._lock:
+            standbys = self._standby.get(host, [])
+            if not standbys:
+                return None
+            standbys.sort(key=lambda s: not s[3])  # ready ones first
+            self.warm_taken += 1
+            return standbys.pop(0)[0]
+
+    def close(self) -> None:
+        with self._lock:
+            for standbys in self._standby.values():
+                for actor, *_ in standbys:
+                    self._kill(actor)
+            self._standby.clear()
+            self.advertised = {}
 
 
 def _final_rank(start_rank: int) -> int:
@@ -319,9 +411,12 @@ class RayElasticExecutor:
         log.info("Ray executor ready: %d..%d workers of %s, Horovod over %s", self.min_workers,
                  self.max_workers, self.discovery.bundle(), self._network[0])
 
-    def run(self, fn: Callable[..., Any], args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None) -> list[Any]:
+    def run(self, fn: Callable[..., Any], args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None, *,
+            warmup: Callable[[], Any] | None = None) -> list[Any]:
         """Run `fn(*args, **kwargs)` on every worker as one elastic job; return the finished
-        workers' values by final rank. Raises RayExecutorError when the job fails."""
+        workers' values by final rank. Raises RayExecutorError when the job fails.
+        `warmup` (picklable, no arguments): run by each worker actor before its slot is offered
+        to the job (see WarmPool), so joins do not stall the running workers on imports."""
         import ray
         from horovod.runner.elastic.driver import ElasticDriver
         from horovod.runner.elastic.rendezvous import create_rendezvous_handler
@@ -332,9 +427,32 @@ class RayElasticExecutor:
             raise RayExecutorError("call start() before run()")
         kwargs = dict(kwargs or {})
         try:
-            ray.cloudpickle.dumps((fn, tuple(args), kwargs))
+            ray.cloudpickle.dumps((fn, tuple(args), kwargs, warmup))
         except Exception as exc:  # noqa: BLE001 - any pickling failure is the caller's to fix
             raise TypeError(f"fn and its arguments must be picklable (use a module-level function): {exc}") from None
+
+        remote_worker = ray.remote(_Worker)
+        results: dict[int, Any] = {}
+        errors: list[str] = []
+        lock = threading.Lock()
+
+        def new_actor(node_id: str) -> Any:
+            return remote_worker.options(
+                num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker, max_restarts=0,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
+            ).remote()
+
+        def warm_actor(node_id: str) -> tuple[Any, Any]:
+            actor = new_actor(node_id)
+            return actor, actor.warm.remote(warmup)
+
+        def warmed(ref: Any) -> bool:
+            return bool(ray.wait([ref], timeout=0)[0]) and ray.get(ref)
+
+        # Gated before the driver exists: its discovery thread polls from construction on, and a
+        # host it was offered must never vanish from a later answer.
+        pool = None if warmup is None else WarmPool(warm_actor, warmed, lambda a: ray.kill(a, no_restart=True))
+        self.discovery.gate = pool
 
         nic, server_ip = self._network
         # Listens on the address the workers are given only (loopback on one machine), not on
@@ -346,18 +464,11 @@ class RayElasticExecutor:
         port = rendezvous.start(create_rendezvous_handler(driver))
         base_env = {**{k: str(v) for k, v in create_run_env_vars(server_ip, [nic], port, elastic=True).items()},
                     "PYTHONUNBUFFERED": "1", **self.env}
-        remote_worker = ray.remote(_Worker)
-        results: dict[int, Any] = {}
-        errors: list[str] = []
-        lock = threading.Lock()
 
         def create_worker(slot_info: Any, events: list[threading.Event]) -> tuple[int, float]:
             """Horovod's worker-creation hook: one actor per slot, (exit code, time) when it ends."""
             env = {**base_env, **create_slot_env_vars(slot_info)}
-            actor = remote_worker.options(
-                num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker, max_restarts=0,
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=slot_info.hostname, soft=False),
-            ).remote()
+            actor = (pool.take(slot_info.hostname) if pool is not None else None) or new_actor(slot_info.hostname)
             ref = actor.run.remote(env, fn, tuple(args), kwargs)
             code = 1
             try:
@@ -398,6 +509,10 @@ class RayElasticExecutor:
             res = driver.get_results()
         finally:
             driver.stop()
+            if pool is not None:
+                self.discovery.gate = None
+                pool.close()
+                log.info("warm joins: %d of the job's workers started warm", pool.warm_taken)
         if res.error_message is not None:
             raise RayExecutorError(res.error_message)
         failed = sorted(name for name, (code, _) in res.worker_results.items() if code != 0)
@@ -419,6 +534,13 @@ class RayElasticExecutor:
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
         self._owns_ray = False
+
+
+def warm_train_worker(train_args: Sequence[str]) -> None:
+    """The warm-up of `hvd-abs launch ray`'s workers: what a horovodrun standby does first."""
+    from hvd_abs.elastic.standby import get_warm
+
+    get_warm(list(train_args))
 
 
 def train_worker(train_args: Sequence[str]) -> Any:

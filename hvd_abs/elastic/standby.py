@@ -203,21 +203,16 @@ def hand_off(pid: int, sock_path: Path, argv: list[str]) -> int:
         return 1  # the standby died: horovodrun sees a failed worker, as with a cold one
 
 
-def _main(argv: list[str]) -> int:
-    """`python -m hvd_abs.elastic.standby --dir D -- TRAIN_ARGS`: get warm, then serve."""
-    if len(argv) < 3 or argv[0] != "--dir" or argv[2] != "--":
-        print("usage: python -m hvd_abs.elastic.standby --dir DIR -- TRAIN_ARGS...", file=sys.stderr)
-        return 2
-    directory, train_args = argv[1], argv[3:]
-    # The cold part of a join, done before the slot is advertised: imports, the data set, and
-    # torch's lazy first-use work (the first optimizer imports torch._dynamo: ~1.5 s here).
+def get_warm(train_args: list[str]) -> None:
+    """The cold part of a join, done before the slot is advertised: imports, the data set, and
+    torch's lazy first-use work (the first optimizer imports torch._dynamo: ~1.5 s here).
+    Shared by horovodrun standbys and the Ray executor's warm actors."""
     import horovod.torch  # noqa: F401
     import torch
 
     import hvd_abs.comm  # noqa: F401
     import hvd_abs.elastic.job  # noqa: F401
     import hvd_abs.second_order  # noqa: F401
-    from hvd_abs.cli import main as cli
     from hvd_abs.train import preload
 
     preload(train_args)
@@ -225,6 +220,17 @@ def _main(argv: list[str]) -> int:
     opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
     (p * 2).sum().backward()
     opt.step()
+
+
+def _main(argv: list[str]) -> int:
+    """`python -m hvd_abs.elastic.standby --dir D -- TRAIN_ARGS`: get warm, then serve."""
+    if len(argv) < 3 or argv[0] != "--dir" or argv[2] != "--":
+        print("usage: python -m hvd_abs.elastic.standby --dir DIR -- TRAIN_ARGS...", file=sys.stderr)
+        return 2
+    directory, train_args = argv[1], argv[3:]
+    get_warm(train_args)
+    from hvd_abs.cli import main as cli
+
     # Terminated while waiting (the job ended): leave through `finally`, removing our files.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 
