@@ -18,6 +18,7 @@ Prints one JSON object and writes it to benchmarks/results/hessian.json (or --ou
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -65,6 +66,9 @@ def timed(fn: Callable[[], object], device: str, repeats: int, burn_in: int = 1)
 
 
 def bench_hvp(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], device: str, repeats: int) -> dict:
+    """Seconds per gradient and per product of each method, timed in turns (gradient, reuse,
+    double_backward, forward_over_reverse, again) so a change in machine load hits all alike;
+    medians of `repeats` turns. The ratios are taken from the same turns."""
     crit = nn.CrossEntropyLoss()
     x, y = batch
     params = [p for p in model.parameters() if p.requires_grad]
@@ -73,18 +77,31 @@ def bench_hvp(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], device
     def grad() -> None:
         torch.autograd.grad(crit(model(x), y), params)
 
-    out: dict[str, object] = {"grad_s": timed(grad, device, repeats)}
-    ratios = {}
-    for method in ("reuse", "double_backward", "forward_over_reverse"):
-        t0 = time.perf_counter()
-        with HessianOperator(model, crit, [batch], method=method) as H:
+    methods = ("reuse", "double_backward", "forward_over_reverse")
+    out: dict[str, object] = {}
+    with contextlib.ExitStack() as stack:
+        ops = {}
+        for method in methods:
+            t0 = time.perf_counter()
+            ops[method] = stack.enter_context(HessianOperator(model, crit, [batch], method=method))
             sync(device)
-            setup = time.perf_counter() - t0
-            v = H.random(torch.Generator().manual_seed(0))
-            s = timed(lambda: H(v), device, repeats)
-        out[f"{method}_s"] = s
-        out[f"{method}_setup_s"] = setup  # "reuse" builds the gradient graph once, here
-        ratios[method] = s / out["grad_s"]  # type: ignore[operator]
+            out[f"{method}_setup_s"] = time.perf_counter() - t0  # "reuse" builds the gradient graph once, here
+        v = ops["reuse"].random(torch.Generator().manual_seed(0))
+        calls = {"grad": grad, **{m: (lambda H=ops[m]: H(v)) for m in methods}}
+        times: dict[str, list[float]] = {name: [] for name in calls}
+        for turn in range(repeats + 1):  # the first turn warms up, untimed
+            for name, fn in calls.items():
+                t0 = time.perf_counter()
+                fn()
+                sync(device)
+                if turn:
+                    times[name].append(time.perf_counter() - t0)
+    out["grad_s"] = statistics.median(times["grad"])
+    ratios = {}
+    for method in methods:
+        out[f"{method}_s"] = statistics.median(times[method])
+        # Per turn, then the median: a load spike in one turn does not skew the ratio.
+        ratios[method] = statistics.median(h / g for h, g in zip(times[method], times["grad"]))
     out["ratio_to_grad"] = ratios
     best = min(ratios, key=ratios.get)  # type: ignore[arg-type]
     out["best"] = best

@@ -27,6 +27,21 @@ class TinyConv(nn.Module):
         return self.fc(torch.tanh(self.bn(self.conv(x))).flatten(1))
 
 
+class TwoConv(nn.Module):
+    """Two convolutions (the second strided, grouped, on an input that depends on the parameters:
+    every term of a convolution's second derivative), BatchNorm2d, about 200 parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=2, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 2 * 2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.tanh(self.bn(self.conv2(torch.tanh(self.conv1(x))))).flatten(1))
+
+
 def _mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 4))
 
@@ -38,8 +53,9 @@ def _mlp_bn() -> nn.Module:
 def _setup(kind: str) -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    if kind == "conv_bn":
-        model, x, ncls = TinyConv().double(), torch.randn(23, 2, 4, 4, generator=gen, dtype=torch.float64), 3
+    if kind in ("conv_bn", "two_conv"):
+        model = (TinyConv() if kind == "conv_bn" else TwoConv()).double()
+        x, ncls = torch.randn(23, 2, 4, 4, generator=gen, dtype=torch.float64), 3
     else:
         model = (_mlp_bn() if kind == "mlp_bn" else _mlp()).double()
         x, ncls = torch.randn(23, 6, generator=gen, dtype=torch.float64), 4
@@ -78,7 +94,7 @@ def _flat(v: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t in v])
 
 
-@pytest.fixture(scope="module", params=["mlp", "mlp_bn", "conv_bn"])
+@pytest.fixture(scope="module", params=["mlp", "mlp_bn", "conv_bn", "two_conv"])
 def problem(request: pytest.FixtureRequest) -> tuple[nn.Module, list, torch.Tensor]:
     model, batches = _setup(request.param)
     return model, batches, _dense_hessian(model, batches)
@@ -194,6 +210,7 @@ def test_model_state_restored_exactly() -> None:
         assert torch.equal(b, buffers[n]), n
     assert model.fc.weight.grad is grad_obj and bool((grad_obj == 0.25).all())
     assert model.conv.weight.grad is None
+    assert not any("forward" in m.__dict__ for m in model.modules())  # conv_grads' switch undone
 
 
 def test_restored_even_when_the_model_raises() -> None:
@@ -206,6 +223,10 @@ def test_restored_even_when_the_model_raises() -> None:
     with pytest.raises(RuntimeError, match="boom"):
         top_eigenvalues(model, bad, batches)
     assert model.training and model[1].training
+    conv, conv_batches = _setup("two_conv")
+    with pytest.raises(RuntimeError, match="boom"):
+        hvp(conv, bad, conv_batches, [torch.zeros_like(p) for p in conv.parameters()])
+    assert not any("forward" in m.__dict__ for m in conv.modules())
 
 
 @pytest.mark.parametrize("backend", ["native", "foreach", "loop"])
