@@ -210,7 +210,7 @@ def test_model_state_restored_exactly() -> None:
         assert torch.equal(b, buffers[n]), n
     assert model.fc.weight.grad is grad_obj and bool((grad_obj == 0.25).all())
     assert model.conv.weight.grad is None
-    assert not any("forward" in m.__dict__ for m in model.modules())  # conv_grads' switch undone
+    assert not any("forward" in m.__dict__ for m in model.modules())  # layer_grads' switch undone
 
 
 def test_restored_even_when_the_model_raises() -> None:
@@ -281,3 +281,17 @@ def test_import_does_not_pull_in_horovod() -> None:
     code = ("import sys, hvd_abs.second_order as so; so.top_eigenvalues; "
             "assert not any(m.startswith('horovod') for m in sys.modules), 'horovod imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_operators_of_different_methods_nest() -> None:
+    """A reuse operator (layers switched to layer_grads) open while torch.func's forward-over-
+    reverse runs on the same model: the switched layers stand aside under torch.func."""
+    model, batches = _setup("two_conv")
+    gen = torch.Generator().manual_seed(3)
+    v = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in model.parameters()]
+    ref = _flat(hvp(model, CRIT, batches, v, method="double_backward"))
+    with HessianOperator(model, CRIT, batches, method="reuse") as H:
+        inner = _flat(hvp(model, CRIT, batches, v, method="forward_over_reverse"))
+        outer = _flat(H(v))
+    for got in (inner, outer):
+        assert float((got - ref).norm() / ref.norm()) < 1e-10

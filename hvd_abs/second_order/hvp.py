@@ -8,8 +8,8 @@ Three ways to compute H v (all give the same result to rounding):
 
 - ``"reuse"`` (default): build the gradient graph once (``create_graph=True``) and run one
   backward through it per product. Fastest per product; holds every batch's graph in memory.
-  (This and ``"double_backward"`` run convolutions through :mod:`.conv_grads`, whose gradient
-  graph is cheaper to differentiate than PyTorch's own.)
+  (This and ``"double_backward"`` run convolutions and eval-mode BatchNorm through
+  :mod:`.layer_grads`, whose gradient graph is cheaper to differentiate than PyTorch's own.)
 - ``"double_backward"``: rebuild the gradient graph for each product (less memory, slower).
 - ``"forward_over_reverse"``: ``torch.func.jvp`` over ``torch.func.grad`` with
   ``functional_call``; nothing is kept between products.
@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from hvd_abs.second_order.comm import Comm, resolve_comm
-from hvd_abs.second_order.conv_grads import fast_conv_double_backward
+from hvd_abs.second_order.layer_grads import fast_double_backward
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +133,8 @@ class HessianOperator:
     def __enter__(self) -> HessianOperator:
         self._stack = contextlib.ExitStack()
         self._stack.enter_context(preserved_state(self.model))
-        if self.method != "forward_over_reverse":  # torch.func does not trace custom autograd functions' backward
-            self._stack.enter_context(fast_conv_double_backward(self.model))
+        if self.method != "forward_over_reverse":  # under torch.func transforms the switch stands aside
+            self._stack.enter_context(fast_double_backward(self.model))
         if self.method == "reuse":
             self._graph = self._weighted_grad(create_graph=True)
         return self
