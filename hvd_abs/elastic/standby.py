@@ -112,6 +112,11 @@ def serve(directory: str | os.PathLike, run_worker: Callable[[list[str]], int], 
                 if time.monotonic() > deadline or not d.is_dir() or not (ready.exists() or _claimed(d, pid)):
                     return 0
         conn.settimeout(None)
+        # Claimed: the path is no longer needed (the connection is). Removed now, not at exit,
+        # so nothing of the standby is left once the claimant has its exit code.
+        server.close()
+        for p in (sock_path, ready):
+            p.unlink(missing_ok=True)
         request, fds = recv_message(conn, max_fds=3)
         _die_with_claimant(conn)
         if len(fds) != 3:
