@@ -257,7 +257,8 @@ def preload(train_args: list[str]) -> None:
     args = list(train_args[1:] if train_args[:1] == ["train"] else train_args)
     params = command.make_context("train", args, resilient_parsing=True).params
     key = _data_key(params["dataset"], params["data_dir"])
-    _PRELOADED[key] = load_dataset(params["dataset"], data_dir=params["data_dir"], download=False)
+    _PRELOADED[key] = load_dataset(params["dataset"], data_dir=params["data_dir"],
+                                   download=bool(params.get("download")))
 
 
 def _default_eigen_fn() -> EigenFn:

@@ -130,11 +130,38 @@ def test_warm_pool_advertises_a_slot_once_its_actor_is_warm() -> None:
     now[0] = 31.0  # still warming after cold_after_s: offered anyway, its run queues behind the warm-up
     assert pool({"a": 1, "b": 1}) == {"a": 1, "b": 1}
     assert pool({"a": 1}) == {"a": 1} and ray_.killed == ["b#1"]  # b no longer wanted: its actor goes
-    ray_.failing.add("c#2")
-    assert pool({"a": 1, "c": 1}) == {"a": 1}
-    assert pool({"a": 1, "c": 1}) == {"a": 1, "c": 1} and pool.cold  # a failed warm-up: cold from now on
     pool.close()
-    assert ray_.killed == ["b#1", "c#2"] and pool.advertised == {}
+    assert pool.advertised == {}
+
+
+def test_warm_pool_several_slots_on_one_host() -> None:
+    ray_ = FakeActors()
+    pool = ray_executor.WarmPool(ray_.start, ray_.done, ray_.killed.append)
+    ray_.finished.add("h#0")
+    assert pool({"h": 1}) == {} and pool({"h": 1}) == {"h": 1}
+    assert pool.take("h") == "h#0"
+    assert pool({"h": 3}) == {"h": 1} and ray_.started == ["h#0", "h#1", "h#2"]
+    ray_.finished.add("h#1")
+    assert pool({"h": 3}) == {"h": 2}
+    # Polled again before the driver took h#1: h#1 is not counted twice, h#2 still warms.
+    assert pool({"h": 3}) == {"h": 2} and len(ray_.started) == 3
+    assert pool.take("h") == "h#1"  # the offered one, not the warming one
+    assert pool({"h": 1}) == {"h": 1}  # shrink: h#2 keeps warming for a later growth
+    ray_.finished.add("h#2")
+    assert pool({"h": 2}) == {"h": 2} and len(ray_.started) == 3
+
+
+def test_warm_pool_replaces_failed_warmups_then_goes_cold() -> None:
+    ray_ = FakeActors()
+    pool = ray_executor.WarmPool(ray_.start, ray_.done, ray_.killed.append, max_failures=2)
+    ray_.failing.add("c#0")
+    assert pool({"c": 1}) == {}
+    assert pool({"c": 1}) == {} and ray_.killed == ["c#0"] and ray_.started == ["c#0", "c#1"]  # replaced
+    assert not pool.cold
+    ray_.failing.add("c#1")
+    assert pool({"c": 1}) == {"c": 1} and pool.cold  # a second failure: offered cold from now on
+    assert pool.take("c") is None  # no actor left: the driver starts a cold one
+    assert pool({"c": 1, "d": 2}) == {"c": 1, "d": 2}
 
 
 @pytest.mark.parametrize("kwargs, match", [

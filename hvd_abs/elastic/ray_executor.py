@@ -36,6 +36,7 @@ import math
 import os
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -183,8 +184,10 @@ class RayClusterDiscovery:
 class _Worker:
     """One Horovod worker process (made a Ray actor by the executor)."""
 
-    def warm(self, warmup: Callable[[], Any]) -> bool:
-        """The cold part of a join (imports, data), run before the slot is advertised."""
+    def warm(self, warmup: Callable[[], Any], env: Mapping[str, str]) -> bool:
+        """The cold part of a join (imports, data), run before the slot is advertised, under the
+        job's extra environment (cache directories, thread counts are read on first use)."""
+        os.environ.update({k: str(v) for k, v in env.items()})
         warmup()
         return True
 
@@ -196,25 +199,38 @@ class _Worker:
         return _final_rank(int(env["HOROVOD_RANK"])), value
 
 
+@dataclass
+class _Standby:
+    """An actor warming up (or warm) for a slot of one host."""
+
+    actor: Any
+    ref: Any
+    started: float
+    ready: bool = False
+    offered: bool = False  # its slot is in the answer to the driver, its worker not created yet
+
+
 class WarmPool:
     """Warm joins on Ray: a slot is advertised to Horovod's driver only once an actor on its node
     has run the job's warm-up (imports, data set), so survivors never wait on a cold start; the
     job goes on (accumulating) meanwhile. The driver's worker for that slot then takes the warm
     actor. A slot whose actor is still warming after `cold_after_s` is advertised anyway (its
-    run queues behind the warm-up on the same actor), and a failed warm-up makes the pool cold.
+    run queues behind the warm-up on the same actor). An actor whose warm-up fails is dropped
+    and replaced; after `max_failures` failed warm-ups the pool goes cold (slots offered at once).
 
     `start(host) -> (actor, ready_ref)`, `done(ref) -> bool` (raises the warm-up's error) and
     `kill(actor)` are Ray calls in the executor; tests pass fakes.
     """
 
     def __init__(self, start: Callable[[str], tuple[Any, Any]], done: Callable[[Any], bool],
-                 kill: Callable[[Any], None], cold_after_s: float = 60.0,
+                 kill: Callable[[Any], None], cold_after_s: float = 60.0, max_failures: int = 2,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._start, self._done, self._kill = start, done, kill
-        self.cold_after_s, self._clock = cold_after_s, clock
+        self.cold_after_s, self.max_failures, self._clock = cold_after_s, max_failures, clock
         self._lock = threading.Lock()
-        self.advertised: dict[str, int] = {}
-        self._standby: dict[str, list[list[Any]]] = {}  # host -> [[actor, ref, started, ready]]
+        self.advertised: dict[str, int] = {}  # slots in the last answer: workers + offered standbys
+        self._standby: dict[str, list[_Standby]] = {}
+        self.failures = 0
         self.cold = False
         self.warm_taken = 0
 
@@ -222,39 +238,45 @@ class WarmPool:
         """The hosts (with slots) to advertise, out of the wanted `hosts`."""
         with self._lock:
             for host in [h for h in self._standby if h not in hosts]:  # node gone or not wanted
-                for actor, *_ in self._standby.pop(host):
-                    self._kill(actor)
+                for sb in self._standby.pop(host):
+                    self._kill(sb.actor)
             out: dict[str, int] = {}
             for host, want in hosts.items():
-                have = min(self.advertised.get(host, 0), want)
-                if not self.cold:
-                    have += self._admit(host, want - have)
-                else:
-                    have = want
+                standbys = self._standby.setdefault(host, [])
+                have = self.advertised.get(host, 0)
+                for sb in [sb for sb in standbys if sb.offered][:max(0, have - want)]:
+                    sb.offered = False  # the job shrank before the driver took these
+                have = min(have, want)
+                have = want if self.cold else have + self._admit(host, standbys, want - have)
                 if have > 0:
                     out[host] = have
             self.advertised = out
             return dict(out)
 
-    def _admit(self, host: str, need: int) -> int:
-        """Slots of `host` that may be advertised now, out of `need` new ones."""
-        standbys = self._standby.setdefault(host, [])
-        admitted = 0
-        for s in standbys:
-            actor, ref, started, ready = s
-            if not ready:
-                try:
-                    s[3] = ready = self._done(ref)
-                except Exception as exc:  # noqa: BLE001 - a failed warm-up: go cold, say why once
-                    log.warning("a worker's warm-up failed on node %s (joins are cold from now on): %s",
-                                host[:12], exc)
+    def _admit(self, host: str, standbys: list[_Standby], need: int) -> int:
+        """Offers up to `need` more slots of `host` from its standbys; starts actors for the rest."""
+        for sb in [sb for sb in standbys if not sb.ready]:
+            try:
+                sb.ready = self._done(sb.ref)
+            except Exception as exc:  # noqa: BLE001 - a failed warm-up or a dead actor: replace it
+                standbys.remove(sb)
+                self._kill(sb.actor)
+                self.failures += 1
+                log.warning("a worker's warm-up failed on node %s (%d of %d allowed): %s", host[:12],
+                            self.failures, self.max_failures, exc)
+                if self.failures >= self.max_failures:
+                    log.warning("joins are cold from now on: slots are offered before their worker is warm")
                     self.cold = True
                     return need
-            if admitted < need and (ready or self._clock() - started > self.cold_after_s):
+        admitted = 0
+        for sb in standbys:
+            if admitted < need and not sb.offered and (sb.ready or self._clock() - sb.started > self.cold_after_s):
+                sb.offered = True
                 admitted += 1
-        for _ in range(need - len(standbys)):  # one warming actor per slot still to come
+        spare = sum(1 for sb in standbys if not sb.offered)
+        for _ in range(need - admitted - spare):  # one warming actor per slot still to come
             actor, ref = self._start(host)
-            standbys.append([actor, ref, self._clock(), False])
+            standbys.append(_Standby(actor, ref, self._clock()))
         return admitted
 
     def take(self, host: str) -> Any | None:
@@ -263,15 +285,17 @@ class WarmPool:
             standbys = self._standby.get(host, [])
             if not standbys:
                 return None
-            standbys.sort(key=lambda s: not s[3])  # ready ones first
-            self.warm_taken += 1
-            return standbys.pop(0)[0]
+            # Offered ones first (their slot is the one being filled), ready before warming.
+            sb = min(standbys, key=lambda sb: (not sb.offered, not sb.ready))
+            standbys.remove(sb)
+            self.warm_taken += sb.ready
+            return sb.actor
 
     def close(self) -> None:
         with self._lock:
             for standbys in self._standby.values():
-                for actor, *_ in standbys:
-                    self._kill(actor)
+                for sb in standbys:
+                    self._kill(sb.actor)
             self._standby.clear()
             self.advertised = {}
 
@@ -444,7 +468,7 @@ class RayElasticExecutor:
 
         def warm_actor(node_id: str) -> tuple[Any, Any]:
             actor = new_actor(node_id)
-            return actor, actor.warm.remote(warmup)
+            return actor, actor.warm.remote(warmup, self.env)
 
         def warmed(ref: Any) -> bool:
             return bool(ray.wait([ref], timeout=0)[0]) and ray.get(ref)
@@ -454,63 +478,65 @@ class RayElasticExecutor:
         pool = None if warmup is None else WarmPool(warm_actor, warmed, lambda a: ray.kill(a, no_restart=True))
         self.discovery.gate = pool
 
-        nic, server_ip = self._network
-        # Listens on the address the workers are given only (loopback on one machine), not on
-        # every interface as Horovod's own does: its HTTP key-value store has no authentication.
-        rendezvous = BoundRendezvousServer(server_ip)
-        driver = ElasticDriver(rendezvous, self.discovery, min_num_proc=self.min_workers,
-                               max_num_proc=self.max_workers, timeout=self.elastic_timeout,
-                               reset_limit=self.reset_limit, cooldown_range=self.cooldown_range)
-        port = rendezvous.start(create_rendezvous_handler(driver))
-        base_env = {**{k: str(v) for k, v in create_run_env_vars(server_ip, [nic], port, elastic=True).items()},
-                    "PYTHONUNBUFFERED": "1", **self.env}
+        driver = None
+        try:  # from here on the pool may hold actors: always closed
+            nic, server_ip = self._network
+            # Listens on the address the workers are given only (loopback on one machine), not on
+            # every interface as Horovod's own does: its HTTP key-value store has no authentication.
+            rendezvous = BoundRendezvousServer(server_ip)
+            driver = ElasticDriver(rendezvous, self.discovery, min_num_proc=self.min_workers,
+                                   max_num_proc=self.max_workers, timeout=self.elastic_timeout,
+                                   reset_limit=self.reset_limit, cooldown_range=self.cooldown_range)
+            port = rendezvous.start(create_rendezvous_handler(driver))
+            base_env = {**{k: str(v) for k, v in create_run_env_vars(server_ip, [nic], port, elastic=True).items()},
+                        "PYTHONUNBUFFERED": "1", **self.env}
 
-        def create_worker(slot_info: Any, events: list[threading.Event]) -> tuple[int, float]:
-            """Horovod's worker-creation hook: one actor per slot, (exit code, time) when it ends."""
-            env = {**base_env, **create_slot_env_vars(slot_info)}
-            actor = (pool.take(slot_info.hostname) if pool is not None else None) or new_actor(slot_info.hostname)
-            ref = actor.run.remote(env, fn, tuple(args), kwargs)
-            code = 1
-            try:
-                while True:
-                    ready, _ = ray.wait([ref], timeout=_POLL_S)
-                    if ready:
-                        try:
-                            rank, value = ray.get(ref)
-                        except Exception as exc:  # noqa: BLE001 - a dead actor or fn's error: a failed worker
-                            # RayTaskError wraps fn's own exception as .cause: name that, not the wrapper.
-                            cause = getattr(exc, "cause", None) or exc
-                            brief = f"{type(cause).__name__}: {cause}".splitlines()[0]
-                            if not driver.has_rank_assignment(slot_info.hostname, slot_info.local_rank):
-                                # A shrink dropped its slot: Horovod ends such a worker at re-init.
-                                log.info("worker on node %s (local rank %d) left the job: %s",
-                                         slot_info.hostname[:12], slot_info.local_rank, brief)
+            def create_worker(slot_info: Any, events: list[threading.Event]) -> tuple[int, float]:
+                """Horovod's worker-creation hook: one actor per slot, (exit code, time) when it ends."""
+                env = {**base_env, **create_slot_env_vars(slot_info)}
+                actor = (pool.take(slot_info.hostname) if pool is not None else None) or new_actor(slot_info.hostname)
+                ref = actor.run.remote(env, fn, tuple(args), kwargs)
+                code = 1
+                try:
+                    while True:
+                        ready, _ = ray.wait([ref], timeout=_POLL_S)
+                        if ready:
+                            try:
+                                rank, value = ray.get(ref)
+                            except Exception as exc:  # noqa: BLE001 - a dead actor or fn's error: a failed worker
+                                # RayTaskError wraps fn's own exception as .cause: name that, not the wrapper.
+                                cause = getattr(exc, "cause", None) or exc
+                                brief = f"{type(cause).__name__}: {cause}".splitlines()[0]
+                                if not driver.has_rank_assignment(slot_info.hostname, slot_info.local_rank):
+                                    # A shrink dropped its slot: Horovod ends such a worker at re-init.
+                                    log.info("worker on node %s (local rank %d) left the job: %s",
+                                             slot_info.hostname[:12], slot_info.local_rank, brief)
+                                else:
+                                    log.warning("worker on node %s (local rank %d) failed: %s", slot_info.hostname[:12],
+                                                slot_info.local_rank, brief)
+                                    with lock:
+                                        errors.append(f"{brief}\n{exc}")
                             else:
-                                log.warning("worker on node %s (local rank %d) failed: %s", slot_info.hostname[:12],
-                                            slot_info.local_rank, brief)
                                 with lock:
-                                    errors.append(f"{brief}\n{exc}")
-                        else:
-                            with lock:
-                                results[rank] = value
-                            code = 0
-                        break
-                    if any(e.is_set() for e in events):  # the job stopped, or this node was barred
-                        break
-            finally:
-                # Ends the process on success too: frees the node's resources for the next run.
-                ray.kill(actor, no_restart=True)
-            return code, time.time()
+                                    results[rank] = value
+                                code = 0
+                            break
+                        if any(e.is_set() for e in events):  # the job stopped, or this node was barred
+                            break
+                finally:
+                    # Ends the process on success too: frees the node's resources for the next run.
+                    ray.kill(actor, no_restart=True)
+                return code, time.time()
 
-        log.info("elastic job on Ray: waiting for %d worker slot(s)", self.min_workers)
-        try:
+            log.info("elastic job on Ray: waiting for %d worker slot(s)", self.min_workers)
             driver.wait_for_available_slots(self.min_workers)
             driver.start(self.min_workers, create_worker)
             res = driver.get_results()
         finally:
-            driver.stop()
+            if driver is not None:
+                driver.stop()
+            self.discovery.gate = None
             if pool is not None:
-                self.discovery.gate = None
                 pool.close()
                 log.info("warm joins: %d of the job's workers started warm", pool.warm_taken)
         if res.error_message is not None:

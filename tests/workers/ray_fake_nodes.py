@@ -64,9 +64,16 @@ class FakeRayCluster:
         self.address = self._answer("ADDRESS", timeout=120)
 
     def _answer(self, tag: str, timeout: float = 60) -> str:
-        # A reader thread bounds the wait: readline() itself cannot time out.
+        """The next line starting with `tag` (other output, e.g. from Ray, is skipped)."""
         box: list[str] = []
-        reader = threading.Thread(target=lambda: box.append(self.proc.stdout.readline()), daemon=True)
+
+        def read() -> None:  # in a thread: readline() itself cannot time out
+            for line in self.proc.stdout:
+                if line.startswith((tag + " ", "ERROR ")):
+                    box.append(line)
+                    return
+
+        reader = threading.Thread(target=read, daemon=True)
         reader.start()
         reader.join(timeout)
         line = box[0] if box else ""
@@ -76,8 +83,12 @@ class FakeRayCluster:
         return line[len(tag) + 1:].strip()
 
     def command(self, cmd: str, tag: str) -> str:
-        self.proc.stdin.write(cmd + "\n")
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write(cmd + "\n")
+            self.proc.stdin.flush()
+        except OSError as exc:  # the holder died
+            self.close()
+            raise FakeClusterError(f"the fake Ray cluster is gone ({exc}) before {cmd!r}") from None
         return self._answer(tag)
 
     def add_node(self) -> str:
