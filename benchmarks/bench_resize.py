@@ -134,15 +134,20 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def job_options(p: argparse.ArgumentParser, out: str) -> None:
+    """The options of the benchmarked job (`train_args`) and of its timing; shared with bench_resize_ray."""
     p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "cifar10"))
     p.add_argument("--train-subset", type=int, default=4096)
     p.add_argument("--base-batch", type=int, default=128)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--k", type=int, default=6, help="updates before each resize")
     p.add_argument("--timeout", type=float, default=900)
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "resize.json"))
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / out))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    job_options(p, "resize.json")
     p.add_argument("--plot-only", action="store_true", help="redraw the plot from the --out JSON")
     args = p.parse_args()
     if args.plot_only:

@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests" / "workers"))
-from bench_resize import BIN, ledger, restart, step_time, train_args, world_sizes  # noqa: E402
+from bench_resize import BIN, job_options, ledger, restart, step_time, train_args, world_sizes  # noqa: E402
 from ray_fake_nodes import FakeRayCluster  # noqa: E402
 
 
@@ -78,13 +78,7 @@ def in_place(args: argparse.Namespace, work: Path, warm: bool) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "cifar10"))
-    p.add_argument("--train-subset", type=int, default=4096)
-    p.add_argument("--base-batch", type=int, default=128)
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--k", type=int, default=6, help="updates before each resize")
-    p.add_argument("--timeout", type=float, default=900)
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "resize_ray.json"))
+    job_options(p, "resize_ray.json")
     args = p.parse_args()
     if not Path(args.data_dir).is_dir():
         print(f"bench_resize_ray: no CIFAR-10 at {args.data_dir}: pass --data-dir", file=sys.stderr)
