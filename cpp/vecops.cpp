@@ -28,7 +28,7 @@ constexpr int64_t kBlock = 1024;
 
 // The hot loops, one version per dtype. GCC's target_clones builds an AVX2 and a baseline version
 // and picks at load time by CPU feature (the extension is compiled for baseline x86-64
-// otherwise; "arch=haswell" would dispatch on the CPU model, never on AMD). No FMA: both
+// otherwise; GCC resolves "arch=haswell" by CPU model, "avx2" by feature). No FMA: both
 // versions round the same way.
 // Eight independent accumulators let the compiler vectorise the float64 reduction without
 // -ffast-math.
