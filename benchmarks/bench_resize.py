@@ -56,31 +56,45 @@ def train_args(args: argparse.Namespace, out: Path) -> list[str]:
             "--commit-every", "1", "--quiet", "--ledger", "--out", str(out), "--overwrite"]
 
 
-def in_place(args: argparse.Namespace, work: Path, warm: bool) -> dict:
-    out, hostfile = work / ("warm" if warm else "cold"), work / f"hosts-{warm}"
-    hostfile.write_text("localhost slots=1\n")
-    cmd = [str(BIN / "hvd-abs"), "launch", "horovod", "--min-np", "1", "--max-np", "2", "--hostfile", str(hostfile)]
-    cmd += ["--warm", "1"] if warm else []
-    proc = subprocess.Popen([*cmd, "--", *train_args(args, out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def drive_in_place(launcher: list[str], args: argparse.Namespace, out: Path, grow: Callable[[], object],
+                   shrink: Callable[[], object]) -> None:
+    """Run the job under `launcher`; after --k updates on 1 worker call `grow` (1 -> 2), after --k
+    more on 2 call `shrink` (2 -> 1); raise if the job fails. Shared with bench_resize_ray."""
+    proc = subprocess.Popen([*launcher, "--", *train_args(args, out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     deadline, phase = time.time() + args.timeout, 0
     while proc.poll() is None and time.time() < deadline and phase < 2:
         sizes = world_sizes(out)
         if phase == 0 and sizes.count(1) >= args.k:
-            hostfile.write_text("localhost slots=2\n")  # a slot joins the pool: 1 -> 2 in place
+            grow()
             phase = 1
         elif phase == 1 and sizes.count(2) >= args.k:
-            hostfile.write_text("localhost slots=1\n")  # it leaves again: 2 -> 1 in place
+            shrink()
             phase = 2
         time.sleep(0.2)
     output, _ = proc.communicate(timeout=max(1.0, deadline - time.time()))
     if proc.returncode != 0:
         raise RuntimeError(f"in-place run failed:\n{output[-3000:]}")
+
+
+def update_times(out: Path) -> dict:
+    """Median update time at 1 and at 2 workers, from the run's ledger."""
+    records = ledger(out)
+    return {f"update_s_{n}": step_time([r for r in records if r["world_size"] == n]) for n in (1, 2)}
+
+
+def in_place(args: argparse.Namespace, work: Path, warm: bool) -> dict:
+    out, hostfile = work / ("warm" if warm else "cold"), work / f"hosts-{warm}"
+    hostfile.write_text("localhost slots=1\n")
+    cmd = [str(BIN / "hvd-abs"), "launch", "horovod", "--min-np", "1", "--max-np", "2", "--hostfile", str(hostfile)]
+    cmd += ["--warm", "1"] if warm else []
+    drive_in_place(cmd, args, out,
+                   grow=lambda: hostfile.write_text("localhost slots=2\n"),  # a slot joins the pool: 1 -> 2 in place
+                   shrink=lambda: hostfile.write_text("localhost slots=1\n"))  # it leaves again: 2 -> 1 in place
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"event": "resize"' in line]
     by_size = {e["world_size"]: e for e in events}
-    records = ledger(out)
     return {"join_stall_s": by_size.get(2, {}).get("stall_s"), "leave_stall_s": by_size.get(1, {}).get("stall_s"),
-            "resizes": len(events), "update_s_1": step_time([r for r in records if r["world_size"] == 1]),
-            "update_s_2": step_time([r for r in records if r["world_size"] == 2])}
+            "resizes": len(events), **update_times(out)}
 
 
 def launch_horovod(n: int) -> list[str]:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests" / "workers"))
-from bench_resize import BIN, job_options, ledger, restart, step_time, train_args, world_sizes  # noqa: E402
+from bench_resize import BIN, drive_in_place, job_options, restart, update_times  # noqa: E402
 from ray_fake_nodes import FakeRayCluster  # noqa: E402
 
 
@@ -52,28 +51,14 @@ def in_place(args: argparse.Namespace, work: Path, warm: bool) -> dict:
     with FakeRayCluster(1) as cluster:
         cmd = [str(BIN / "hvd-abs"), "launch", "ray", "--address", cluster.address, "--max-workers", "2",
                "--warm" if warm else "--cold"]
-        proc = subprocess.Popen([*cmd, "--", *train_args(args, out)], stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
-        deadline, phase = time.time() + args.timeout, 0
-        while proc.poll() is None and time.time() < deadline and phase < 2:
-            sizes = world_sizes(out)
-            if phase == 0 and sizes.count(1) >= args.k:
-                cluster.add_node()  # a node joins: 1 -> 2 in place
-                phase = 1
-            elif phase == 1 and sizes.count(2) >= args.k:
-                cluster.remove_node()  # it goes away: 2 -> 1 (the survivor rolls back one update)
-                phase = 2
-            time.sleep(0.2)
-        output, _ = proc.communicate(timeout=max(1.0, deadline - time.time()))
-    if proc.returncode != 0:
-        raise RuntimeError(f"in-place run failed:\n{output[-3000:]}")
+        drive_in_place(cmd, args, out,
+                       grow=cluster.add_node,  # a node joins: 1 -> 2 in place
+                       shrink=cluster.remove_node)  # it goes away: 2 -> 1 (the survivor rolls back one update)
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"event"' in line]
     join = [e for e in events if e["event"] == "resize" and e["world_size"] == 2]
     leave = [e for e in events if e["event"] == "failure" and e["world_size"] == 1]
-    records = ledger(out)
     return {"join_stall_s": join[0]["stall_s"] if join else None, "leave_stall_s": leave[0]["stall_s"] if leave else None,
-            "resizes": len(join) + len(leave), "update_s_1": step_time([r for r in records if r["world_size"] == 1]),
-            "update_s_2": step_time([r for r in records if r["world_size"] == 2])}
+            "resizes": len(join) + len(leave), **update_times(out)}
 
 
 def main() -> int:
