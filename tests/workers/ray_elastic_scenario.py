@@ -68,7 +68,7 @@ def main() -> int:
                 try:
                     # The gate at step 70 (rank 0 waits for the file) makes sure the worker has
                     # rejoined before the last ten steps however loaded the machine is.
-                    outcome["results"] = ex.run(ray_toy_job.toy_job, (run_dir, STEPS, args.step_s, {}),
+                    outcome["results"] = ex.run(ray_toy_job.toy_job, (run_dir, STEPS, args.step_s),
                                                 {"crash_at": (10, 1), "hold_at": {70: "rejoined"}})
                 except BaseException as exc:  # noqa: BLE001 - reported below
                     outcome["error"] = repr(exc)

@@ -1,10 +1,9 @@
-"""A tiny real elastic Horovod job for the Ray executor's tests and benchmark.
+"""A tiny real elastic Horovod job for the Ray executor's dead-worker test.
 
 Each step allreduces a one (the sum is the world size), sleeps `step_s` (the "compute"), appends
 the step index, world size and time to a ledger and commits. The ledger lives in the committed
 state, so after any rollback it holds each committed step exactly once: a gap or a repeat means
-a lost or doubled step. Rank 0 publishes a progress file (for the scenario driver) and, at the
-steps in `wanted_at`, a new wanted world size, as the trainer does when its batch grows.
+a lost or doubled step. Rank 0 publishes a progress file for the scenario driver.
 """
 from __future__ import annotations
 
@@ -18,10 +17,8 @@ from typing import Any
 class Ledger:
     """The job's whole state: next step, and per committed step its index, world size, time."""
 
-    def __init__(self, snapshot: dict[str, Any] | None = None) -> None:
+    def __init__(self) -> None:
         self.step, self.steps, self.sizes, self.times = 0, [], [], []
-        if snapshot:
-            self.load_state_dict(snapshot)
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "steps": list(self.steps), "sizes": list(self.sizes), "times": list(self.times)}
@@ -45,11 +42,9 @@ def read_progress(run_dir: str) -> dict[str, Any]:
         return {"step": -1, "size": 0}
 
 
-def toy_job(run_dir: str, steps: int, step_s: float = 0.1, wanted_at: dict[int, int] | None = None,
-            snapshot: dict[str, Any] | None = None, crash_at: tuple[int, int] | None = None,
+def toy_job(run_dir: str, steps: int, step_s: float = 0.1, crash_at: tuple[int, int] | None = None,
             hold_at: dict[int, str] | None = None) -> dict[str, Any]:
     """Run `steps` committed steps elastically; return this worker's final ledger and resets.
-    `snapshot` (a Ledger state_dict) resumes a previous run, as a restart from a checkpoint.
     `crash_at=(step, rank)`: that rank's process dies (exit 1, once per run dir) after that
     step's allreduce, before its commit: a dead worker actor.
     `hold_at={step: name}`: rank 0 waits (60 s at most) at that step until the file `name` exists
@@ -58,12 +53,10 @@ def toy_job(run_dir: str, steps: int, step_s: float = 0.1, wanted_at: dict[int, 
     import torch
 
     from hvd_abs.elastic.hvd_runner import CommittedState, run_elastic
-    from hvd_abs.elastic.world_signal import write_wanted
 
     hvd.init()
-    state = CommittedState(Ledger(snapshot))
+    state = CommittedState(Ledger())
     resets: list[tuple[str, float]] = []
-    wanted_at = {int(k): v for k, v in (wanted_at or {}).items()}
 
     def train(state: CommittedState) -> dict[str, Any]:
         led = state.target
@@ -81,8 +74,6 @@ def toy_job(run_dir: str, steps: int, step_s: float = 0.1, wanted_at: dict[int, 
                 gate, deadline = Path(run_dir) / hold_at[led.step], time.time() + 60
                 while not gate.exists() and time.time() < deadline:
                     time.sleep(0.05)
-            if hvd.rank() == 0 and led.step in wanted_at:
-                write_wanted(run_dir, wanted_at[led.step], reason=f"toy step {led.step}")
             led.steps.append(led.step)
             led.sizes.append(size)
             led.times.append(time.time())
