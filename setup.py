@@ -30,7 +30,14 @@ def extension_build():
 
     cpp = [os.path.join("cpp", f) for f in sorted(os.listdir(os.path.join(HERE, "cpp"))) if f.endswith(".cpp")]
     cu = [os.path.join("cpp", f) for f in sorted(os.listdir(os.path.join(HERE, "cpp"))) if f.endswith(".cu")]
-    cxx = ["-O3", "-std=c++20"]
+    # -ffp-contract=off: no FMA contraction, so every build of the kernels rounds the same way.
+    cxx = ["-O3", "-std=c++20", "-ffp-contract=off"]
+    link = []
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        # at::parallel_for is a header template: without -fopenmp it runs serially. Linked against
+        # libgomp.so.1, the soname torch ships and has already loaded, so there is one pool.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     want_cuda = torch.version.cuda is not None and ce.CUDA_HOME is not None and os.environ.get("HVD_ABS_NO_CUDA") != "1"
     if want_cuda and cu:
         # torch's CUDA headers include the math libraries' headers (cusparse.h, cublas.h), which a
@@ -42,9 +49,10 @@ def extension_build():
             "hvd_abs._C", cpp + cu, define_macros=[("HVD_ABS_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx + after,
                                 "nvcc": ["-O3", "-std=c++20"] + [f"-Xcompiler={f}" for f in after]},
+            extra_link_args=link,
         )
     else:
-        ext = ce.CppExtension("hvd_abs._C", cpp, extra_compile_args={"cxx": cxx})
+        ext = ce.CppExtension("hvd_abs._C", cpp, extra_compile_args={"cxx": cxx}, extra_link_args=link)
 
     class OptionalBuild(ce.BuildExtension):
         """Never lets a broken toolchain break `pip install`: a failed CUDA build falls back to a

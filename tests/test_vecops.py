@@ -57,17 +57,18 @@ def test_unknown_backend_names_the_choices() -> None:
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("backend", ["native", "foreach"])
-def test_parity_with_reference_loop(backend: str, dtype: torch.dtype, device: str) -> None:
+@pytest.mark.parametrize("backend,k", [("native", 6), ("native", 13), ("foreach", 6)])
+def test_parity_with_reference_loop(backend: str, k: int, dtype: torch.dtype, device: str) -> None:
+    # k = 13: the native CPU kernels take basis vectors 8, 4 and 1 at a time (dots 4 and 1)
     ops, ref = vecops.get(backend), vecops.get("loop")
     gen = torch.Generator().manual_seed(1)
-    basis = _basis(6, dtype, device)
+    basis = _basis(k, dtype, device)
     v, w = _vec(gen, dtype, device), _vec(gen, dtype, device)
 
     assert ops.dot(v, w) == pytest.approx(ref.dot(v, w), rel=1e-5 if dtype == torch.float32 else 1e-12)
     torch.testing.assert_close(ops.multi_dot(basis, v), ref.multi_dot(basis, v), rtol=1e-5, atol=1e-5)
 
-    coeffs = torch.randn(6, generator=gen, dtype=torch.float64)
+    coeffs = torch.randn(k, generator=gen, dtype=torch.float64)
     for beta in (0.0, 1.0, -0.5):
         a, b = _clone(v), _clone(v)
         if beta == 0.0:  # beta = 0 must not read `out`: NaN there must not leak through
@@ -96,6 +97,30 @@ def test_parity_with_reference_loop(backend: str, dtype: torch.dtype, device: st
     flat = ops.flatten(v)
     torch.testing.assert_close(flat, ref.flatten(v), rtol=0, atol=0)
     _close(ops.unflatten(flat, v), v, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_native_cpu_results_do_not_depend_on_the_thread_count(dtype: torch.dtype) -> None:
+    # Large enough for the pass to be split across threads; partial sums are per block, added
+    # in block order, so 1 and 2 threads must agree bit for bit.
+    ops = vecops.get("native")
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(300_001,), (5, 7), (40_000,)]
+    basis = [[torch.randn(s, generator=gen, dtype=dtype) for s in shapes] for _ in range(9)]
+    v = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            a = _clone(v)
+            coef, norm = ops.orthonormalize_(a, basis)
+            results.append((a, coef, norm, ops.multi_dot(basis, v)))
+    finally:
+        torch.set_num_threads(before)
+    (a1, c1, n1, d1), (a2, c2, n2, d2) = results
+    assert n1 == n2 and torch.equal(c1, c2) and torch.equal(d1, d2)
+    assert all(torch.equal(x, y) for x, y in zip(a1, a2))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -3,7 +3,8 @@
 A *vector* is a list of tensors shaped like the trainable parameters; a *basis* is a list of such
 vectors (orthonormal where an op says so). Every backend offers the same methods:
 
-- ``dot(a, b) -> float``: <a, b>, accumulated in float64 where the backend can.
+- ``dot(a, b) -> float``: <a, b>, summed in float64 where the backend can (the native CPU kernels:
+  float64 across runs of 16 per-lane products in the input dtype).
 - ``multi_dot(basis, v) -> Tensor``: float64 [k] of <B_j, v>, on the CPU.
 - ``lincomb_(out, basis, coeffs, beta=1.0) -> float``: out <- beta*out + sum_j coeffs[j] B_j, in
   place; returns ||out||. ``beta=0`` never reads ``out`` (it may hold garbage).
