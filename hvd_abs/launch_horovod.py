@@ -67,6 +67,10 @@ def run_with_standbys(cmd: list[str], train_args: list[str], max_np: int, keep: 
     py = python or sys.executable
     directory = standby_dir(run_dir_of(train_args))
     directory.mkdir(parents=True, exist_ok=True)
+    # Claim markers of an earlier job in this run dir (--resume) would mark a new standby that
+    # happens to get a reused PID as taken. This job's markers stay: they record its joins.
+    for stale in directory.glob("*.claimed.*"):
+        stale.unlink(missing_ok=True)
     standby_cmd = [py, "-m", "hvd_abs.elastic.standby", "--dir", str(directory), "--",
                    "train", "--elastic", "--max-np", str(max_np), *train_args]
     spawned: list[subprocess.Popen] = []

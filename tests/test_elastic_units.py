@@ -121,3 +121,16 @@ def test_horovodrun_command():
     assert cmd[cmd.index("train") + 1:] == ["--elastic", "--max-np", "2", "--dataset", "digits", "--out", "runs/x"]
     with pytest.raises(ValueError, match="--out"):
         build_command(["--dataset", "digits"], min_np=1, max_np=2)
+
+
+def test_a_new_job_forgets_the_previous_jobs_standby_claims(tmp_path):
+    # A claim marker left by an earlier job in the same run dir (--resume) names a PID that a new
+    # standby may get again; it must not count as taken in the new job.
+    from hvd_abs.elastic.standby import standby_dir
+    from hvd_abs.launch_horovod import run_with_standbys
+
+    d = standby_dir(tmp_path)
+    d.mkdir(parents=True)
+    (d / "4242.claimed.77").touch()
+    assert run_with_standbys([sys.executable, "-c", "pass"], ["--out", str(tmp_path)], max_np=1, keep=0) == 0
+    assert not list(d.glob("*.claimed.*"))
