@@ -32,6 +32,12 @@ small model leaves it mostly idle). The parent then writes <out>/<name>.json as
 (<name>_acc_vs_updates.png, <name>_batch_vs_epoch.png, <name>_eig.png), and prints a markdown table.
 `--collect-only` rebuilds the JSON, plots and table from an existing --runs-dir (e.g. copied back
 from another machine). Nothing in the outputs is typed in by hand: every number comes from a run.
+
+In pieces (a machine lent for minutes at a time): every run writes a checkpoint at each epoch end
+(removed when it finishes); `--stop-after-s S` stops all runs at their first epoch end past S
+seconds, and running the same command again on the same --runs-dir continues each unfinished run
+from its checkpoint, exactly as if it had not stopped (tests/test_abs_study.py). Carry the runs
+dir between machines (tar it, newest checkpoints only: about 2.2 MB per ResNet-20 run).
 """
 from __future__ import annotations
 
@@ -40,6 +46,7 @@ import dataclasses
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -97,6 +104,9 @@ def make_protocol(args: argparse.Namespace) -> dict[str, Any]:
         decays = [d for d in decays if 0 < d < epochs]
         models[m] = {"lr": recipe["lr"], "decay_epochs": decays, "lr_decay": 0.2,
                      "large_batch_lr": recipe["lr"] * large / BASE_BATCH}
+    from hvd_abs.train import DEFAULT_EIG_SAMPLES
+
+    eig_samples = args.eig_samples or DEFAULT_EIG_SAMPLES
     shortened = []
     if epochs != PAPER_EPOCHS:
         shortened.append(f"{epochs} epochs instead of {PAPER_EPOCHS} (LR decay epochs and the duration "
@@ -113,7 +123,8 @@ def make_protocol(args: argparse.Namespace) -> dict[str, Any]:
         "epochs": epochs, "train_samples": n_train, "eval_subset": eval_subset or None,
         "base_batch": BASE_BATCH, "max_batch": max_batch, "large_batch": large, "duration": duration,
         "models": models, "methods": list(args.methods), "seeds": list(args.seeds),
-        "eig": "trainer defaults (stochastic power iteration, 1024 samples, tol 1e-2, <= 10 iter)",
+        "eig": f"trainer defaults (stochastic power iteration, tol 1e-2, <= 10 iter) on {eig_samples} samples",
+        "eig_samples": eig_samples,
         "adversarial": "trainer defaults for absa (FGSM eps 0.005, ratio 0.2 halved per doubling, off from E/2)",
         "momentum": 0.9, "weight_decay": 0.0, "augmentation": "none (as the reference)",
         "normalisation": "per-channel mean/std inside the model (hvd_abs.models)",
@@ -124,12 +135,12 @@ def make_protocol(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_config(proto: dict[str, Any], model: str, method: str, seed: int, out: Path, args: argparse.Namespace):
     """The TrainConfig of one run."""
-    from hvd_abs.train import TrainConfig
+    from hvd_abs.train import DEFAULT_EIG_SAMPLES, TrainConfig
 
     m = proto["models"][model]
     common = dict(dataset="cifar10", data_dir=args.data_dir, model=model, epochs=proto["epochs"],
                   base_batch=BASE_BATCH, lr_decay=m["lr_decay"], lr_decay_epochs=m["decay_epochs"],
-                  duration=proto["duration"], seed=seed, out=str(out), overwrite=True, quiet=True,
+                  duration=proto["duration"], eig_samples=proto.get("eig_samples", DEFAULT_EIG_SAMPLES), seed=seed, out=str(out), overwrite=True, quiet=True,
                   device=args.device, threads=args.threads)
     if method == "sgd":
         return TrainConfig(method="sgd", batch=BASE_BATCH, lr=m["lr"], max_batch=BASE_BATCH, **common)
@@ -159,12 +170,16 @@ def subset_data(data, n_train: int, eval_subset: int | None, device: str):
     return data, full
 
 
+class _TimeUp(Exception):
+    """--stop-after-s passed: leave the run at an epoch end, to be continued."""
+
+
 def run_one(args: argparse.Namespace) -> None:
     """Train one (model, method, seed) and write result.json into its run dir."""
     from hvd_abs.comm import LocalComm
     from hvd_abs.data import load_dataset
     from hvd_abs.metrics import MetricsWriter
-    from hvd_abs.train import Trainer, finish, prepare_out_dir
+    from hvd_abs.train import CHECKPOINT_DIR, Trainer, finish, prepare_out_dir
 
     proto = json.loads(Path(args.run_one_protocol).read_text())
     model, method, seed = args.run_one.split(":")
@@ -176,8 +191,14 @@ def run_one(args: argparse.Namespace) -> None:
     load_s = time.perf_counter() - t_load
     cfg = run_config(proto, model, method, seed, out, args)
     trainer = Trainer(cfg, comm=LocalComm(), data=data)
-    prepare_out_dir(out, True)
+    # A run cut short (--stop-after-s, a killed job) continues from its newest epoch checkpoint;
+    # --rerun (run_one_fresh) starts over.
+    resume = (out / CHECKPOINT_DIR).is_dir() and not args.run_one_fresh
+    if resume:
+        trainer.resume(out, collective=False)
+    prepare_out_dir(out, overwrite=not resume)
     writer = MetricsWriter(out)
+    trainer.on_epoch_end = lambda grew: trainer.save_checkpoint(writer)
     t_start = time.perf_counter()
 
     def record(test_acc: float, test_loss: float | None, test_samples: int, complete: bool,
@@ -208,9 +229,16 @@ def run_one(args: argparse.Namespace) -> None:
         # A partial result after every epoch: a run cut short (a time limit) still reports how far it got.
         partial = record(r["test_acc"], r["test_loss"], int(data.test_y.shape[0]), complete=False)
         (out / "result.json").write_text(json.dumps(partial, indent=1) + "\n")
+        out_of_time = args.stop_after_s is not None and time.perf_counter() - t_load >= args.stop_after_s
+        if out_of_time and trainer.epoch < cfg.epochs:
+            raise _TimeUp  # after this epoch's checkpoint (on_epoch_end runs first)
 
     try:
         summary = trainer.fit(writer, on_epoch=on_epoch)
+    except _TimeUp:
+        print(f"stopped {model} {method} s{seed} after epoch {trainer.epoch} of {cfg.epochs} (--stop-after-s); "
+              f"the next study run continues it", flush=True)
+        return
     finally:
         writer.close()
     # The final accuracy always on the whole test split (the per-epoch one may be on a subset).
@@ -221,13 +249,16 @@ def run_one(args: argparse.Namespace) -> None:
     finish(trainer, summary, writer, out, plot=True)
     result = record(test_acc, test_loss, int(full.test_y.shape[0]), complete=True, final_eval_s=final_eval_s)
     (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+    shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)  # only a run to be continued needs them
     print(f"done {model} {method} s{seed}: test_acc={test_acc:.4f} updates={trainer.updates} "
           f"wall={trainer.elapsed_s:.0f}s max_batch={result['max_batch_reached']}", flush=True)
 
 
 # --- the study (parent) -------------------------------------------------------------------------------
 def launch_all(args: argparse.Namespace, proto: dict[str, Any]) -> None:
-    """Every missing run as a child process, --jobs at a time, stopping new launches after --deadline-s."""
+    """Every missing or unfinished run as a child process, --jobs at a time. No launches after
+    --deadline-s; with --stop-after-s every run stops at its first epoch end past that many
+    seconds from the study's start (a checkpoint there: the next study run continues it)."""
     runs_dir = Path(args.runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
     proto_path = runs_dir / "protocol.json"
@@ -246,16 +277,21 @@ def launch_all(args: argparse.Namespace, proto: dict[str, Any]) -> None:
             "--data-dir", args.data_dir, "--run-one-protocol", str(proto_path)]
     if args.threads:
         base += ["--threads", str(args.threads)]
+    if args.rerun:
+        base += ["--run-one-fresh"]
     while todo or running:
         while todo and len(running) < args.jobs:
-            if args.deadline_s and time.perf_counter() - t0 > args.deadline_s:
+            elapsed = time.perf_counter() - t0
+            stop = args.stop_after_s is not None and elapsed >= args.stop_after_s
+            if (args.deadline_s and elapsed > args.deadline_s) or stop:
                 print(f"deadline reached: {len(todo)} runs not started", flush=True)
                 todo = []
                 break
             m, meth, s = todo.pop(0)
             key = f"{m}:{meth}:{s}"
             print(f"start {key}", flush=True)
-            running.append((subprocess.Popen(base + ["--run-one", key]), key))
+            extra = [] if args.stop_after_s is None else ["--stop-after-s", str(args.stop_after_s - elapsed)]
+            running.append((subprocess.Popen(base + ["--run-one", key] + extra), key))
         time.sleep(1.0)
         for p, key in list(running):
             if p.poll() is not None:
@@ -432,10 +468,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-subset", type=int, default=None, help="training images (default: protocol's)")
     p.add_argument("--eval-subset", type=int, default=None,
                    help="test images for the per-epoch accuracy (0: all; final accuracy always on all)")
+    p.add_argument("--eig-samples", type=int, default=None,
+                   help="training samples per epoch-end eigenvalue estimate (default: the trainer's, 1024)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch threads per run")
     p.add_argument("--jobs", type=int, default=1, help="runs at once (child processes)")
     p.add_argument("--deadline-s", type=float, default=0, help="start no run after this many seconds (0: none)")
+    p.add_argument("--stop-after-s", type=float, default=None,
+                   help="stop every run at its first epoch end past this many seconds (checkpointed; running "
+                        "the study again continues it): the full protocol in pieces of a time-limited machine")
     p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "cifar10"))
     p.add_argument("--runs-dir", default=None, help="run dirs (default runs/abs_study_<protocol>)")
     p.add_argument("--out", default=str(RESULTS), help="where the JSON and plots go")
@@ -445,6 +486,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--collect-only", action="store_true", help="only rebuild JSON/plots/table from --runs-dir")
     p.add_argument("--run-one", default=None, help=argparse.SUPPRESS)
     p.add_argument("--run-one-protocol", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--run-one-fresh", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.run_one is None:
         args.models = [m.strip() for m in args.models.split(",") if m.strip()]

@@ -1,0 +1,76 @@
+"""benchmarks/abs_study.py in pieces: a study stopped by --stop-after-s and run again continues
+every run from its epoch checkpoint, and ends where an uninterrupted study ends.
+
+Runs the real study script (child processes, real trainer) on a small generated Cifar-like image
+folder: 10 classes of 32x32 images, so no test needs the shared 60,000-image set.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+STUDY = ROOT / "benchmarks" / "abs_study.py"
+
+
+def _make_cifar_like(root: Path, n_train: int, n_test: int) -> Path:
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for i in range(n):
+            label = i % 10
+            # class-dependent mean colour plus noise: learnable, not trivial
+            img = np.clip(rng.normal(25 * label, 60, size=(32, 32, 3)), 0, 255).astype(np.uint8)
+            d = root / split / f"c{label}"
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(d / f"{i}.png")
+    return root
+
+
+def _study(tmp: Path, data: Path, runs: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, str(STUDY), "--protocol", "quick", "--models", "c1", "--methods", "sgd,absa",
+           "--seeds", "0", "--epochs", "3", "--train-subset", "1024", "--eval-subset", "0", "--eig-samples", "256", "--jobs", "2",
+           "--data-dir", str(data), "--runs-dir", str(tmp / runs), "--out", str(tmp / f"out_{runs}"), *extra]
+    env = dict(os.environ, HVD_ABS_CACHE=str(tmp / "cache"), OMP_NUM_THREADS="1")  # 1 thread per run
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _result(tmp: Path, runs: str, method: str) -> dict:
+    return json.loads((tmp / runs / f"c1_{method}_s0" / "result.json").read_text())
+
+
+@pytest.mark.multiprocess
+def test_a_stopped_study_continues_where_it_stopped(tmp_path: Path) -> None:
+    data = _make_cifar_like(tmp_path / "cifar", n_train=1024, n_test=100)
+    _study(tmp_path, data, "whole")
+
+    # Both runs start at once and stop at their first epoch end (an epoch here takes over 1 s):
+    # each is left after epoch 1 with a checkpoint.
+    proc = _study(tmp_path, data, "pieces", "--stop-after-s", "1")
+    assert proc.stdout.count("--stop-after-s") == 2, proc.stdout
+    for method in ("sgd", "absa"):
+        r = _result(tmp_path, "pieces", method)
+        assert not r["complete"] and r["epochs"] == 1
+        assert list((tmp_path / "pieces" / f"c1_{method}_s0" / "checkpoints").glob("ckpt-*.pt"))
+    table = json.loads((tmp_path / "out_pieces" / "abs_study.json").read_text())
+    assert table["runs"] == [] and len(table["incomplete_runs"]) == 2
+
+    # Run again: both continue from epoch 2 and finish as the uninterrupted study did.
+    proc = _study(tmp_path, data, "pieces")
+    assert " epoch 1:" not in proc.stdout and proc.stdout.count(" epoch 2:") == 2, proc.stdout  # resumed
+    for method in ("sgd", "absa"):
+        whole, pieces = _result(tmp_path, "whole", method), _result(tmp_path, "pieces", method)
+        assert pieces["complete"] and pieces["epochs"] == 3
+        keys = ("updates", "global_batch", "lr", "eig", "adv_ratio", "train_loss", "test_acc")
+        assert [[c[k] for k in keys] for c in pieces["curve"]] == [[c[k] for k in keys] for c in whole["curve"]]
+        assert pieces["test_acc"] == whole["test_acc"] and pieces["growths"] == whole["growths"]
+        assert not (tmp_path / "pieces" / f"c1_{method}_s0" / "checkpoints").exists()
+    assert _result(tmp_path, "whole", "absa")["max_batch_reached"] == 256  # it grew after the cut, from the state saved before it
