@@ -32,12 +32,12 @@ def extension_build():
     cu = [os.path.join("cpp", f) for f in sorted(os.listdir(os.path.join(HERE, "cpp"))) if f.endswith(".cu")]
     # -ffp-contract=off: no FMA contraction, so every build of the kernels rounds the same way.
     cxx = ["-O3", "-std=c++20", "-ffp-contract=off"]
-    link = []
+    openmp = []
     if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
-        # at::parallel_for is a header template: without -fopenmp it runs serially. Linked against
-        # libgomp.so.1, the soname torch ships and has already loaded, so there is one pool.
-        cxx.append("-fopenmp")
-        link.append("-fopenmp")
+        # at::parallel_for is a header template: without -fopenmp it runs serially. Compiled with
+        # it but not linked to an OpenMP library: the GOMP_* symbols bind at load time to the
+        # runtime torch already loaded (its libgomp, whatever its file name), so one thread pool.
+        openmp = ["-fopenmp"]
     want_cuda = torch.version.cuda is not None and ce.CUDA_HOME is not None and os.environ.get("HVD_ABS_NO_CUDA") != "1"
     if want_cuda and cu:
         # torch's CUDA headers include the math libraries' headers (cusparse.h, cublas.h), which a
@@ -47,33 +47,42 @@ def extension_build():
         after = [flag for d in nvidia for flag in ("-idirafter", os.path.abspath(d))]
         ext = ce.CUDAExtension(
             "hvd_abs._C", cpp + cu, define_macros=[("HVD_ABS_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx + after,
+            extra_compile_args={"cxx": cxx + openmp + after,
                                 "nvcc": ["-O3", "-std=c++20"] + [f"-Xcompiler={f}" for f in after]},
-            extra_link_args=link,
         )
     else:
-        ext = ce.CppExtension("hvd_abs._C", cpp, extra_compile_args={"cxx": cxx}, extra_link_args=link)
+        ext = ce.CppExtension("hvd_abs._C", cpp, extra_compile_args={"cxx": cxx + openmp})
 
     class OptionalBuild(ce.BuildExtension):
-        """Never lets a broken toolchain break `pip install`: a failed CUDA build falls back to a
-        CPU-only build, and a failed CPU build to no extension (the PyTorch fallback)."""
+        """Never lets a broken toolchain break `pip install`: a failed build is retried without
+        the CUDA kernels, then without OpenMP (serial CPU kernels), and a failure of all gives no
+        extension (the PyTorch fallback)."""
 
         failed: set[str] = set()
 
-        def build_extension(self, extension):
+        def _try(self, extension, what: str) -> bool:
             try:
-                return super().build_extension(extension)
+                super().build_extension(extension)
+                return True
             except Exception as exc:  # noqa: BLE001 - any compiler/linker failure
-                print(f"hvd_abs: WARNING: C++ extension build failed ({exc})", file=sys.stderr)
+                print(f"hvd_abs: WARNING: {what} build of the C++ extension failed ({exc})", file=sys.stderr)
+                return False
+
+        def build_extension(self, extension):
+            if self._try(extension, "the full"):
+                return
             if any(s.endswith(".cu") for s in extension.sources):
                 print("hvd_abs: WARNING: retrying the extension without CUDA kernels", file=sys.stderr)
                 extension.sources = [s for s in extension.sources if not s.endswith(".cu")]
                 extension.define_macros = [m for m in extension.define_macros if m[0] != "HVD_ABS_WITH_CUDA"]
+                extension.extra_compile_args = {"cxx": cxx + openmp}
+                if self._try(extension, "the CPU-only"):
+                    return
+            if openmp:
+                print("hvd_abs: WARNING: retrying the extension without OpenMP (serial kernels)", file=sys.stderr)
                 extension.extra_compile_args = {"cxx": cxx}
-                try:
-                    return super().build_extension(extension)
-                except Exception as exc:  # noqa: BLE001
-                    print(f"hvd_abs: WARNING: CPU-only extension build failed ({exc})", file=sys.stderr)
+                if self._try(extension, "the serial CPU"):
+                    return
             print("hvd_abs: WARNING: no C++ extension; using the PyTorch fallback", file=sys.stderr)
             self.failed.add(extension.name)
 

@@ -178,6 +178,7 @@ def run_one(args: argparse.Namespace) -> None:
     """Train one (model, method, seed) and write result.json into its run dir."""
     from hvd_abs.comm import LocalComm
     from hvd_abs.data import load_dataset
+    from hvd_abs.elastic.checkpoint import load_latest
     from hvd_abs.metrics import MetricsWriter
     from hvd_abs.train import CHECKPOINT_DIR, Trainer, finish, prepare_out_dir
 
@@ -191,9 +192,10 @@ def run_one(args: argparse.Namespace) -> None:
     load_s = time.perf_counter() - t_load
     cfg = run_config(proto, model, method, seed, out, args)
     trainer = Trainer(cfg, comm=LocalComm(), data=data)
-    # A run cut short (--stop-after-s, a killed job) continues from its newest epoch checkpoint;
-    # --rerun (run_one_fresh) starts over.
-    resume = (out / CHECKPOINT_DIR).is_dir() and not args.run_one_fresh
+    # A run cut short (--stop-after-s, a killed job) continues from its newest epoch checkpoint
+    # that verifies (none: a kill during the first save; the run starts over). --rerun: the parent
+    # has removed the run dir.
+    resume = load_latest(out / CHECKPOINT_DIR) is not None
     if resume:
         trainer.resume(out, collective=False)
     prepare_out_dir(out, overwrite=not resume)
@@ -255,13 +257,21 @@ def run_one(args: argparse.Namespace) -> None:
 
 
 # --- the study (parent) -------------------------------------------------------------------------------
-def launch_all(args: argparse.Namespace, proto: dict[str, Any]) -> None:
+def launch_all(args: argparse.Namespace, proto: dict[str, Any]) -> dict[str, Any]:
     """Every missing or unfinished run as a child process, --jobs at a time. No launches after
     --deadline-s; with --stop-after-s every run stops at its first epoch end past that many
     seconds from the study's start (a checkpoint there: the next study run continues it)."""
     runs_dir = Path(args.runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
     proto_path = runs_dir / "protocol.json"
+    if proto_path.exists() and not args.rerun:
+        # Finished runs are kept and unfinished ones continued: only under the same protocol.
+        old = json.loads(proto_path.read_text())
+        diff = protocol_diff(old, proto)
+        if diff:
+            sys.exit(f"abs_study: {runs_dir} holds runs of another protocol ({'; '.join(diff)}): pass --rerun to "
+                     f"start them over, or another --runs-dir")
+        proto = {**proto, "models": {**old["models"], **proto["models"]}}  # models run earlier stay in the table
     proto_path.write_text(json.dumps(proto, indent=1))
     # Decode (or read the cache of) the data once, before children race to build the cache.
     from hvd_abs.data import load_dataset
@@ -269,7 +279,10 @@ def launch_all(args: argparse.Namespace, proto: dict[str, Any]) -> None:
     load_dataset("cifar10", data_dir=args.data_dir)
     # Order: seed-major, so a cut-short study still has every method for the first seed(s).
     todo = [(m, meth, s) for s in args.seeds for m in args.models for meth in args.methods]
-    if not args.rerun:
+    if args.rerun:
+        for m, meth, s in todo:  # start over: nothing of an earlier run may be continued or reported
+            shutil.rmtree(runs_dir / f"{m}_{meth}_s{s}", ignore_errors=True)
+    else:
         todo = [t for t in todo if not _complete(runs_dir / f"{t[0]}_{t[1]}_s{t[2]}" / "result.json")]
     t0 = time.perf_counter()
     running: list[tuple[subprocess.Popen, str]] = []
@@ -277,8 +290,6 @@ def launch_all(args: argparse.Namespace, proto: dict[str, Any]) -> None:
             "--data-dir", args.data_dir, "--run-one-protocol", str(proto_path)]
     if args.threads:
         base += ["--threads", str(args.threads)]
-    if args.rerun:
-        base += ["--run-one-fresh"]
     while todo or running:
         while todo and len(running) < args.jobs:
             elapsed = time.perf_counter() - t0
@@ -299,6 +310,24 @@ def launch_all(args: argparse.Namespace, proto: dict[str, Any]) -> None:
                 if p.returncode != 0:
                     print(f"run {key} failed with exit code {p.returncode}", flush=True)
     print(f"all runs finished in {time.perf_counter() - t0:.0f}s", flush=True)
+    return proto
+
+
+# What makes two studies' runs comparable (descriptions, the device and the model list may differ).
+PROTOCOL_KNOBS = ("epochs", "train_samples", "eval_subset", "base_batch", "max_batch", "large_batch", "duration",
+                  "eig_samples")
+
+
+def protocol_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The knobs in which two protocols differ, as 'knob old -> new' (empty: runs are comparable)."""
+    def knob(p: dict[str, Any], k: str) -> Any:
+        return p.get(k, 1024) if k == "eig_samples" else p.get(k)  # 1024: before --eig-samples existed
+
+    diff = [f"{k} {knob(old, k)} -> {knob(new, k)}" for k in PROTOCOL_KNOBS if knob(old, k) != knob(new, k)]
+    for m in sorted(set(old["models"]) & set(new["models"])):  # a model's recipe: LR, decays, large-batch LR
+        if old["models"][m] != new["models"][m]:
+            diff.append(f"{m} recipe {old['models'][m]} -> {new['models'][m]}")
+    return diff
 
 
 def _complete(path: Path) -> bool:
@@ -486,7 +515,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--collect-only", action="store_true", help="only rebuild JSON/plots/table from --runs-dir")
     p.add_argument("--run-one", default=None, help=argparse.SUPPRESS)
     p.add_argument("--run-one-protocol", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--run-one-fresh", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.run_one is None:
         args.models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -514,7 +542,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.collect_only:
         proto = make_protocol(args)
         print(json.dumps(proto, indent=1), flush=True)
-        launch_all(args, proto)
+        proto = launch_all(args, proto)
     collect(args, proto)
 
 

@@ -299,7 +299,7 @@ at::Tensor list_dot_cpu(at::TensorList a, at::TensorList b) {
 
 at::Tensor lincomb_cpu(at::TensorList out, at::TensorList basis, const at::Tensor& coeffs, double beta) {
   const int64_t k = check_basis("lincomb_", basis, out);
-  check_mutable("lincomb_", out);
+  check_mutable("lincomb_", out, basis);
   auto c = check_coeffs("lincomb_", coeffs, k).to(at::kCPU).contiguous();
   std::vector<at::Tensor> os(out.begin(), out.end());
   auto bs = contiguous_all(basis);
@@ -309,7 +309,7 @@ at::Tensor lincomb_cpu(at::TensorList out, at::TensorList basis, const at::Tenso
 
 std::tuple<at::Tensor, at::Tensor> orthonormalize_cpu(at::TensorList v, at::TensorList basis, int64_t passes) {
   const int64_t k = check_basis("orthonormalize_", basis, v);
-  check_mutable("orthonormalize_", v);
+  check_mutable("orthonormalize_", v, basis);
   TORCH_CHECK(passes >= 1, "orthonormalize_: passes must be >= 1 (2 = classical Gram-Schmidt twice), got ", passes);
   std::vector<at::Tensor> vs(v.begin(), v.end());
   auto bs = contiguous_all(basis);
@@ -384,6 +384,7 @@ TORCH_LIBRARY(hvd_abs, m) {
   // out <- beta*out + sum_j coeffs[j]*B_j (coeffs: float64 [k]); returns ||out|| as float64.
   // beta == 0 never reads out. With k == 1 this is axpy-with-norm.
   m.def("lincomb_(Tensor(a!)[] out, Tensor[] basis, Tensor coeffs, float beta=1.0) -> Tensor");
+  // The in-place ops reject an output that shares memory with the basis or with itself.
   // Classical Gram-Schmidt (`passes` times) of v against an orthonormal basis, then v /= ||v||.
   // Returns (B^T v summed over passes as float64 [k], ||v|| before the division as float64).
   m.def("orthonormalize_(Tensor(a!)[] v, Tensor[] basis, int passes=2) -> (Tensor, Tensor)");

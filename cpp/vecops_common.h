@@ -4,6 +4,11 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <vector>
+
 namespace hvd_abs {
 // Internal linkage on purpose: vecops.cpp is compiled by the C++ compiler and vecops_cuda.cu by
 // nvcc's host compiler, which may be a different g++; one shared inline definition picked by the
@@ -39,10 +44,39 @@ inline int64_t check_basis(const char* op, at::TensorList basis, at::TensorList 
   return k;
 }
 
-// In-place ops write through data pointers: the tensors must be dense.
-inline void check_mutable(const char* op, at::TensorList v) {
+// In-place ops write through data pointers: the output tensors must be dense, and no output
+// tensor may share memory with another output tensor or with a basis tensor (the kernels update
+// the output in place while other blocks, possibly on other threads, still read the basis).
+// Checked on byte ranges: sorted by start, any range that begins before the previous ones end
+// overlaps them; basis ranges may overlap each other (they are only read).
+inline void check_mutable(const char* op, at::TensorList v, at::TensorList basis) {
   for (size_t t = 0; t < v.size(); ++t) {
     TORCH_CHECK(v[t].is_contiguous(), op, ": tensor ", t, " of the output is not contiguous; pass .contiguous() tensors");
+  }
+  struct Range {
+    uintptr_t begin, end;
+    bool out;
+  };
+  std::vector<Range> ranges;
+  ranges.reserve(v.size() + basis.size());
+  auto add = [&](const at::Tensor& x, bool out) {
+    if (x.numel() == 0) return;
+    const auto b = reinterpret_cast<uintptr_t>(x.data_ptr());
+    // Basis tensors may be strided views: their span, from the first to one past the last element.
+    int64_t span = 1;
+    for (int64_t d = 0; d < x.dim(); ++d) span += (x.size(d) - 1) * std::abs(x.stride(d));
+    ranges.push_back({b, b + static_cast<uintptr_t>(span * x.element_size()), out});
+  };
+  for (const auto& x : v) add(x, true);
+  for (const auto& x : basis) add(x, false);
+  std::sort(ranges.begin(), ranges.end(), [](const Range& a, const Range& b) { return a.begin < b.begin; });
+  uintptr_t end_any = 0, end_out = 0;  // furthest end so far, of any range / of output ranges
+  for (const auto& r : ranges) {
+    TORCH_CHECK(r.begin >= end_out && (!r.out || r.begin >= end_any), op,
+                ": the output shares memory with ", r.out ? "another tensor" : "a basis tensor",
+                "; pass an output that is not part of the basis (e.g. a .clone())");
+    end_any = std::max(end_any, r.end);
+    if (r.out) end_out = std::max(end_out, r.end);
   }
 }
 

@@ -229,7 +229,7 @@ at::Tensor list_dot_cuda(at::TensorList a, at::TensorList b) {
 
 at::Tensor lincomb_cuda(at::TensorList out, at::TensorList basis, const at::Tensor& coeffs, double beta) {
   const int64_t k = check_cuda("lincomb_", basis, out);
-  check_mutable("lincomb_", out);
+  check_mutable("lincomb_", out, basis);
   TORCH_CHECK(!out.empty(), "lincomb_: out is empty");
   const c10::cuda::CUDAGuard guard(out[0].device());
   auto c = check_coeffs("lincomb_", coeffs, k).to(out[0].device()).contiguous();
@@ -242,7 +242,7 @@ at::Tensor lincomb_cuda(at::TensorList out, at::TensorList basis, const at::Tens
 
 std::tuple<at::Tensor, at::Tensor> orthonormalize_cuda(at::TensorList v, at::TensorList basis, int64_t passes) {
   const int64_t k = check_cuda("orthonormalize_", basis, v);
-  check_mutable("orthonormalize_", v);
+  check_mutable("orthonormalize_", v, basis);
   TORCH_CHECK(passes >= 1, "orthonormalize_: passes must be >= 1 (2 = classical Gram-Schmidt twice), got ", passes);
   TORCH_CHECK(!v.empty(), "orthonormalize_: v is empty");
   const c10::cuda::CUDAGuard guard(v[0].device());

@@ -139,9 +139,19 @@ def test_native_rejects_bad_input_with_a_fix() -> None:
     with pytest.raises(RuntimeError, match="float32 and float64"):
         ops.multi_dot([t.half() for t in v], [t.half() for t in v])
     with pytest.raises(RuntimeError, match="coeffs must be 1-D"):
-        ops.lincomb_(v, v, torch.zeros(2, dtype=torch.float64), 1.0)
+        ops.lincomb_(v, [t.clone() for t in v], torch.zeros(2, dtype=torch.float64), 1.0)
     with pytest.raises(RuntimeError, match="not contiguous"):
         ops.orthonormalize_([torch.randn(4, 3).t(), torch.randn(4)], [], 2)
+    # The output is updated in place while the basis is read: they must not share memory.
+    with pytest.raises(RuntimeError, match="shares memory with a basis tensor"):
+        ops.lincomb_(v, [v[0], torch.randn(4)], torch.ones(1, dtype=torch.float64), 1.0)
+    x = torch.randn(20)
+    with pytest.raises(RuntimeError, match="shares memory with a basis tensor"):
+        ops.orthonormalize_([x[:8]], [x[6:14]], 2)
+    with pytest.raises(RuntimeError, match="shares memory with another tensor"):
+        ops.orthonormalize_([x[:8], x[4:12]], [], 2)
+    # Basis tensors may share memory with each other (they are only read).
+    ops.lincomb_([torch.zeros(8)], [x[:8], x[2:10]], torch.ones(2, dtype=torch.float64), 1.0)
 
 
 @pytest.mark.parametrize("device", DEVICES)

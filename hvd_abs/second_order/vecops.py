@@ -13,6 +13,9 @@ vectors (orthonormal where an op says so). Every backend offers the same methods
   the CPU, ||v|| before the division). A zero vector is left as it is (norm 0 = breakdown).
 - ``flatten(xs) -> Tensor`` and ``unflatten(flat, like) -> list[Tensor]`` (copies).
 
+The in-place ops' output must not share memory with the basis (or with itself): the native
+kernels update it while other blocks still read the basis, and reject such input.
+
 ``get()`` returns the best available backend (native, else foreach), chosen once and logged once;
 ``get("native" | "foreach" | "loop")`` forces one, for benchmarks and parity tests.
 """
