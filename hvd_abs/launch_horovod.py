@@ -26,10 +26,11 @@ def run_dir_of(train_args: list[str]) -> Path:
 
 def build_command(train_args: list[str], *, min_np: int, max_np: int, hostfile: str | None = None,
                   nic: str = "lo", cooldown: str = "5,30", python: str | None = None,
-                  warm: bool = False) -> list[str]:
+                  warm: bool = False, warm_timeout: float = 30.0) -> list[str]:
     """horovodrun argv: elastic (discovery script + min/max np) over Gloo, running
     `python -m hvd_abs train --elastic --max-np N TRAIN_ARGS`. Raises ValueError naming the fix.
-    warm: each worker slot starts through warm_exec, which hands it to a ready standby."""
+    warm: each worker slot starts through warm_exec, which hands it to a ready standby; growth
+    waits up to warm_timeout seconds for standbys, then adds the slots cold."""
     run_dir = str(run_dir_of(train_args))
     if cooldown and not re.fullmatch(r"\d+,\d+", cooldown):
         raise ValueError(f"--blacklist-cooldown must be MIN,MAX seconds like 5,30, got {cooldown!r}")
@@ -39,7 +40,7 @@ def build_command(train_args: list[str], *, min_np: int, max_np: int, hostfile: 
     if hostfile:
         discovery += ["--hostfile", str(Path(hostfile).resolve())]
     if warm:
-        discovery += ["--warm"]
+        discovery += ["--warm", "--warm-timeout", f"{warm_timeout:g}"]
     cmd = ["horovodrun" if python else str(Path(py).parent / "horovodrun"),
            "--gloo", "-np", str(min_np), "--min-np", str(min_np), "--max-np", str(max_np),
            "--network-interface", nic, "--host-discovery-script", shlex.join(discovery)]
@@ -67,10 +68,6 @@ def run_with_standbys(cmd: list[str], train_args: list[str], max_np: int, keep: 
     py = python or sys.executable
     directory = standby_dir(run_dir_of(train_args))
     directory.mkdir(parents=True, exist_ok=True)
-    # Claim markers of an earlier job in this run dir (--resume) would mark a new standby that
-    # happens to get a reused PID as taken. This job's markers stay: they record its joins.
-    for stale in directory.glob("*.claimed.*"):
-        stale.unlink(missing_ok=True)
     standby_cmd = [py, "-m", "hvd_abs.elastic.standby", "--dir", str(directory), "--",
                    "train", "--elastic", "--max-np", str(max_np), *train_args]
     spawned: list[subprocess.Popen] = []

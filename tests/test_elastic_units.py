@@ -123,14 +123,21 @@ def test_horovodrun_command():
         build_command(["--dataset", "digits"], min_np=1, max_np=2)
 
 
-def test_a_new_job_forgets_the_previous_jobs_standby_claims(tmp_path):
-    # A claim marker left by an earlier job in the same run dir (--resume) names a PID that a new
-    # standby may get again; it must not count as taken in the new job.
-    from hvd_abs.elastic.standby import standby_dir
-    from hvd_abs.launch_horovod import run_with_standbys
 
-    d = standby_dir(tmp_path)
-    d.mkdir(parents=True)
-    (d / "4242.claimed.77").touch()
-    assert run_with_standbys([sys.executable, "-c", "pass"], ["--out", str(tmp_path)], max_np=1, keep=0) == 0
-    assert not list(d.glob("*.claimed.*"))
+def test_warm_growth_waits_for_standbys_up_to_the_warm_timeout(tmp_path, capsys):
+    from hvd_abs.elastic import discovery
+
+    def poll(*extra: str) -> list[str]:
+        assert discovery.main(["--run-dir", str(tmp_path), "--max-np", "2", "--warm", *extra]) == 0
+        return capsys.readouterr().out.split()
+
+    start_job(tmp_path, 1)
+    assert poll() == ["localhost:1"]
+    write_wanted(tmp_path, 2)  # growth, no standby ready: wait (the job accumulates meanwhile)
+    assert poll() == ["localhost:1"]
+    assert poll("--warm-timeout", "3600") == ["localhost:1"]
+    assert poll("--warm-timeout", "0") == ["localhost:1", "127.0.0.1:1"]  # waited long enough: cold
+    assert discovery.main(["--run-dir", str(tmp_path), "--max-np", "2", "--warm", "--warm-timeout", "-1"]) == 2
+    assert "--warm-timeout" in capsys.readouterr().err
+    cmd = build_command(["--out", str(tmp_path)], min_np=1, max_np=2, python="py", warm=True, warm_timeout=7.5)
+    assert "--warm --warm-timeout 7.5" in cmd[cmd.index("--host-discovery-script") + 1]

@@ -170,6 +170,7 @@ def test_warm_pool_replaces_failed_warmups_then_goes_cold() -> None:
     ({"cpus_per_worker": 0}, "not both 0"),
     ({"cooldown_range": (0, 5)}, "1 <= MIN <= MAX"),
     ({"env": {"HOROVOD_RANK": "1"}}, "no HOROVOD_"),
+    ({"warm_timeout": -1}, "warm_timeout must be >= 0"),
 ])
 def test_executor_rejects_bad_parameters(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
@@ -223,6 +224,9 @@ def test_launch_ray_runs_train_elastic_with_absolute_out(tmp_path, monkeypatch) 
     assert seen["args"] == (["--elastic", "--max-np", "2", "--dataset", "digits", f"--out={out}"],)
     # Workers warm up (imports, data) on the same command line before their slot is offered.
     assert seen["warmup"].func is ray_executor.warm_train_worker and seen["warmup"].args == seen["args"]
+    assert seen["kwargs"]["warm_timeout"] == 60.0
+    result = CliRunner().invoke(cli, ["launch", "ray", "--address", "local", "--warm-timeout", "5", "--", "--out=runs/x"])
+    assert result.exit_code == 0 and seen["kwargs"]["warm_timeout"] == 5.0, result.output
     result = CliRunner().invoke(cli, ["launch", "ray", "--address", "local", "--cold", "--", "--out=runs/x"])
     assert result.exit_code == 0, result.output
     assert seen["warmup"] is None

@@ -27,10 +27,12 @@ def command() -> None:
 @click.option("--warm", type=click.IntRange(min=0), default=0, show_default=True,
               help="Keep this many pre-started, pre-imported standby workers ready on this host; "
                    "growth adds slots only as standbys are ready, so joins skip the cold start.")
+@click.option("--warm-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              help="With --warm: seconds growth waits for ready standbys before adding the slots cold.")
 @click.option("--dry-run", is_flag=True, help="Print the horovodrun command without running it.")
 @click.argument("train_args", nargs=-1, type=click.UNPROCESSED)
 def horovod(min_np: int, max_np: int, hostfile: str | None, network_interface: str, blacklist_cooldown: str,
-            warm: int, dry_run: bool, train_args: tuple[str, ...]) -> None:
+            warm: int, warm_timeout: float, dry_run: bool, train_args: tuple[str, ...]) -> None:
     """Build, print and run the elastic horovodrun command for `hvd-abs train TRAIN_ARGS`.
 
     Example: hvd-abs launch horovod --min-np 1 --max-np 2 -- --dataset digits --method absa --out runs/x
@@ -48,7 +50,8 @@ def horovod(min_np: int, max_np: int, hostfile: str | None, network_interface: s
     _check_train(list(train_args))
     try:
         cmd = build_command(list(train_args), min_np=min_np, max_np=max_np, hostfile=hostfile,
-                            nic=network_interface, cooldown=blacklist_cooldown, warm=warm > 0)
+                            nic=network_interface, cooldown=blacklist_cooldown, warm=warm > 0,
+                            warm_timeout=warm_timeout)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     click.echo("+ " + shlex.join(cmd), err=True)
@@ -142,9 +145,11 @@ def ray_address(address: str) -> str:
 @click.option("--warm/--cold", default=True, show_default=True,
               help="Offer a joining worker's slot to the job only once the worker has imported and loaded the "
                    "data (the job goes on meanwhile), or right away (the running workers wait for it).")
+@click.option("--warm-timeout", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              help="With --warm: seconds a joining worker may take to warm up before its slot is offered anyway.")
 @click.argument("train_args", nargs=-1, type=click.UNPROCESSED)
 def ray(address: str, min_workers: int, max_workers: int, cpus_per_worker: float, gpus_per_worker: float,
-        network_interface: str | None, warm: bool, train_args: tuple[str, ...]) -> None:
+        network_interface: str | None, warm: bool, warm_timeout: float, train_args: tuple[str, ...]) -> None:
     """Run `hvd-abs train --elastic TRAIN_ARGS` with Ray actors as Horovod workers.
 
     Workers are placed by resources on the cluster's nodes; the job grows when its batch grows
@@ -175,7 +180,7 @@ def ray(address: str, min_workers: int, max_workers: int, cpus_per_worker: float
 
     executor = RayElasticExecutor(min_workers=min_workers, max_workers=max_workers, cpus_per_worker=cpus_per_worker,
                                   gpus_per_worker=gpus_per_worker, address=address, run_dir=run_dir,
-                                  nic=network_interface)
+                                  nic=network_interface, warm_timeout=warm_timeout)
     click.echo(f"+ Ray {address}: {min_workers}..{max_workers} workers x (CPU {cpus_per_worker:g}, GPU "
                f"{gpus_per_worker:g}) running hvd-abs train {' '.join(worker_argv)}", err=True)
     from hvd_abs.elastic.world_signal import start_job

@@ -120,10 +120,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-np", type=int, default=1)
     p.add_argument("--max-np", type=int, required=True)
     p.add_argument("--warm", action="store_true", help="grow only into slots a ready standby will fill")
+    p.add_argument("--warm-timeout", type=float, default=30.0,
+                   help="with --warm: seconds to wait for standbys before growing cold anyway")
     args = p.parse_args(argv)
     if args.min_np < 1 or args.max_np < args.min_np or (args.slots is not None and args.slots < 1):
         print(f"discover_hosts: need 1 <= --min-np <= --max-np and --slots >= 1, got --min-np {args.min_np} "
               f"--max-np {args.max_np} --slots {args.slots}", file=sys.stderr)
+        return 2
+    if not args.warm_timeout >= 0:
+        print(f"discover_hosts: --warm-timeout must be >= 0 seconds, got {args.warm_timeout}", file=sys.stderr)
         return 2
     try:
         if args.hostfile:
@@ -133,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, HostfileError) as exc:
         print(f"discover_hosts: {exc}", file=sys.stderr)
         return 2
-    hosts, note = discover(args.run_dir, pool, args.min_np, args.max_np, warm=args.warm)
+    hosts, note = discover(args.run_dir, pool, args.min_np, args.max_np, warm=args.warm,
+                           cold_after_s=args.warm_timeout)
     if note:
         print(f"discover_hosts: {note}", file=sys.stderr)
     for host, slots in hosts:

@@ -380,7 +380,8 @@ class RayElasticExecutor:
                  gpus_per_worker: float = 0.0, address: str | None = None,
                  run_dir: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,
                  nic: str | None = None, elastic_timeout: int = 600,
-                 cooldown_range: tuple[int, int] | None = (5, 30), reset_limit: int | None = None) -> None:
+                 cooldown_range: tuple[int, int] | None = (5, 30), reset_limit: int | None = None,
+                 warm_timeout: float = 60.0) -> None:
         for name, value in (("min_workers", min_workers), ("max_workers", max_workers)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -392,6 +393,9 @@ class RayElasticExecutor:
         if cooldown_range is not None and not (1 <= cooldown_range[0] <= cooldown_range[1] <= 3600):
             raise ValueError(f"cooldown_range must be (MIN, MAX) seconds with 1 <= MIN <= MAX <= 3600, "
                              f"got {cooldown_range!r}")
+        if not warm_timeout >= 0:
+            raise ValueError(f"warm_timeout must be >= 0 seconds, got {warm_timeout!r}")
+        self.warm_timeout = float(warm_timeout)
         if env is not None and any(not isinstance(k, str) or k.startswith("HOROVOD_") for k in env):
             raise ValueError("env: pass string names, and no HOROVOD_* variables (the executor sets those)")
         self.min_workers, self.max_workers = min_workers, max_workers
@@ -475,7 +479,8 @@ class RayElasticExecutor:
 
         # Gated before the driver exists: its discovery thread polls from construction on, and a
         # host it was offered must never vanish from a later answer.
-        pool = None if warmup is None else WarmPool(warm_actor, warmed, lambda a: ray.kill(a, no_restart=True))
+        pool = None if warmup is None else WarmPool(warm_actor, warmed, lambda a: ray.kill(a, no_restart=True),
+                                                    cold_after_s=self.warm_timeout)
         self.discovery.gate = pool
 
         driver = None
