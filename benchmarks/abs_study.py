@@ -526,6 +526,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         for m in args.methods:
             if m not in METHODS:
                 p.error(f"--methods: unknown method {m!r}; choose from {', '.join(METHODS)}")
+        if args.stop_after_s is not None and not args.stop_after_s > 0:
+            p.error(f"--stop-after-s must be > 0 seconds, got {args.stop_after_s}")
+        if args.eig_samples is not None and args.eig_samples < 1:
+            p.error(f"--eig-samples must be >= 1, got {args.eig_samples}")
         if len(args.seeds) < 2:
             print("warning: fewer than 2 seeds; the table's mean is over one run", file=sys.stderr)
     if args.runs_dir is None:

@@ -80,3 +80,15 @@ def test_a_stopped_study_continues_where_it_stopped(tmp_path: Path) -> None:
     assert refused.returncode != 0 and "epochs 3 -> 4" in refused.stderr and "--rerun" in refused.stderr
     assert "Traceback" not in refused.stderr
     assert _result(tmp_path, "whole", "absa")["max_batch_reached"] == 256  # it grew after the cut, from the state saved before it
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--stop-after-s", "-1"], ["--stop-after-s must be > 0"]),
+    (["--eig-samples", "0"], ["--eig-samples must be >= 1"]),
+    (["--models", "vgg"], ["unknown model 'vgg'"]),
+])
+def test_bad_study_options_exit_2_naming_the_option(argv: list[str], words: list[str], tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(STUDY), *argv, "--runs-dir", str(tmp_path / "runs")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and all(w in proc.stderr for w in words), proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "runs").exists()
