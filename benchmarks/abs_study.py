@@ -140,8 +140,8 @@ def run_config(proto: dict[str, Any], model: str, method: str, seed: int, out: P
     m = proto["models"][model]
     common = dict(dataset="cifar10", data_dir=args.data_dir, model=model, epochs=proto["epochs"],
                   base_batch=BASE_BATCH, lr_decay=m["lr_decay"], lr_decay_epochs=m["decay_epochs"],
-                  duration=proto["duration"], eig_samples=proto.get("eig_samples", DEFAULT_EIG_SAMPLES), seed=seed, out=str(out), overwrite=True, quiet=True,
-                  device=args.device, threads=args.threads)
+                  duration=proto["duration"], eig_samples=proto.get("eig_samples", DEFAULT_EIG_SAMPLES),
+                  seed=seed, out=str(out), overwrite=True, quiet=True, device=args.device, threads=args.threads)
     if method == "sgd":
         return TrainConfig(method="sgd", batch=BASE_BATCH, lr=m["lr"], max_batch=BASE_BATCH, **common)
     if method == "sgd_large":
@@ -178,7 +178,7 @@ def run_one(args: argparse.Namespace) -> None:
     """Train one (model, method, seed) and write result.json into its run dir."""
     from hvd_abs.comm import LocalComm
     from hvd_abs.data import load_dataset
-    from hvd_abs.elastic.checkpoint import load_latest
+    from hvd_abs.errors import UserError
     from hvd_abs.metrics import MetricsWriter
     from hvd_abs.train import CHECKPOINT_DIR, Trainer, finish, prepare_out_dir
 
@@ -193,11 +193,13 @@ def run_one(args: argparse.Namespace) -> None:
     cfg = run_config(proto, model, method, seed, out, args)
     trainer = Trainer(cfg, comm=LocalComm(), data=data)
     # A run cut short (--stop-after-s, a killed job) continues from its newest epoch checkpoint
-    # that verifies (none: a kill during the first save; the run starts over). --rerun: the parent
-    # has removed the run dir.
-    resume = load_latest(out / CHECKPOINT_DIR) is not None
-    if resume:
+    # that verifies. None (a new run, or a kill during the first save): it starts over. --rerun:
+    # the parent has removed the run dir.
+    try:
         trainer.resume(out, collective=False)
+        resume = True
+    except UserError:
+        resume = False
     prepare_out_dir(out, overwrite=not resume)
     writer = MetricsWriter(out)
     trainer.on_epoch_end = lambda grew: trainer.save_checkpoint(writer)
@@ -320,8 +322,10 @@ PROTOCOL_KNOBS = ("epochs", "train_samples", "eval_subset", "base_batch", "max_b
 
 def protocol_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """The knobs in which two protocols differ, as 'knob old -> new' (empty: runs are comparable)."""
-    def knob(p: dict[str, Any], k: str) -> Any:
-        return p.get(k, 1024) if k == "eig_samples" else p.get(k)  # 1024: before --eig-samples existed
+    from hvd_abs.train import DEFAULT_EIG_SAMPLES
+
+    def knob(p: dict[str, Any], k: str) -> Any:  # protocols from before --eig-samples used the default
+        return p.get(k, DEFAULT_EIG_SAMPLES) if k == "eig_samples" else p.get(k)
 
     diff = [f"{k} {knob(old, k)} -> {knob(new, k)}" for k in PROTOCOL_KNOBS if knob(old, k) != knob(new, k)]
     for m in sorted(set(old["models"]) & set(new["models"])):  # a model's recipe: LR, decays, large-batch LR
