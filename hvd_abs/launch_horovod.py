@@ -6,6 +6,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from hvd_abs.elastic.discovery import WARM_TIMEOUT_S
+
 
 def option_value(args: list[str], name: str) -> str | None:
     for i, a in enumerate(args):
@@ -26,7 +28,7 @@ def run_dir_of(train_args: list[str]) -> Path:
 
 def build_command(train_args: list[str], *, min_np: int, max_np: int, hostfile: str | None = None,
                   nic: str = "lo", cooldown: str = "5,30", python: str | None = None,
-                  warm: bool = False, warm_timeout: float = 30.0) -> list[str]:
+                  warm: bool = False, warm_timeout: float = WARM_TIMEOUT_S) -> list[str]:
     """horovodrun argv: elastic (discovery script + min/max np) over Gloo, running
     `python -m hvd_abs train --elastic --max-np N TRAIN_ARGS`. Raises ValueError naming the fix.
     warm: each worker slot starts through warm_exec, which hands it to a ready standby; growth

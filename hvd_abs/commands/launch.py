@@ -7,6 +7,8 @@ import re
 import click
 
 from hvd_abs.commands._errors import user_errors_exit_2
+from hvd_abs.elastic.discovery import WARM_TIMEOUT_S as HOROVOD_WARM_TIMEOUT_S
+from hvd_abs.elastic.ray_executor import WARM_TIMEOUT_S as RAY_WARM_TIMEOUT_S
 
 
 @click.group("launch")
@@ -27,7 +29,7 @@ def command() -> None:
 @click.option("--warm", type=click.IntRange(min=0), default=0, show_default=True,
               help="Keep this many pre-started, pre-imported standby workers ready on this host; "
                    "growth adds slots only as standbys are ready, so joins skip the cold start.")
-@click.option("--warm-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
+@click.option("--warm-timeout", type=click.FloatRange(min=0), default=HOROVOD_WARM_TIMEOUT_S, show_default=True,
               help="With --warm: seconds growth waits for ready standbys before adding the slots cold.")
 @click.option("--dry-run", is_flag=True, help="Print the horovodrun command without running it.")
 @click.argument("train_args", nargs=-1, type=click.UNPROCESSED)
@@ -145,7 +147,7 @@ def ray_address(address: str) -> str:
 @click.option("--warm/--cold", default=True, show_default=True,
               help="Offer a joining worker's slot to the job only once the worker has imported and loaded the "
                    "data (the job goes on meanwhile), or right away (the running workers wait for it).")
-@click.option("--warm-timeout", type=click.FloatRange(min=0), default=60.0, show_default=True,
+@click.option("--warm-timeout", type=click.FloatRange(min=0), default=RAY_WARM_TIMEOUT_S, show_default=True,
               help="With --warm: seconds a joining worker may take to warm up before its slot is offered anyway.")
 @click.argument("train_args", nargs=-1, type=click.UNPROCESSED)
 def ray(address: str, min_workers: int, max_workers: int, cpus_per_worker: float, gpus_per_worker: float,

@@ -65,8 +65,12 @@ def select_hosts(pool: list[tuple[str, int]], wanted: int) -> list[tuple[str, in
     return chosen
 
 
+# How long warm growth waits for ready standbys before adding the slots cold (--warm-timeout).
+WARM_TIMEOUT_S = 30.0
+
+
 def discover(run_dir: str, pool: list[tuple[str, int]], min_np: int, max_np: int, warm: bool = False,
-             cold_after_s: float = 30.0) -> tuple[list[tuple[str, int]], str]:
+             cold_after_s: float = WARM_TIMEOUT_S) -> tuple[list[tuple[str, int]], str]:
     """Hosts to advertise and a note for stderr. Before the job publishes anything, and when the
     signal is malformed, min_np slots are advertised: never more workers than asked for.
 
@@ -120,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-np", type=int, default=1)
     p.add_argument("--max-np", type=int, required=True)
     p.add_argument("--warm", action="store_true", help="grow only into slots a ready standby will fill")
-    p.add_argument("--warm-timeout", type=float, default=30.0,
+    p.add_argument("--warm-timeout", type=float, default=WARM_TIMEOUT_S,
                    help="with --warm: seconds to wait for standbys before growing cold anyway")
     args = p.parse_args(argv)
     if args.min_np < 1 or args.max_np < args.min_np or (args.slots is not None and args.slots < 1):

@@ -45,6 +45,9 @@ from hvd_abs.elastic.world_signal import SignalError, read_wanted
 
 log = logging.getLogger(__name__)
 
+# How long a joining worker may warm up before its slot is offered anyway (--warm-timeout).
+WARM_TIMEOUT_S = 60.0
+
 # Seconds between polls of a worker's future for completion or a stop event; the driver's own
 # host discovery polls every second, so this is not the resize latency.
 _POLL_S = 0.2
@@ -223,7 +226,7 @@ class WarmPool:
     """
 
     def __init__(self, start: Callable[[str], tuple[Any, Any]], done: Callable[[Any], bool],
-                 kill: Callable[[Any], None], cold_after_s: float = 60.0, max_failures: int = 2,
+                 kill: Callable[[Any], None], cold_after_s: float = WARM_TIMEOUT_S, max_failures: int = 2,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._start, self._done, self._kill = start, done, kill
         self.cold_after_s, self.max_failures, self._clock = cold_after_s, max_failures, clock
@@ -381,7 +384,7 @@ class RayElasticExecutor:
                  run_dir: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,
                  nic: str | None = None, elastic_timeout: int = 600,
                  cooldown_range: tuple[int, int] | None = (5, 30), reset_limit: int | None = None,
-                 warm_timeout: float = 60.0) -> None:
+                 warm_timeout: float = WARM_TIMEOUT_S) -> None:
         for name, value in (("min_workers", min_workers), ("max_workers", max_workers)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
