@@ -271,8 +271,9 @@ def launch_all(args: argparse.Namespace, proto: dict[str, Any]) -> dict[str, Any
         old = json.loads(proto_path.read_text())
         diff = protocol_diff(old, proto)
         if diff:
-            sys.exit(f"abs_study: {runs_dir} holds runs of another protocol ({'; '.join(diff)}): pass --rerun to "
-                     f"start them over, or another --runs-dir")
+            print(f"abs_study: {runs_dir} holds runs of another protocol ({'; '.join(diff)}): pass --rerun to "
+                  f"start them over, or another --runs-dir", file=sys.stderr)
+            raise SystemExit(2)
         proto = {**proto, "models": {**old["models"], **proto["models"]}}  # models run earlier stay in the table
     proto_path.write_text(json.dumps(proto, indent=1))
     # Decode (or read the cache of) the data once, before children race to build the cache.

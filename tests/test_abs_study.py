@@ -77,7 +77,7 @@ def test_a_stopped_study_continues_where_it_stopped(tmp_path: Path) -> None:
     cmd = [sys.executable, str(STUDY), "--models", "c1", "--seeds", "0", "--epochs", "4", "--train-subset", "1024",
            "--eval-subset", "0", "--eig-samples", "256", "--data-dir", str(data), "--runs-dir", str(tmp_path / "pieces")]
     refused = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert refused.returncode != 0 and "epochs 3 -> 4" in refused.stderr and "--rerun" in refused.stderr
+    assert refused.returncode == 2 and "epochs 3 -> 4" in refused.stderr and "--rerun" in refused.stderr
     assert "Traceback" not in refused.stderr
     assert _result(tmp_path, "whole", "absa")["max_batch_reached"] == 256  # it grew after the cut, from the state saved before it
 
