@@ -123,7 +123,6 @@ def test_horovodrun_command():
         build_command(["--dataset", "digits"], min_np=1, max_np=2)
 
 
-
 def test_warm_growth_waits_for_standbys_up_to_the_warm_timeout(tmp_path, capsys):
     from hvd_abs.elastic import discovery
 
