@@ -39,6 +39,58 @@ def test_sgd_accumulation_4x128_equals_one_512_batch(digits, tmp_path: Path) -> 
         torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-6)
 
 
+class _CountOps:
+    """Counts the aten ops dispatched inside `with` (forward, backward and optimizer alike)."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                counter.n += 1
+                return func(*args, **(kwargs or {}))
+
+        self.n, self._mode = 0, Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+
+
+def test_an_update_dispatches_about_what_the_textbook_loop_does(digits, tmp_path: Path) -> None:
+    # A small model's update on a GPU is launch-bound, so every extra op is time. The trainer
+    # used to zero the gradients instead of dropping them: 2 ops more per parameter (+15%).
+    import torch.nn.functional as F
+
+    cfg = TrainConfig(method="sgd", model="resnet20", epochs=2, batch=32, base_batch=32, lr=0.1,
+                      out=str(tmp_path / "t"), quiet=True)
+    trainer = Trainer(cfg, data=digits)
+    model = copy.deepcopy(trainer.model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    idx = torch.arange(32)
+
+    def textbook() -> None:
+        model.train()
+        opt.zero_grad()
+        x, y = digits.train_x[idx], digits.train_y[idx]
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+        opt.step()
+        _ = (loss.item(), (logits.argmax(1) == y).sum().item())  # what a loop logs
+
+    trainer.step(), textbook()  # the first update creates the momentum buffers
+    with _CountOps() as plain:
+        textbook()
+    with _CountOps() as ours:
+        assert trainer.step()
+    assert plain.n > 300  # forward, backward and optimizer were all counted
+    assert ours.n <= 1.05 * plain.n, (ours.n, plain.n)
+
+
 def test_trainer_state_round_trip_continues_identically(digits, tmp_path: Path) -> None:
     import types
 
