@@ -102,7 +102,7 @@ def test_parity_with_reference_loop(backend: str, k: int, dtype: torch.dtype, de
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_native_cpu_results_do_not_depend_on_the_thread_count(dtype: torch.dtype) -> None:
     # Large enough for the pass to be split across threads; partial sums are per block, added
-    # in block order, so 1 and 2 threads must agree bit for bit.
+    # in block order, so any thread count must agree bit for bit (16: the GPU machine's cores).
     ops = vecops.get("native")
     gen = torch.Generator().manual_seed(5)
     shapes = [(300_001,), (5, 7), (40_000,)]
@@ -111,16 +111,17 @@ def test_native_cpu_results_do_not_depend_on_the_thread_count(dtype: torch.dtype
     before = torch.get_num_threads()
     results = []
     try:
-        for threads in (1, 2):
+        for threads in (1, 2, 16):
             torch.set_num_threads(threads)
             a = _clone(v)
             coef, norm = ops.orthonormalize_(a, basis)
             results.append((a, coef, norm, ops.multi_dot(basis, v)))
     finally:
         torch.set_num_threads(before)
-    (a1, c1, n1, d1), (a2, c2, n2, d2) = results
-    assert n1 == n2 and torch.equal(c1, c2) and torch.equal(d1, d2)
-    assert all(torch.equal(x, y) for x, y in zip(a1, a2))
+    (a1, c1, n1, d1) = results[0]
+    for a2, c2, n2, d2 in results[1:]:
+        assert n1 == n2 and torch.equal(c1, c2) and torch.equal(d1, d2)
+        assert all(torch.equal(x, y) for x, y in zip(a1, a2))
 
 
 @pytest.mark.parametrize("device", DEVICES)
