@@ -259,10 +259,16 @@ def run_one(args: argparse.Namespace) -> None:
 
 
 # --- the study (parent) -------------------------------------------------------------------------------
-def launch_all(args: argparse.Namespace, proto: dict[str, Any]) -> dict[str, Any]:
+def launch_all(args: argparse.Namespace, proto: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """Every missing or unfinished run as a child process, --jobs at a time. No launches after
     --deadline-s; with --stop-after-s every run stops at its first epoch end past that many
-    seconds from the study's start (a checkpoint there: the next study run continues it)."""
+    seconds from the study's start (a checkpoint there: the next study run continues it).
+    Returns the protocol and the runs that failed."""
+    # Decode (or read the cache of) the data once, before children race to build the cache, and
+    # before anything is written: a wrong --data-dir leaves no runs dir behind.
+    from hvd_abs.data import load_dataset
+
+    load_dataset("cifar10", data_dir=args.data_dir)
     runs_dir = Path(args.runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
     proto_path = runs_dir / "protocol.json"
@@ -276,10 +282,6 @@ def launch_all(args: argparse.Namespace, proto: dict[str, Any]) -> dict[str, Any
             raise SystemExit(2)
         proto = {**proto, "models": {**old["models"], **proto["models"]}}  # models run earlier stay in the table
     proto_path.write_text(json.dumps(proto, indent=1))
-    # Decode (or read the cache of) the data once, before children race to build the cache.
-    from hvd_abs.data import load_dataset
-
-    load_dataset("cifar10", data_dir=args.data_dir)
     # Order: seed-major, so a cut-short study still has every method for the first seed(s).
     todo = [(m, meth, s) for s in args.seeds for m in args.models for meth in args.methods]
     if args.rerun:
@@ -289,6 +291,7 @@ def launch_all(args: argparse.Namespace, proto: dict[str, Any]) -> dict[str, Any
         todo = [t for t in todo if not _complete(runs_dir / f"{t[0]}_{t[1]}_s{t[2]}" / "result.json")]
     t0 = time.perf_counter()
     running: list[tuple[subprocess.Popen, str]] = []
+    failed: list[str] = []
     base = [sys.executable, str(Path(__file__).resolve()), "--runs-dir", str(runs_dir), "--device", args.device,
             "--data-dir", args.data_dir, "--run-one-protocol", str(proto_path)]
     if args.threads:
@@ -312,8 +315,9 @@ def launch_all(args: argparse.Namespace, proto: dict[str, Any]) -> dict[str, Any
                 running.remove((p, key))
                 if p.returncode != 0:
                     print(f"run {key} failed with exit code {p.returncode}", flush=True)
+                    failed.append(key)
     print(f"all runs finished in {time.perf_counter() - t0:.0f}s", flush=True)
-    return proto
+    return proto, failed
 
 
 # What makes two studies' runs comparable (descriptions, the device and the model list may differ).
@@ -347,9 +351,17 @@ def collect(args: argparse.Namespace, proto: dict[str, Any] | None) -> dict[str,
     """Read every result.json under --runs-dir; table, targets, plots, JSON."""
     runs_dir = Path(args.runs_dir)
     if proto is None or args.collect_only:
+        if not (runs_dir / "protocol.json").is_file():
+            print(f"abs_study: {runs_dir} holds no study (no protocol.json): pass the --runs-dir of a study "
+                  f"to --collect-only", file=sys.stderr)
+            raise SystemExit(2)
         proto = json.loads((runs_dir / "protocol.json").read_text())
     found = sorted((json.loads(p.read_text()) for p in runs_dir.glob("*/result.json")),
                    key=lambda r: (r["model"], METHODS.index(r["method"]), r["seed"]))
+    if not found:
+        print(f"abs_study: no run under {runs_dir} has a result.json: nothing to collect, nothing written",
+              file=sys.stderr)
+        raise SystemExit(1)
     # Only finished runs enter the table; runs cut short are listed apart with how far they got.
     runs = [r for r in found if r.get("complete", True)]
     incomplete = [{k: r[k] for k in ("method", "model", "seed", "epochs", "epochs_planned", "updates",
@@ -535,6 +547,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--stop-after-s must be > 0 seconds, got {args.stop_after_s}")
         if args.eig_samples is not None and args.eig_samples < 1:
             p.error(f"--eig-samples must be >= 1, got {args.eig_samples}")
+        if args.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                p.error("--device cuda: no CUDA device is visible here; use --device cpu")
         if len(args.seeds) < 2:
             print("warning: fewer than 2 seeds; the table's mean is over one run", file=sys.stderr)
     if args.runs_dir is None:
@@ -551,9 +568,19 @@ def main(argv: list[str] | None = None) -> None:
     if not args.collect_only:
         proto = make_protocol(args)
         print(json.dumps(proto, indent=1), flush=True)
-        proto = launch_all(args, proto)
+        proto, failed = launch_all(args, proto)
+        if failed:
+            # A partial table must not replace the last complete one: the finished runs stay in the
+            # runs dir, and the same command again retries only what is missing.
+            print(f"abs_study: {len(failed)} runs failed ({', '.join(failed)}; their errors are above): "
+                  f"{Path(args.out) / args.name}.json not written. Fix the cause and run the same command "
+                  f"again (finished runs are kept), or --collect-only for a table of what finished.",
+                  file=sys.stderr)
+            raise SystemExit(1)
     collect(args, proto)
 
 
 if __name__ == "__main__":
-    main()
+    from hvd_abs.commands._errors import user_errors_exit_2
+
+    user_errors_exit_2(main)()  # bad input (a data dir, a flag): one line, exit 2

@@ -143,4 +143,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from hvd_abs.commands._errors import user_errors_exit_2
+
+    user_errors_exit_2(main)()  # bad input (a data dir, a flag): one line, exit 2

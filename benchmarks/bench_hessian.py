@@ -200,6 +200,8 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma list of parts to skip: hvp,eigen,vectors,distributed")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "hessian.json"))
     args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is visible here; use --device cpu")
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -235,4 +237,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from hvd_abs.commands._errors import user_errors_exit_2
+
+    user_errors_exit_2(main)()  # bad input (a data dir, a flag): one line, exit 2

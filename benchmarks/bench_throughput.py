@@ -211,6 +211,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.device == "cuda" and not args.worker:
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error("--device cuda: no CUDA device is visible here; use --device cpu")
     if args.worker:
         worker(args)
         return
@@ -267,4 +272,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from hvd_abs.commands._errors import user_errors_exit_2
+
+    user_errors_exit_2(main)()  # bad input (a data dir, a flag): one line, exit 2

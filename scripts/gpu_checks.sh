@@ -9,7 +9,9 @@
 # checks: 1. builds hvd_abs._C with the machine's torch and nvcc (CUDA kernels), in place;
 #   2. tests/test_vecops.py: CUDA parity (native vs foreach vs loop, float32/float64) and
 #      torch.library.opcheck on CUDA; -rs shows whether anything still skipped;
-#   3. bench_hessian.py --device cuda: HVP / gradient, Lanczos vs power, the vector phase.
+#   3. bench_hessian.py --device cuda: HVP / gradient, Lanczos vs power, the vector phase;
+#   4. issue 8's GPU throughput, when .device/cifar10.tgz is carried: bench_throughput.py --local
+#      --device cuda (Trainer.step vs a plain PyTorch loop, ResNet-20 and C1; no Horovod there).
 # study: benchmarks/abs_study.py --protocol full (ResNet-20, seeds 0 and 1, 8 runs at once) for
 #   STUDY_S seconds (default 360), every run stopped at an epoch end with a checkpoint. Needs
 #   the data carried: `tar czf .device/cifar10.tgz -C ../shared/data cifar10` (about 20 MB;
@@ -17,8 +19,8 @@
 #   .device/study_runs.tgz when present; this piece's come back as $OUT/study_runs.tgz (newest
 #   checkpoint of each unfinished run only): copy it to .device/ for the next piece. The table is
 #   study_runs/results/abs_study_cuda_full.json inside it (or --collect-only on the unpacked runs).
-# Every step has its own time limit and a failing step does not stop the next: the logs under
-# $OUT say what happened.
+# Every step has its own time limit (within BUDGET_S in all) and a failing step does not stop the
+# next: $OUT/summary.txt and the logs in $OUT/logs.tgz say what happened.
 set -uo pipefail
 MODE=${1:-checks}
 OUT=${OUT:-/tmp/gpu_checks}
@@ -55,20 +57,27 @@ if [ "$MODE" = study ]; then
     exit 0
 fi
 
-# pytest is the one test dependency the machine may lack.
-$PY -c "import pytest" 2>/dev/null || $PY -m pip install -q pytest >"$OUT/pip.log" 2>&1
+# Logs go into one tarball: at most 8 files come back from $OUT.
+LOGS=/tmp/gpu_checks_logs
+rm -rf "$LOGS" && mkdir -p "$LOGS"
+trap 'tar czf "$OUT/logs.tgz" -C "$LOGS" . 2>/dev/null' EXIT
+# The device call may run 600 s at most: every step gets what is left of BUDGET_S (default 540).
+BUDGET_S=${BUDGET_S:-540}
+limit() { local left=$((BUDGET_S - SECONDS)); [ "$left" -gt "$1" ] && echo "$1" || echo $((left > 5 ? left : 5)); }
 
-timeout 300 $PY setup.py build_ext --inplace >"$OUT/build.log" 2>&1
+$PY -c "import pytest" 2>/dev/null || $PY -m pip install -q pytest >"$LOGS/pip.log" 2>&1
+
+timeout "$(limit 300)" $PY setup.py build_ext --inplace >"$LOGS/build.log" 2>&1
 say "build rc=$? ($(ls hvd_abs/_C*.so 2>/dev/null | head -1))"
 say "backend $($PY -c 'from hvd_abs.second_order import vecops; print(vecops.backend_info())' 2>&1 | tail -1)"
 
-timeout 180 $PY -m pytest -q -rs tests/test_vecops.py >"$OUT/test_vecops.log" 2>&1
-say "test_vecops rc=$? $(tail -1 "$OUT/test_vecops.log")"
+timeout "$(limit 180)" $PY -m pytest -q -rs tests/test_vecops.py >"$LOGS/test_vecops.log" 2>&1
+say "test_vecops rc=$? $(tail -1 "$LOGS/test_vecops.log")"
 
-timeout 240 $PY benchmarks/bench_hessian.py --device cuda --skip distributed \
-    --out "$OUT/hessian_cuda.json" >/dev/null 2>"$OUT/bench_hessian.log"
+timeout "$(limit 200)" $PY benchmarks/bench_hessian.py --device cuda --skip distributed \
+    --out "$OUT/hessian_cuda.json" >/dev/null 2>"$LOGS/bench_hessian.log"
 say "bench_hessian rc=$?"
-$PY - "$OUT/hessian_cuda.json" <<'EOF' 2>&1 | tee -a "$OUT/summary.txt"
+$PY - "$OUT/hessian_cuda.json" <<'EOF2' 2>&1 | tee -a "$OUT/summary.txt"
 import json, sys
 try:
     d = json.load(open(sys.argv[1]))
@@ -79,4 +88,17 @@ print("hvp ratio_to_grad", h.get("ratio_to_grad"), "grad_s", h.get("grad_s"))
 print("lanczos_over_power_time", e.get("lanczos_over_power_time"), "target_met", e.get("target_met"))
 for dt, v in d.get("vector_phase", {}).items():
     print("vector_phase", dt, "native_vs_loop", v.get("native_vs_loop"), "native_vs_foreach", v.get("native_vs_foreach"))
-EOF
+EOF2
+
+if [ -f .device/cifar10.tgz ]; then
+    mkdir -p /tmp/gpu_data && tar xzf .device/cifar10.tgz -C /tmp/gpu_data
+    for model in resnet20 c1; do
+        if [ $((BUDGET_S - SECONDS)) -lt 60 ]; then say "throughput $model skipped: out of time"; continue; fi
+        timeout "$(limit 150)" $PY benchmarks/bench_throughput.py --local --device cuda --model "$model" \
+            --pairs 60 --data-dir /tmp/gpu_data/cifar10 --out "$OUT/throughput_cuda_$model.json" \
+            >"$LOGS/throughput_$model.log" 2>&1
+        say "throughput $model rc=$? ratio_vs_plain_pytorch $($PY -c "import json, sys; print(json.load(open(sys.argv[1]))['ratio_vs_plain_pytorch'])" "$OUT/throughput_cuda_$model.json" 2>&1 | tail -1)"
+    done
+else
+    say "no .device/cifar10.tgz: GPU throughput not measured"
+fi

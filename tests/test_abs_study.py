@@ -92,3 +92,43 @@ def test_bad_study_options_exit_2_naming_the_option(argv: list[str], words: list
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and all(w in proc.stderr for w in words), proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "runs").exists()
+
+
+def test_bad_data_dir_or_collect_dir_exit_2_writing_nothing(tmp_path: Path) -> None:
+    for argv, words in ((["--data-dir", str(tmp_path / "nowhere")], ["CIFAR-10 not found", "--data-dir"]),
+                        (["--collect-only"], ["holds no study", "--runs-dir"])):
+        proc = subprocess.run([sys.executable, str(STUDY), *argv, "--runs-dir", str(tmp_path / "runs"),
+                               "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and all(w in proc.stderr for w in words), proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()
+
+
+def test_cuda_without_a_gpu_is_refused_up_front(tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: --device cuda is valid here")
+    proc = subprocess.run([sys.executable, str(STUDY), "--device", "cuda", "--runs-dir", str(tmp_path / "runs"),
+                           "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "use --device cpu" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()
+
+
+def test_a_failed_run_leaves_the_last_results_in_place(tmp_path: Path) -> None:
+    data = _make_cifar_like(tmp_path / "cifar", n_train=200, n_test=20)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "abs_study.json").write_text('{"runs": ["the last complete study"]}\n')
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "c1_sgd_s0").write_text("")  # the run's directory cannot be made: it fails
+    cmd = [sys.executable, str(STUDY), "--models", "c1", "--methods", "sgd", "--seeds", "0", "--epochs", "1",
+           "--train-subset", "200", "--eval-subset", "0", "--data-dir", str(data), "--runs-dir", str(tmp_path / "runs"),
+           "--out", str(out)]
+    env = dict(os.environ, HVD_ABS_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "1 runs failed (c1:sgd:0" in proc.stderr and "not written" in proc.stderr
+    assert (out / "abs_study.json").read_text() == '{"runs": ["the last complete study"]}\n'
+    assert sorted(p.name for p in out.iterdir()) == ["abs_study.json"]  # no plots either
