@@ -3,7 +3,7 @@
 # time per session, 10 min per command). Run from the repo root; results under $OUT (default
 # /tmp/gpu_checks), at most 8 files:
 #
-#     bash scripts/gpu_checks.sh checks     # issue 3, ~5 min
+#     bash scripts/gpu_checks.sh checks     # issues 3 and 8 (GPU throughput), ~7 min
 #     bash scripts/gpu_checks.sh study      # issue 8: a piece of the full ResNet-20 study
 #
 # checks: 1. builds hvd_abs._C with the machine's torch and nvcc (CUDA kernels), in place;
