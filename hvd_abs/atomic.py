@@ -1,0 +1,43 @@
+"""Whole-or-nothing file writes: a reader (or a crash) sees the old file or the new one, never half.
+
+Results and figures are written to a temp file in the same folder, flushed to disk, then renamed
+over the target (`os.replace` is atomic within a file system).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Callable
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+    """Call write(fh) on a temp file beside `path`, then rename it to `path`. Returns `path`.
+
+    On any error the temp file is removed and `path` is left as it was.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are for everyone to read
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` (UTF-8) to `path` atomically."""
+    return write_atomic(path, lambda fh: fh.write(text.encode("utf-8")))
+
+
+def savefig_atomic(fig: Any, path: str | os.PathLike, **kwargs: Any) -> Path:
+    """matplotlib `fig.savefig` to `path` atomically, in the format its suffix names (e.g. .png)."""
+    path = Path(path)
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    return write_atomic(path, lambda fh: fig.savefig(fh, format=fmt, **kwargs))
