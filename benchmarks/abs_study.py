@@ -57,6 +57,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from hvd_abs.atomic import savefig_atomic, write_text_atomic  # noqa: E402 (after the path)
+from hvd_abs.errors import UserError  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 METHODS = ("sgd", "sgd_large", "abs", "absa")
 MODELS = ("c1", "resnet20")
@@ -178,7 +181,6 @@ def run_one(args: argparse.Namespace) -> None:
     """Train one (model, method, seed) and write result.json into its run dir."""
     from hvd_abs.comm import LocalComm
     from hvd_abs.data import load_dataset
-    from hvd_abs.errors import UserError
     from hvd_abs.metrics import MetricsWriter
     from hvd_abs.train import CHECKPOINT_DIR, Trainer, finish, prepare_out_dir
 
@@ -232,7 +234,7 @@ def run_one(args: argparse.Namespace) -> None:
               f"test_acc={r['test_acc']:.4f} eig={r['eig']} {r['epoch_s']:.1f}s", flush=True)
         # A partial result after every epoch: a run cut short (a time limit) still reports how far it got.
         partial = record(r["test_acc"], r["test_loss"], int(data.test_y.shape[0]), complete=False)
-        (out / "result.json").write_text(json.dumps(partial, indent=1) + "\n")
+        write_text_atomic(out / "result.json", json.dumps(partial, indent=1) + "\n")
         out_of_time = args.stop_after_s is not None and time.perf_counter() - t_load >= args.stop_after_s
         if out_of_time and trainer.epoch < cfg.epochs:
             raise _TimeUp  # after this epoch's checkpoint (on_epoch_end runs first)
@@ -252,7 +254,7 @@ def run_one(args: argparse.Namespace) -> None:
     final_eval_s = time.perf_counter() - t_eval
     finish(trainer, summary, writer, out, plot=True)
     result = record(test_acc, test_loss, int(full.test_y.shape[0]), complete=True, final_eval_s=final_eval_s)
-    (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_text_atomic(out / "result.json", json.dumps(result, indent=1) + "\n")
     shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)  # only a run to be continued needs them
     print(f"done {model} {method} s{seed}: test_acc={test_acc:.4f} updates={trainer.updates} "
           f"wall={trainer.elapsed_s:.0f}s max_batch={result['max_batch_reached']}", flush=True)
@@ -274,14 +276,14 @@ def launch_all(args: argparse.Namespace, proto: dict[str, Any]) -> tuple[dict[st
     proto_path = runs_dir / "protocol.json"
     if proto_path.exists() and not args.rerun:
         # Finished runs are kept and unfinished ones continued: only under the same protocol.
-        old = json.loads(proto_path.read_text())
+        old = read_json(proto_path)
         diff = protocol_diff(old, proto)
         if diff:
             print(f"abs_study: {runs_dir} holds runs of another protocol ({'; '.join(diff)}): pass --rerun to "
                   f"start them over, or another --runs-dir", file=sys.stderr)
             raise SystemExit(2)
         proto = {**proto, "models": {**old["models"], **proto["models"]}}  # models run earlier stay in the table
-    proto_path.write_text(json.dumps(proto, indent=1))
+    write_text_atomic(proto_path, json.dumps(proto, indent=1))
     # Order: seed-major, so a cut-short study still has every method for the first seed(s).
     todo = [(m, meth, s) for s in args.seeds for m in args.models for meth in args.methods]
     if args.rerun:
@@ -339,8 +341,20 @@ def protocol_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return diff
 
 
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object the study wrote; UserError naming the file when it is damaged."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path} is damaged ({exc.__class__.__name__}): delete that run's folder and run the "
+                        f"study again to redo it") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} is not a JSON object: delete that run's folder and run the study again")
+    return obj
+
+
 def _complete(path: Path) -> bool:
-    return path.exists() and json.loads(path.read_text()).get("complete", False)
+    return path.exists() and read_json(path).get("complete", False)
 
 
 def mean_std(xs: list[float]) -> tuple[float, float]:
@@ -355,8 +369,8 @@ def collect(args: argparse.Namespace, proto: dict[str, Any] | None) -> dict[str,
             print(f"abs_study: {runs_dir} holds no study (no protocol.json): pass the --runs-dir of a study "
                   f"to --collect-only", file=sys.stderr)
             raise SystemExit(2)
-        proto = json.loads((runs_dir / "protocol.json").read_text())
-    found = sorted((json.loads(p.read_text()) for p in runs_dir.glob("*/result.json")),
+        proto = read_json(runs_dir / "protocol.json")
+    found = sorted((read_json(p) for p in runs_dir.glob("*/result.json")),
                    key=lambda r: (r["model"], METHODS.index(r["method"]), r["seed"]))
     if not found:
         print(f"abs_study: no run under {runs_dir} has a result.json: nothing to collect, nothing written",
@@ -426,8 +440,8 @@ def collect(args: argparse.Namespace, proto: dict[str, Any] | None) -> dict[str,
               "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
-    plots = plot(found, out, args.name, proto)  # curves of cut-short runs too
+    plots = plot(found, out, args.name, proto)  # curves of cut-short runs too; a failure here leaves the JSON
+    write_text_atomic(out / f"{args.name}.json", json.dumps(result, indent=1) + "\n")
     print(markdown_table(table, proto))
     print("\ntargets:", json.dumps(targets, indent=1))
     if incomplete:
@@ -497,7 +511,7 @@ def plot(runs: list[dict[str, Any]], out: Path, name: str, proto: dict[str, Any]
             ax.legend(fontsize=7)
         fig.tight_layout()
         path = out / f"{name}_{tag}.png"
-        fig.savefig(path, dpi=110)
+        savefig_atomic(fig, path, dpi=110)
         plt.close(fig)
         paths.append(path)
     return paths
@@ -536,7 +550,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.run_one is None:
         args.models = [m.strip() for m in args.models.split(",") if m.strip()]
         args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-        args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        try:
+            args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        except ValueError:
+            p.error(f"--seeds takes comma-separated integers (e.g. 0,1), got {args.seeds!r}")
+        if not args.seeds:
+            p.error("--seeds is empty: pass e.g. --seeds 0,1")
+        for flag, value, least in (("--epochs", args.epochs, 1), ("--train-subset", args.train_subset, 1),
+                                   ("--eval-subset", args.eval_subset, 0), ("--jobs", args.jobs, 1),
+                                   ("--threads", args.threads, 1)):
+            if value is not None and value < least:  # (None: the protocol's own value)
+                p.error(f"{flag} must be >= {least}, got {value}")
         for m in args.models:
             if m not in MODELS:
                 p.error(f"--models: unknown model {m!r}; choose from {', '.join(MODELS)}")

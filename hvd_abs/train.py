@@ -30,6 +30,7 @@ the layout and this rank's samples are recomputed from it at every step.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -151,8 +152,10 @@ class TrainConfig:
         if self.method != "sgd" and self.max_batch < self.initial_batch:
             raise UserError(f"--max-batch ({self.max_batch}) is below --batch ({self.initial_batch}): "
                             f"raise --max-batch or lower --batch")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise UserError(f"--lr must be a positive number, got {self.lr}")
+        # Up to 1e6: far past any useful LR, and scaled by growth it still fits float32 arithmetic
+        # (1e300 passed the old check and failed only inside the first update).
+        if not 0 < self.lr <= 1e6:
+            raise UserError(f"--lr must be a positive number up to 1e6, got {self.lr}")
         if not 0 < self.lr_decay <= 1:
             raise UserError(f"--lr-decay must be in (0, 1] (1 = no decay), got {self.lr_decay}")
         for d in self.decay_epochs():
@@ -161,14 +164,14 @@ class TrainConfig:
                                 f"(--epochs {self.epochs}): give epochs inside the run")
         if self.lr_scaling not in SCALINGS:
             raise UserError(f"--lr-scaling must be one of {', '.join(SCALINGS)}, got {self.lr_scaling!r}")
-        if not self.warmup_epochs >= 0:
-            raise UserError(f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
+        if not (self.warmup_epochs >= 0 and math.isfinite(self.warmup_epochs)):
+            raise UserError(f"--warmup-epochs must be a finite number >= 0, got {self.warmup_epochs}")
         if self.lr_cap is not None and not self.lr_cap > 0:
             raise UserError(f"--lr-cap must be > 0, got {self.lr_cap}")
         if not 0 <= self.momentum < 1:
             raise UserError(f"--momentum must be in [0, 1), got {self.momentum}")
-        if not self.weight_decay >= 0:
-            raise UserError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise UserError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
         if not (self.adv_eps >= 0 and math.isfinite(self.adv_eps)):
             raise UserError(f"--adv-eps must be >= 0 (on the [0, 1] pixel scale), got {self.adv_eps}")
         if not 0 <= self.adv_ratio <= 1:
@@ -196,7 +199,19 @@ class TrainConfig:
             raise UserError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise UserError("--device cuda was asked but no CUDA device is visible: pass --device cpu")
-        check_out_dir(self.out, self.overwrite or self.resume is not None or self.elastic)
+        if not str(self.out).strip():
+            raise UserError("--out is empty: pass the directory for the run's files")
+        # A run dir may be written into when asked (--overwrite), when it is the run being resumed,
+        # or when it is the folder of the elastic job this worker belongs to (the launcher made
+        # <out>/elastic/ after its own checks). Resuming A into another dir B is a new run in B.
+        joins_job = self.elastic and (Path(self.out).expanduser() / "elastic").is_dir()
+        check_out_dir(self.out, self.overwrite or self.resumes_in_place or joins_job)
+
+    @property
+    def resumes_in_place(self) -> bool:
+        """--resume DIR with --out DIR (the default): the run continues in its own folder."""
+        return self.resume is not None and (Path(self.resume).expanduser().resolve()
+                                            == Path(self.out).expanduser().resolve())
 
 
 def check_out_dir(out: str | os.PathLike, overwrite: bool) -> None:
@@ -294,6 +309,11 @@ class Trainer:
 
             data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download)
         self.data = _subset(data, cfg.train_subset, cfg.test_subset)
+        n_train = int(self.data.train_y.shape[0])
+        if cfg.initial_batch > n_train:
+            # Only full batches are taken: this run would make no update at all.
+            raise UserError(f"--batch {cfg.initial_batch} exceeds the {n_train} training samples: pass a "
+                            f"smaller --batch (or a larger --train-subset)")
         if model is None:
             from hvd_abs.models import build_model
 
@@ -578,8 +598,19 @@ class Trainer:
         if collective:
             found = self.comm.broadcast_object(found)
         path, state = found
-        torch.set_rng_state(state.pop("rng"))
-        self.load_state_dict(state)
+        before = (copy.deepcopy(self.state_dict()), torch.get_rng_state())
+        try:
+            torch.set_rng_state(state.pop("rng"))
+            self.load_state_dict(state)
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            # Another model, data subset or method: leave this trainer as it was (a caller may
+            # start over with it) and name the flags that must match.
+            self.load_state_dict(before[0])
+            torch.set_rng_state(before[1])
+            reason = " ".join(str(exc).split())[:160]
+            raise UserError(f"--resume {run_dir}: checkpoint {Path(path).name} does not fit this run ({reason}); "
+                            f"pass the --model, --dataset, --method and --train-subset the run was started "
+                            f"with, or another --out for a new run") from None
         log.info("resumed from %s at epoch %d, %d updates", path, self.epoch, self.updates)
         return Path(path)
 
@@ -606,7 +637,10 @@ class Trainer:
 def prepare_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
     """Create the out dir; with --overwrite remove the previous run's files (only those)."""
     path = Path(out).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # e.g. under /proc, or a read-only mount that os.access did not reveal
+        raise UserError(f"--out {path} cannot be created ({exc.strerror}): pass a writable --out") from None
     if overwrite:
         for name in RUN_FILES:
             (path / name).unlink(missing_ok=True)
@@ -632,9 +666,12 @@ def train(cfg: TrainConfig, comm: Any = None, eigen_fn: EigenFn | None = None,
     trainer = Trainer(cfg, comm=comm, eigen_fn=eigen_fn)
     if cfg.resume is not None:
         trainer.resume(cfg.resume)
+        if trainer.epoch >= cfg.epochs:
+            raise UserError(f"--resume {cfg.resume}: that run already reached epoch {trainer.epoch}; pass "
+                            f"--epochs above {trainer.epoch} to train it further")
     out = Path(cfg.out).expanduser()
     if comm.rank == 0:
-        prepare_out_dir(out, cfg.overwrite and cfg.resume is None)
+        prepare_out_dir(out, cfg.overwrite and not cfg.resumes_in_place)
     writer = MetricsWriter(out, enabled=comm.rank == 0)
     trainer.on_epoch_end = lambda grew: checkpoint_if_due(trainer, writer)
     try:

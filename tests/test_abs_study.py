@@ -86,6 +86,9 @@ def test_a_stopped_study_continues_where_it_stopped(tmp_path: Path) -> None:
     (["--stop-after-s", "-1"], ["--stop-after-s must be > 0"]),
     (["--eig-samples", "0"], ["--eig-samples must be >= 1"]),
     (["--models", "vgg"], ["unknown model 'vgg'"]),
+    (["--seeds", "a"], ["--seeds takes comma-separated integers"]),
+    (["--epochs", "0"], ["--epochs must be >= 1"]),  # (0 once fell back to the protocol's epochs)
+    (["--jobs", "0"], ["--jobs must be >= 1"]),  # (0 once hung for ever)
 ])
 def test_bad_study_options_exit_2_naming_the_option(argv: list[str], words: list[str], tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(STUDY), *argv, "--runs-dir", str(tmp_path / "runs")],
@@ -132,3 +135,14 @@ def test_a_failed_run_leaves_the_last_results_in_place(tmp_path: Path) -> None:
     assert "1 runs failed (c1:sgd:0" in proc.stderr and "not written" in proc.stderr
     assert (out / "abs_study.json").read_text() == '{"runs": ["the last complete study"]}\n'
     assert sorted(p.name for p in out.iterdir()) == ["abs_study.json"]  # no plots either
+
+
+def test_a_damaged_result_file_is_named_not_a_traceback(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    (runs / "c1_sgd_s0").mkdir(parents=True)
+    (runs / "protocol.json").write_text('{"models": {"c1": {}}}')
+    (runs / "c1_sgd_s0" / "result.json").write_bytes(b"\xff\xfe\x00 not json")
+    proc = subprocess.run([sys.executable, str(STUDY), "--collect-only", "--runs-dir", str(runs), "--out",
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "c1_sgd_s0/result.json is damaged" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()

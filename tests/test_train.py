@@ -151,6 +151,11 @@ BAD = {
     "missing data dir": ["--dataset", "imagefolder", "--data-dir", "/nonexistent/data"],
     "negative weight decay": ["--weight-decay", "-1"],
     "zero threads": ["--threads", "0"],
+    "lr that overflows": ["--lr", "1e300"],
+    "infinite weight decay": ["--weight-decay", "inf"],
+    "infinite warm-up": ["--warmup-epochs", "inf"],
+    "batch above the data": ["--batch", "4096", "--max-batch", "4096"],
+    "empty out": ["--out", ""],
 }
 
 
@@ -173,6 +178,26 @@ def test_out_dir_with_another_run_needs_overwrite(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["train", "--out", str(out), "--quiet", "--epochs", "1"])
     assert result.exit_code == 2 and "--overwrite" in result.output
     assert (out / "metrics.jsonl").read_text() == '{"epoch": 1}\n'
+
+
+def test_resume_refuses_what_would_lose_or_mix_runs(tmp_path: Path) -> None:
+    base = ["train", "--quiet", "--dataset", "digits", "--model", "mlp", "--batch", "64", "--base-batch", "64"]
+    done = tmp_path / "a"
+    assert CliRunner().invoke(main, [*base, "--epochs", "1", "--out", str(done)]).exit_code == 0
+    other = tmp_path / "b"
+    assert CliRunner().invoke(main, [*base, "--epochs", "1", "--out", str(other), "--seed", "3"]).exit_code == 0
+    files = {p: p.read_bytes() for p in (*done.rglob("*"), *other.rglob("*")) if p.is_file()}
+    cases = {  # args -> words the one-line message must hold
+        ("--epochs", "2", "--resume", str(done), "--out", str(other)): ["already holds a run", "--overwrite"],
+        ("--epochs", "1", "--resume", str(done)): ["already reached epoch 1", "--epochs above 1"],
+        ("--epochs", "2", "--resume", str(done), "--model", "cnn"): ["does not fit this run", "--model"],
+    }
+    for args, words in cases.items():
+        result = CliRunner().invoke(main, [*base, *args])
+        lines = [ln for ln in result.output.splitlines() if ln.strip()]
+        assert result.exit_code == 2 and len(lines) == 1, result.output
+        assert all(w in lines[0] for w in words), lines[0]
+    assert {p: p.read_bytes() for p in files} == files  # neither run was touched
 
 
 def test_unwritable_out_dir_is_refused(tmp_path: Path) -> None:
