@@ -18,8 +18,8 @@ Estimators: "reference" = HessianFlow's: power iteration, tol 1e-2, at most 10 i
 128-sample batch; "stochastic" = hvd_abs's default (streaming power iteration over fresh batches,
 hvd_abs.batching.eig_trigger; "stochastic-<n>" = the same on n samples); "lanczos-<n>" = Lanczos (tol 1e-2, <= 10 products) on n samples.
 
-Prints one JSON object and writes benchmarks/results/eig_trigger.json.
-Usage: python benchmarks/bench_eig_trigger.py [--estimators reference,stochastic] [--threads 2]
+Prints one JSON object and writes benchmarks/results/eig_trigger.json (or --out).
+Usage: python benchmarks/bench_eig_trigger.py [--estimators reference,stochastic] [--threads 2] [--out PATH]
 """
 from __future__ import annotations
 
@@ -33,12 +33,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from hvd_abs.atomic import unwritable_reason, write_text_atomic
 from hvd_abs.batching.eig_trigger import estimate_top_eigenvalue
 from hvd_abs.data import load_dataset
 from hvd_abs.models import build_model
 from hvd_abs.train import DEFAULT_EIG_METHOD, DEFAULT_EIG_SAMPLES
 
 RESULTS = Path(__file__).resolve().parent / "results" / "eig_trigger.json"
+BURN_IN_STEPS = 3  # training steps not timed: allocator and thread pools warm up first
 
 
 def _batches(data, seed: int, n: int, b: int = 128):
@@ -63,17 +65,23 @@ def _step_seconds(model, data, gen, steps: int = 4) -> float:
 
 
 def _spec(name: str) -> tuple[str, int, float, int]:
-    """(method, samples, tol, max_iter) of an estimator name."""
+    """(method, samples, tol, max_iter) of an estimator name; ValueError saying the valid names."""
     if name == "reference":
         return "power", 128, 1e-2, 10
     if name == "stochastic":
         return DEFAULT_EIG_METHOD, DEFAULT_EIG_SAMPLES, 1e-2, 10
-    if name.startswith("stochastic-"):
-        return "stochastic", int(name.split("-")[1]), 1e-2, 10
-    if name.startswith("lanczos-"):
-        return "lanczos", int(name.split("-")[1]), 1e-2, 10
-    raise SystemExit(f"unknown estimator {name!r}")
+    method, _, n = name.partition("-")
+    if method in ("stochastic", "lanczos") and n.isdecimal() and int(n) >= 1:
+        return method, int(n), 1e-2, 10
+    raise ValueError(f"unknown estimator {name!r}; use reference, stochastic, stochastic-<n> or lanczos-<n> "
+                     f"(n samples, >= 1)")
 
+
+def check_out(p: argparse.ArgumentParser, path: Path) -> None:
+    """Exit 2 now, not after the whole benchmark, unless a file can be written at `path`."""
+    why = unwritable_reason(path)
+    if why:
+        p.error(f"--out {path}: {why}; pass another --out")
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -82,7 +90,21 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--train-steps", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(RESULTS), help=f"where the JSON goes (default {RESULTS})")
     args = ap.parse_args()
+    # Everything is checked before the data load and the training: a bad flag costs seconds.
+    try:
+        specs = {name: _spec(name) for name in args.estimators.split(",")}
+    except ValueError as exc:
+        ap.error(f"--estimators: {exc}")
+    if args.threads < 1:
+        ap.error(f"--threads must be >= 1, got {args.threads}")
+    if args.train_steps <= BURN_IN_STEPS:  # the epoch time is the mean of the timed steps
+        ap.error(f"--train-steps must be >= {BURN_IN_STEPS + 1} (the first {BURN_IN_STEPS} are not timed), "
+                 f"got {args.train_steps}")
+    if args.seeds < 2:  # the figure of merit is the spread over seeds
+        ap.error(f"--seeds must be >= 2 (the spread of the estimates needs two), got {args.seeds}")
+    check_out(ap, Path(args.out))
     torch.set_num_threads(args.threads)
 
     data = load_dataset("cifar10", data_dir=args.data_dir)
@@ -98,15 +120,14 @@ def main() -> None:
         opt.zero_grad()
         F.cross_entropy(model(data.train_x[idx]), data.train_y[idx]).backward()
         opt.step()
-        if step >= 3:  # burn-in: allocator and thread pools warm up first
+        if step >= BURN_IN_STEPS:
             step_times.append(time.perf_counter() - t0)
     step_s = statistics.mean(step_times)
     epoch_s = step_s * (len(data.train_y) // 128)
     criterion = torch.nn.CrossEntropyLoss()
 
     results = {}
-    for name in args.estimators.split(","):
-        method, samples, tol, max_iter = _spec(name)
+    for name, (method, samples, tol, max_iter) in specs.items():
         values, seconds, hvps, epochs = [], [], [], []
         for seed in range(args.seeds):
             epochs.append(_step_seconds(model, data, gen) * (len(data.train_y) // 128))
@@ -137,8 +158,8 @@ def main() -> None:
            "threads": args.threads, "train_step_s": step_s, "epoch_s_estimate": epoch_s,
            "default": {"eig_method": DEFAULT_EIG_METHOD, "eig_samples": DEFAULT_EIG_SAMPLES},
            "targets": {"cv_ratio_max": 1 / 3, "epoch_share_max": 0.10}, "estimators": results}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(out, indent=2) + "\n")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(args.out, json.dumps(out, indent=2) + "\n")  # a crash leaves the previous file whole
     print(json.dumps(out, indent=2))
 
 

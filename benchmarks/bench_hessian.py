@@ -37,7 +37,10 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from hvd_abs.atomic import unwritable_reason, write_text_atomic  # noqa: E402
 from hvd_abs.second_order import HessianOperator, top_eigenvalues, vecops  # noqa: E402
+
+PARTS = ("hvp", "eigen", "vectors", "distributed")
 
 
 def build_resnet20() -> nn.Module:
@@ -190,6 +193,12 @@ def bench_distributed() -> dict:
     return res
 
 
+def check_out(p: argparse.ArgumentParser, path: Path) -> None:
+    """Exit 2 now, not after the whole benchmark, unless a file can be written at `path`."""
+    why = unwritable_reason(path)
+    if why:
+        p.error(f"--out {path}: {why}; pass another --out")
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -202,7 +211,18 @@ def main() -> None:
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is visible here; use --device cpu")
+    for flag, value in (("--threads", args.threads), ("--repeats", args.repeats),
+                        ("--vector-repeats", args.vector_repeats), ("--basis", args.basis)):
+        if value < 1:
+            ap.error(f"{flag} must be >= 1, got {value}")
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    unknown = sorted(skip - set(PARTS))
+    if unknown:
+        ap.error(f"--skip: unknown part {unknown[0]!r}; choose from {','.join(PARTS)}")
+    # distributed is CPU only: on cuda it is skipped anyway.
+    if not set(PARTS) - skip - ({"distributed"} if args.device == "cuda" else set()):
+        ap.error("--skip leaves nothing to measure (a report of nothing would replace the last one); skip fewer parts")
+    check_out(ap, Path(args.out))
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = args.device
@@ -233,7 +253,7 @@ def main() -> None:
     text = json.dumps(report, indent=2)
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text + "\n")
+    write_text_atomic(args.out, text + "\n")  # a crash leaves the previous report whole
 
 
 if __name__ == "__main__":

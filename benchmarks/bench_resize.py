@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from hvd_abs.atomic import savefig_atomic, unwritable_reason, write_text_atomic
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -72,7 +74,16 @@ def drive_in_place(launcher: list[str], args: argparse.Namespace, out: Path, gro
             shrink()
             phase = 2
         time.sleep(0.2)
-    output, _ = proc.communicate(timeout=max(1.0, deadline - time.time()))
+    try:
+        output, _ = proc.communicate(timeout=max(1.0, deadline - time.time()))
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # a job left running past --timeout would hold the cores of every later run
+        try:
+            output, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            output, _ = proc.communicate()
+        raise RuntimeError(f"in-place run still running after --timeout {args.timeout:g}s, stopped:\n{output[-3000:]}")
     if proc.returncode != 0:
         raise RuntimeError(f"in-place run failed:\n{output[-3000:]}")
 
@@ -124,6 +135,11 @@ def restart(args: argparse.Namespace, work: Path, old: int, new: int,
     return {"stall_s": max(0.0, first_after - last_before - step), "update_s": step}
 
 
+# What `plot` reads from a result ("a.b": key b of section a).
+PLOTTED = ("machine", "global_batch", "in_place_cold.join_stall_s", "in_place_cold.leave_stall_s",
+           "in_place_warm.join_stall_s", "in_place_warm.leave_stall_s", "restart_1_to_2.stall_s", "restart_2_to_1.stall_s")
+
+
 def plot(result: dict, path: Path) -> None:
     """Bar chart of the stall per resize: in place (cold, warm) against the restart baseline."""
     import matplotlib
@@ -144,8 +160,53 @@ def plot(result: dict, path: Path) -> None:
     ax.set_title(f"Resize stalls, ResNet-20 on Cifar-10, global batch {result['global_batch']}, {result['machine']}")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    savefig_atomic(fig, path, dpi=100)  # a crash leaves the previous figure whole
     plt.close(fig)
+
+
+def _has(tree: object, dotted: str) -> bool:
+    """Whether nested dicts `tree` hold the key path "a.b"."""
+    for key in dotted.split("."):
+        if not isinstance(tree, dict) or key not in tree:
+            return False
+        tree = tree[key]
+    return True
+
+
+def load_result(p: argparse.ArgumentParser, path: Path) -> dict:
+    """The result JSON at `path` (for --plot-only), or exit 2 naming the file and what is wrong."""
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        p.error(f"--plot-only: cannot read {path} ({exc.strerror}); run the benchmark first, or pass --out "
+                f"to the JSON it wrote")
+    except ValueError:  # not UTF-8, or not JSON
+        p.error(f"--plot-only: {path} is not JSON; pass --out to the JSON the benchmark wrote")
+    missing = [key for key in PLOTTED if not _has(result, key)]
+    if missing:
+        p.error(f"--plot-only: {path} is not a bench_resize result (no {', '.join(missing[:3])}); pass --out "
+                f"to the JSON the benchmark wrote")
+    return result
+
+
+def check_out(p: argparse.ArgumentParser, path: Path, what: str = "--out") -> None:
+    """Exit 2 now, not after the whole benchmark, unless a file can be written at `path`."""
+    why = unwritable_reason(path)
+    if why:
+        p.error(f"{what} {path}: {why}; pass another --out")
+
+def check_job_options(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exit 2 on a job option that would fail only inside the launched job (or, --timeout, never
+    stop it); shared with bench_resize_ray."""
+    for name in ("train_subset", "base_batch", "epochs", "k", "timeout"):
+        value = getattr(args, name)
+        if not value > 0:
+            p.error(f"--{name.replace('_', '-')} must be > 0, got {value}")
+    # Updates are full global batches (2 x base each); the job must outlast both resizes.
+    updates = args.epochs * (args.train_subset // (2 * args.base_batch))
+    if updates <= 2 * args.k:
+        p.error(f"the job runs {updates} updates (--epochs x --train-subset // (2 x --base-batch)) but the two "
+                f"resizes need more than 2 x --k = {2 * args.k}: raise --epochs or --train-subset, or lower --k")
 
 
 def job_options(p: argparse.ArgumentParser, out: str) -> None:
@@ -164,12 +225,21 @@ def main() -> int:
     job_options(p, "resize.json")
     p.add_argument("--plot-only", action="store_true", help="redraw the plot from the --out JSON")
     args = p.parse_args()
+    check_job_options(p, args)
+    out = Path(args.out)
+    check_out(p, out)  # --plot-only too: the figure goes beside it
+    figure = out.with_suffix(".png")
+    if out == figure:
+        p.error(f"--out {out}: the figure goes beside the JSON as .png and would replace it; pass a .json --out")
+    check_out(p, figure, "--out's figure")
     if args.plot_only:
-        plot(json.loads(Path(args.out).read_text()), Path(args.out).with_suffix(".png"))
+        plot(load_result(p, out), figure)
         return 0
-    if not Path(args.data_dir).is_dir():
-        print(f"bench_resize: no CIFAR-10 at {args.data_dir}: pass --data-dir", file=sys.stderr)
-        return 2
+    from hvd_abs.data import load_dataset
+
+    # A data dir without CIFAR-10: one line now, not tracebacks from every worker; also builds the
+    # decode cache once, before the workers.
+    load_dataset("cifar10", data_dir=args.data_dir)
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="hvd_abs_resize_") as tmp:
         work = Path(tmp)
@@ -191,9 +261,9 @@ def main() -> int:
         "share_of_full_run_restart": (up["stall_s"] + down["stall_s"]) / full_run_s,
         "targets": {"ratio": 0.15, "share": 0.003}, "bench_s": time.time() - t0,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, Path(args.out).with_suffix(".png"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out, json.dumps(result, indent=2) + "\n")  # a crash leaves the previous file whole
+    plot(result, figure)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -22,7 +22,7 @@ one epoch-end eigenvalue estimate (Trainer.estimate_eig, the trainer's defaults)
 seconds per epoch of 50,000 samples at the initial batch (the costliest epoch: 390 updates, ratio
 0.2, one estimate) split into training, second-order and adversarial, and the samples/s they give.
 
-Writes benchmarks/results/throughput.json. Usage:
+Writes benchmarks/results/throughput.json (or --out). Usage:
     python benchmarks/bench_throughput.py [--worlds 1,2] [--model c1] [--pairs 30]
     python benchmarks/bench_throughput.py --local --device cuda --model resnet20   # no Horovod: vs plain PyTorch
 """
@@ -41,6 +41,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from hvd_abs.atomic import unwritable_reason, write_text_atomic  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results" / "throughput.json"
 PER_WORKER = 128
 EPOCH_SAMPLES = 50000
@@ -52,6 +54,13 @@ def _threads(world: int) -> int:
 
 def worker(args: argparse.Namespace) -> None:
     """One Horovod worker: alternate plain/trainer updates, then the ABS/ABSA split; rank 0 writes JSON."""
+    # The trainers' out dirs (metrics, checkpoints) are scratch: removed however the worker ends.
+    with tempfile.TemporaryDirectory(prefix="bench_tp_", ignore_cleanup_errors=True) as tmp:
+        _measure(args, Path(tmp))
+
+
+def _measure(args: argparse.Namespace, tmp: Path) -> None:
+    """The body of `worker`; the trainers write their out dirs under `tmp`."""
     import torch
     import torch.nn.functional as F
 
@@ -86,7 +95,6 @@ def worker(args: argparse.Namespace) -> None:
         data = dataclasses.replace(data, train_x=data.train_x.to(device), train_y=data.train_y.to(device),
                                    test_x=data.test_x.to(device), test_y=data.test_y.to(device))
     G = PER_WORKER * W
-    tmp = Path(tempfile.mkdtemp(prefix=f"bench_tp_r{rank}_"))
 
     def make_trainer(method: str) -> Trainer:
         cfg = TrainConfig(method=method, dataset="cifar10", data_dir=args.data_dir, model=args.model,
@@ -196,6 +204,20 @@ def worker(args: argparse.Namespace) -> None:
         Path(args.worker_out).write_text(json.dumps(out, indent=1))
 
 
+def parse_worlds(text: str) -> list[int]:
+    """`--worlds` "1,2" -> [1, 2]; ValueError saying what to pass."""
+    worlds = [w.strip() for w in text.split(",")]
+    if not all(w.isdecimal() and int(w) >= 1 for w in worlds):
+        raise ValueError(f"--worlds must be a comma list of world sizes >= 1, e.g. 1,2; got {text!r}")
+    return [int(w) for w in worlds]
+
+
+def check_out(p: argparse.ArgumentParser, path: Path) -> None:
+    """Exit 2 now, not after the whole benchmark, unless a file can be written at `path`."""
+    why = unwritable_reason(path)
+    if why:
+        p.error(f"--out {path}: {why}; pass another --out")
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--worlds", default="1,2")
@@ -211,6 +233,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    # Checked before any data load or launch: a bad flag costs seconds, not a run.
+    try:
+        worlds = parse_worlds(args.worlds)
+    except ValueError as exc:
+        p.error(str(exc))
+    if args.pairs < 1:
+        p.error(f"--pairs must be >= 1, got {args.pairs}")
+    if args.warmup < 0:
+        p.error(f"--warmup must be >= 0, got {args.warmup}")
+    if not args.worker:
+        check_out(p, Path(args.out))
     if args.device == "cuda" and not args.worker:
         import torch
 
@@ -232,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
                         "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None},
                "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+        write_text_atomic(args.out, json.dumps(doc, indent=1) + "\n")  # a crash leaves the previous file whole
         print(json.dumps(doc, indent=1))
         return
     from hvd_abs.data import load_dataset
@@ -240,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     load_dataset("cifar10", data_dir=args.data_dir)  # build the decode cache once, before the workers
     horovodrun = str(Path(sys.executable).with_name("horovodrun"))
     results = []
-    for W in (int(w) for w in args.worlds.split(",")):
+    for W in worlds:
         with tempfile.TemporaryDirectory() as d:
             wout = Path(d) / "w.json"
             cmd = [horovodrun, "-np", str(W), "--gloo", "--network-interface", "lo", "-H", f"localhost:{W}",
@@ -260,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
                     "load_avg_at_end": os.getloadavg()},
            "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+    write_text_atomic(args.out, json.dumps(doc, indent=1) + "\n")
     print(json.dumps({k: doc[k] for k in ("ratio_vs_plain_horovod", "ratio_by_world_size")}, indent=1))
     for r in results:
         for m, s in r["abs_split"].items():

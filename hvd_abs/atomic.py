@@ -41,3 +41,18 @@ def savefig_atomic(fig: Any, path: str | os.PathLike, **kwargs: Any) -> Path:
     path = Path(path)
     fmt = path.suffix.lstrip(".").lower() or "png"
     return write_atomic(path, lambda fh: fig.savefig(fh, format=fmt, **kwargs))
+
+
+def unwritable_reason(path: str | os.PathLike) -> str | None:
+    """Why a file could not be written at `path`, or None if it can: checked before a long job, so
+    that a bad --out fails at once, not after the work. Missing folders count as writable when the
+    nearest existing one is (they are made when the file is written)."""
+    path = Path(path)
+    if path.is_dir():
+        return "is a directory, not a file path"
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        return f"{parent} is not a writable directory"
+    return None

@@ -299,6 +299,9 @@ def _scan_annotated_split(split_dir: Path, classes: list[str]) -> _Split:
 def _scan_image_folder(root: Path) -> tuple[_Split, _Split, list[str], str]:
     """(train, eval, classes, eval folder name) of an image folder, or a UserError naming the layout."""
     layout = "train/<class>/* and test/<class>/* (or val/<class>/*)"
+    if root.exists() and not root.is_dir():
+        raise UserError(f"data directory {root} is a file, not a directory; pass --data-dir PATH to a folder "
+                        f"with {layout}")
     if not root.is_dir():
         raise UserError(f"data directory {root} does not exist; pass --data-dir PATH to a folder with {layout}")
     train_dir = root / "train"
@@ -551,10 +554,13 @@ def _decode_files(paths: list[str], image_size: int | None) -> torch.Tensor:
     if image_size is not None:
         h = w = image_size
     else:
-        from PIL import Image
+        from PIL import Image, UnidentifiedImageError
 
-        with Image.open(paths[0]) as im:
-            w, h = im.size
+        try:  # guarded like _decode_chunk: the first file may be as bad as any other
+            with Image.open(paths[0]) as im:
+                w, h = im.size
+        except (UnidentifiedImageError, OSError) as exc:
+            raise UserError(f"cannot decode image {paths[0]} ({exc}); remove or replace the file") from None
     n = len(paths)
     out = torch.empty((n, h, w, 3), dtype=torch.uint8)  # (N, H, W, C) as PIL gives it
     workers = min(decode_workers(), max(1, n // _FILES_PER_WORKER))

@@ -10,12 +10,14 @@ from hvd_abs.elastic.discovery import WARM_TIMEOUT_S
 
 
 def option_value(args: list[str], name: str) -> str | None:
+    """The value of option `name` in a click command line; the last one wins, as in click."""
+    value = None
     for i, a in enumerate(args):
         if a == name and i + 1 < len(args):
-            return args[i + 1]
-        if a.startswith(name + "="):
-            return a.split("=", 1)[1]
-    return None
+            value = args[i + 1]
+        elif a.startswith(name + "="):
+            value = a.split("=", 1)[1]
+    return value
 
 
 def run_dir_of(train_args: list[str]) -> Path:
@@ -36,6 +38,8 @@ def build_command(train_args: list[str], *, min_np: int, max_np: int, hostfile: 
     run_dir = str(run_dir_of(train_args))
     if cooldown and not re.fullmatch(r"\d+,\d+", cooldown):
         raise ValueError(f"--blacklist-cooldown must be MIN,MAX seconds like 5,30, got {cooldown!r}")
+    if cooldown and int(cooldown.split(",")[0]) > int(cooldown.split(",")[1]):
+        raise ValueError(f"--blacklist-cooldown {cooldown}: MIN is above MAX; pass MIN,MAX like 5,30")
     py = python or sys.executable
     discovery = [py, "-m", "hvd_abs.elastic.discovery", "--run-dir", run_dir,
                  "--min-np", str(min_np), "--max-np", str(max_np)]

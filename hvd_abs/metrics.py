@@ -4,7 +4,10 @@ metrics.jsonl has one JSON object per line:
 - an epoch line (no `event` field) with exactly EPOCH_FIELDS;
 - an event line with `event` in EVENTS (growth, resize, failure, checkpoint), `epoch`, `updates`
   and event-specific fields.
-Lines are flushed as written, so a crashed run keeps what it did.
+Lines are flushed as written, so a crashed run keeps what it did. A run killed mid-write leaves
+a partial last line: readers skip it with a warning, and a writer reopening the file (--resume)
+cuts it off first, so that the next line does not join it. Any other unreadable line means the
+file is damaged, and reading it raises UserError.
 """
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ import math
 import os
 from pathlib import Path
 from typing import Any, Iterator
+
+from hvd_abs.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +57,14 @@ class MetricsWriter:
             if path.exists():
                 for line in _lines(path):
                     if "event" not in line:
-                        self._last_epoch = max(self._last_epoch, int(line.get("epoch") or 0))
+                        epoch = line.get("epoch") or 0
+                        if not isinstance(epoch, int):
+                            raise UserError(f"{path}: epoch {epoch!r} is not a whole number: the file is damaged; "
+                                            f"fix or delete that line, or pass another --out")
+                        self._last_epoch = max(self._last_epoch, epoch)
                     elif line["event"] in _ONCE_EVENTS:
                         self._seen_events.add((line["event"], line.get("updates")))
+                _end_last_line(path)
             self._fh = open(path, "a", encoding="utf-8")
 
     def _write(self, record: dict[str, Any]) -> None:
@@ -114,13 +124,48 @@ def read_metrics(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[di
 
 
 def _lines(path: Path) -> Iterator[dict[str, Any]]:
-    with open(path, encoding="utf-8") as fh:
-        for n, raw in enumerate(fh, 1):
-            raw = raw.strip()
-            if not raw:
-                continue
-            try:
-                yield json.loads(raw)
-            except json.JSONDecodeError:
-                # A run killed mid-write leaves a partial last line: skip it, say so.
-                log.warning("%s:%d: unreadable line skipped", path, n)
+    # Bytes, not text: undecodable bytes are one more kind of bad line, not a UnicodeDecodeError.
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read {path} ({exc.strerror}): fix its permissions or pass another run dir") from None
+    numbered = [(n, raw.strip()) for n, raw in enumerate(data.splitlines(), 1)]
+    numbered = [(n, raw) for n, raw in numbered if raw]
+    for i, (n, raw) in enumerate(numbered):
+        record = _record(raw)
+        if record is not None:
+            yield record
+        elif i == len(numbered) - 1:
+            # A run killed mid-write leaves a partial last line: skip it, say so.
+            log.warning("%s:%d: unreadable line skipped", path, n)
+        else:
+            raise UserError(f"{path} line {n} is not a JSON object: the file is damaged; "
+                            f"fix or delete that line, or pass another run dir")
+
+
+def _record(raw: bytes) -> dict[str, Any] | None:
+    """The JSON object on one line, or None if the line is not one (bad UTF-8, bad JSON, a list)."""
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _end_last_line(path: Path) -> None:
+    """Before appending: end a complete last line that lacks its newline, or cut off a partial one.
+
+    Otherwise the next line would be glued to it, and the glued line, no longer last, would make
+    the file unreadable.
+    """
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return
+    head, newline, tail = data.rpartition(b"\n")
+    with open(path, "r+b") as fh:
+        if tail.strip() and _record(tail.strip()) is None:
+            log.warning("%s: partial last line cut off before appending", path)
+            fh.truncate(len(head) + len(newline))
+        else:
+            fh.seek(0, os.SEEK_END)
+            fh.write(b"\n")

@@ -704,9 +704,10 @@ def finish(trainer: Trainer, summary: dict[str, Any], writer: MetricsWriter, out
     """Rank 0: plots.png and the final summary.json."""
     comm = trainer.comm
     if comm.rank == 0 and plot:
-        from hvd_abs.plotting import plot_run
+        if trainer.history:  # a run stopped before its first epoch end has nothing to draw
+            from hvd_abs.plotting import plot_run
 
-        summary["plot"] = str(plot_run(out))
+            summary["plot"] = str(plot_run(out))
         summary["metrics"] = str(out / METRICS_FILE)
         writer.summary(**summary)
     return summary

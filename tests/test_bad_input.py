@@ -110,6 +110,12 @@ CASES = {
                                         ["slots must be at least 1"]),
     "horovod: bad cooldown": (["launch", "horovod", "--blacklist-cooldown", "soon", "--", "--out", "TMP/new"],
                               ["MIN,MAX"]),
+    "horovod: fewer slots than min-np": (["launch", "horovod", "--min-np", "2", "--max-np", "2", "--hostfile",
+                                          "TMP/hosts-one", "--", "--out", "TMP/new"], ["offers 1 slots", "--min-np"]),
+    "horovod: cooldown min above max": (["launch", "horovod", "--blacklist-cooldown", "30,5", "--", "--out",
+                                         "TMP/new"], ["MIN is above MAX"]),
+    "horovod: no data in --data-dir": (["launch", "horovod", "--", "--dataset", "cifar10", "--data-dir", "TMP",
+                                        "--out", "TMP/new"], ["CIFAR-10 not found", "--data-dir"]),
     "horovod: no --out": (["launch", "horovod", "--", "--dataset", "digits"], ["--out DIR"]),
     "horovod: bad train option": (["launch", "horovod", "--", "--epochs", "0", "--out", "OUT", "--overwrite"],
                                   ["--epochs"]),
@@ -124,6 +130,8 @@ CASES = {
                                 "--overwrite"], ["--adv-ratio", "[0, 1]"]),
     "ray: negative eps": (["launch", "ray", "--address", "local", "--", "--adv-eps", "-1", "--out", "OUT",
                            "--overwrite"], ["--adv-eps"]),
+    "ray: no data in --data-dir": (["launch", "ray", "--address", "local", "--", "--dataset", "cifar10",
+                                    "--data-dir", "TMP", "--out", "TMP/new"], ["CIFAR-10 not found", "--data-dir"]),
     "ray: out dir holds a run": (["launch", "ray", "--address", "local", "--", "--out", "OUT"], ["--overwrite"]),
     # hessian
     "hessian: zero samples": (["hessian", "--dataset", "digits", "--model", "mlp", "--samples", "0"], ["--samples"]),
@@ -146,6 +154,7 @@ def test_bad_input_one_line_exit_2_nothing_touched(argv: list[str], words: list[
     (tmp_path / "hosts-bad").write_text("localhost slots=1\n;rm -rf /:2\n")
     (tmp_path / "hosts-empty").write_text("# nothing\n")
     (tmp_path / "hosts-zero").write_text("localhost:0\n")
+    (tmp_path / "hosts-one").write_text("localhost slots=1\n")
     damaged_checkpoints(tmp_path / "damaged")
     argv = [a.replace("OUT", str(previous_run)).replace("TMP", str(tmp_path)) for a in argv]
     before_prev, before_tmp = snapshot(previous_run), snapshot(tmp_path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -121,6 +122,9 @@ def test_horovodrun_command():
     assert cmd[cmd.index("train") + 1:] == ["--elastic", "--max-np", "2", "--dataset", "digits", "--out", "runs/x"]
     with pytest.raises(ValueError, match="--out"):
         build_command(["--dataset", "digits"], min_np=1, max_np=2)
+    # Given twice, --out is the last one (as click reads it): discovery must watch where training writes.
+    cmd = build_command(["--out", "runs/a", "--out=runs/b"], min_np=1, max_np=2, python="py")
+    assert cmd[cmd.index("--host-discovery-script") + 1].split("--run-dir ")[1].startswith(str(Path("runs/b").resolve()))
 
 
 def test_warm_growth_waits_for_standbys_up_to_the_warm_timeout(tmp_path, capsys):

@@ -6,6 +6,8 @@ from typing import Any
 
 import click
 
+from hvd_abs.commands._errors import user_errors_exit_2
+
 
 def _positive(example: str) -> Any:
     def check(ctx: click.Context, param: click.Parameter, value: int) -> int:
@@ -38,6 +40,7 @@ def _positive(example: str) -> Any:
 @click.option("--seed", default=0, show_default=True, help="Seed of the sample subset, start vectors and probes.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@user_errors_exit_2
 def command(model_name: str, dataset: str, data_dir: str | None, samples: int, batch_size: int, top_k: int,
             with_trace: bool, checkpoint: str | None, method: str, tol: float, max_iter: int, seed: int,
             device: str, as_json: bool) -> None:
@@ -88,6 +91,10 @@ def command(model_name: str, dataset: str, data_dir: str | None, samples: int, b
             raise click.UsageError(f"--checkpoint {checkpoint} does not fit --model {model_name} "
                                    f"({str(exc).splitlines()[0]}); pass the model it was trained with") from None
     model.to(device)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if top_k > n_params:  # checked here, before the data are moved and the solver starts
+        raise click.BadParameter(f"--model {model_name} has only {n_params} trainable parameters; pass --top-k "
+                                 f"{n_params} or fewer", param_hint="--top-k")
     n = len(splits.train_y)
     if samples > n:
         raise click.BadParameter(f"the training split has only {n} samples; pass --samples {n} or fewer",
@@ -128,6 +135,8 @@ def _load_weights(path: str) -> dict[str, Any]:
 
     import torch
 
+    from hvd_abs.elastic.checkpoint import CheckpointError, load_checkpoint
+
     p = Path(path).expanduser()
     if not p.is_file():
         raise click.BadParameter(f"{path} does not exist; pass a checkpoint file written by hvd-abs train",
@@ -136,14 +145,16 @@ def _load_weights(path: str) -> dict[str, Any]:
         with open(p, "rb") as f:
             head = f.read(16)
         if head.startswith(b"HVDABS-CKPT"):
-            from hvd_abs.elastic.checkpoint import load_checkpoint
-
             state = load_checkpoint(p)
         else:
             state = torch.load(p, map_location="cpu", weights_only=True)
+    except CheckpointError as exc:  # ours, and short: says what is wrong with the file
+        raise click.BadParameter(f"{exc}; pass an intact hvd-abs checkpoint", param_hint="--checkpoint") from None
     except Exception as exc:  # noqa: BLE001 - any unreadable file is a usage error here
-        raise click.BadParameter(f"cannot read {path} ({type(exc).__name__}: {exc}); pass an hvd-abs checkpoint "
-                                 "or a torch state dict", param_hint="--checkpoint") from None
+        # Not torch's message: it is many lines of weights_only advice that does not apply here.
+        raise click.BadParameter(f"{path} is not an hvd-abs checkpoint nor a torch state dict "
+                                 f"({type(exc).__name__}); pass a checkpoint written by hvd-abs train",
+                                 param_hint="--checkpoint") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict):

@@ -48,8 +48,8 @@ def horovod(min_np: int, max_np: int, hostfile: str | None, network_interface: s
     if max_np < min_np:
         raise click.BadParameter(f"--max-np ({max_np}) must be at least --min-np ({min_np})", param_hint="--max-np")
     if hostfile:
-        _check_hostfile(hostfile, max_np)
-    _check_train(list(train_args))
+        _check_hostfile(hostfile, min_np)
+    _check_train(list(train_args), load_data=hostfile is None)  # (else the data lives on the hosts)
     try:
         cmd = build_command(list(train_args), min_np=min_np, max_np=max_np, hostfile=hostfile,
                             nic=network_interface, cooldown=blacklist_cooldown, warm=warm > 0,
@@ -72,29 +72,34 @@ def horovod(min_np: int, max_np: int, hostfile: str | None, network_interface: s
     sys.exit(code)
 
 
-def _check_hostfile(hostfile: str, max_np: int) -> None:
-    """Parse the hostfile now: a bad line is a one-line usage error, not a failure of the
-    discovery script inside a started job."""
+def _check_hostfile(hostfile: str, min_np: int) -> None:
+    """Parse the hostfile now: a bad line, or fewer slots than --min-np (a job that would wait
+    for ever), is a one-line usage error, not a failure or a hang of a started job."""
     from pathlib import Path
 
     from hvd_abs.elastic.discovery import HostfileError, parse_hostfile
 
     try:
-        parse_hostfile(Path(hostfile).read_text(), hostfile)
+        pool = parse_hostfile(Path(hostfile).read_text(), hostfile)
     except (OSError, UnicodeDecodeError, HostfileError) as exc:
         raise click.UsageError(f"--hostfile: {exc}") from None
+    slots = sum(n for _, n in pool)
+    if slots < min_np:
+        raise click.UsageError(f"--hostfile {hostfile} offers {slots} slots but --min-np is {min_np}: add hosts "
+                               f"or slots, or lower --min-np")
 
 
 @user_errors_exit_2
-def _check_train(train_args: list[str]) -> None:
-    """The training options as `hvd-abs train` checks them, before any process starts."""
+def _check_train(train_args: list[str], load_data: bool) -> None:
+    """The training options as `hvd-abs train` checks them, before any process starts; with
+    load_data (workers on this machine), the data set too."""
     from hvd_abs.commands.train import check_train_args
     from hvd_abs.launch_horovod import option_value
 
     if not option_value(train_args, "--out"):
         raise click.UsageError("elastic training needs a run directory: pass --out DIR among the train options "
                                "(after --)")
-    check_train_args(train_args)
+    check_train_args(train_args, load_data=load_data)
 
 
 def _say_how_to_resume(train_args: list[str], why: str) -> None:
@@ -171,7 +176,7 @@ def ray(address: str, min_workers: int, max_workers: int, cpus_per_worker: float
                                  param_hint="--max-workers")
     if cpus_per_worker == 0 and gpus_per_worker == 0:
         raise click.UsageError("a worker must hold some resource: pass --cpus-per-worker > 0 or --gpus-per-worker > 0")
-    _check_train(list(train_args))
+    _check_train(list(train_args), load_data=address == "local")  # (a cluster's nodes hold their own data)
     out = option_value(list(train_args), "--out")
     # Actors do not run in this directory: the run directory travels as an absolute path.
     run_dir = str(Path(out).resolve())

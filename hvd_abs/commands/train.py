@@ -114,10 +114,12 @@ def config_from_options(options: dict, ctx: click.Context):
     return TrainConfig(**options)
 
 
-def check_train_args(train_args: list[str]) -> None:
+def check_train_args(train_args: list[str], load_data: bool = False) -> None:
     """Validate `hvd-abs train TRAIN_ARGS` as a launcher would start them, before anything starts:
     click's parsing, TrainConfig.validate() for a fresh (not elastic) run, so an out dir holding
     another run is refused unless --resume or --overwrite is given, and the data set's name.
+    load_data: also load the data set (for workers on this machine: a wrong --data-dir is then one
+    line here, not a traceback per worker; the decode cache it leaves saves the workers the work).
     Raises click.UsageError or UserError naming the fix."""
     import dataclasses
 
@@ -129,6 +131,10 @@ def check_train_args(train_args: list[str]) -> None:
     dataclasses.replace(cfg, elastic=False).validate()
     if cfg.dataset.strip().lower() not in DATASETS:
         raise UserError(f"--dataset {cfg.dataset!r} is unknown; pass one of {', '.join(DATASETS)}")
+    if load_data:
+        from hvd_abs.data import load_dataset
+
+        load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download)
     if cfg.resume is not None:
         from pathlib import Path
 
