@@ -130,6 +130,8 @@ CASES = {
                                 "--overwrite"], ["--adv-ratio", "[0, 1]"]),
     "ray: negative eps": (["launch", "ray", "--address", "local", "--", "--adv-eps", "-1", "--out", "OUT",
                            "--overwrite"], ["--adv-eps"]),
+    "ray: nothing listens at HOST:PORT": (["launch", "ray", "--address", "127.0.0.1:1", "--", "--out", "TMP/new"],
+                                          ["no Ray head answers", "--address local"]),  # (Ray retried for minutes)
     "ray: no data in --data-dir": (["launch", "ray", "--address", "local", "--", "--dataset", "cifar10",
                                     "--data-dir", "TMP", "--out", "TMP/new"], ["CIFAR-10 not found", "--data-dir"]),
     "ray: out dir holds a run": (["launch", "ray", "--address", "local", "--", "--out", "OUT"], ["--overwrite"]),

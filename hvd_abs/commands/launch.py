@@ -135,6 +135,22 @@ def ray_address(address: str) -> str:
     return address
 
 
+def probe_ray_head(address: str, timeout_s: float = 5.0) -> None:
+    """For HOST:PORT, check that something listens there before Ray is asked to join it: Ray
+    itself retries an unanswered address for minutes. Raises click.UsageError naming the fix."""
+    import socket
+
+    if address in ("auto", "local"):
+        return
+    host, port = address.rsplit(":", 1)
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        raise click.UsageError(f"no Ray head answers at --address {address} ({why}): start one there with "
+                               f"`ray start --head --port {port}`, or pass --address local") from None
+
+
 @command.command("ray", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @click.option("--address", required=True,
               help="Ray cluster: 'auto' (the one this machine belongs to), HOST:PORT of its head, or "
@@ -171,6 +187,7 @@ def ray(address: str, min_workers: int, max_workers: int, cpus_per_worker: float
     from hvd_abs.launch_horovod import option_value
 
     address = ray_address(address)
+    probe_ray_head(address)
     if max_workers < min_workers:
         raise click.BadParameter(f"--max-workers ({max_workers}) must be at least --min-workers ({min_workers})",
                                  param_hint="--max-workers")
@@ -190,14 +207,14 @@ def ray(address: str, min_workers: int, max_workers: int, cpus_per_worker: float
                                   nic=network_interface, warm_timeout=warm_timeout)
     click.echo(f"+ Ray {address}: {min_workers}..{max_workers} workers x (CPU {cpus_per_worker:g}, GPU "
                f"{gpus_per_worker:g}) running hvd-abs train {' '.join(worker_argv)}", err=True)
-    from hvd_abs.elastic.world_signal import start_job
-
-    start_job(run_dir, min_workers)
     try:
         executor.start()
     except ConnectionError as exc:
-        raise click.ClickException(f"no Ray cluster at --address {address} ({exc}): start one with "
-                                   f"`ray start --head`, or pass --address local") from None
+        raise click.UsageError(f"no Ray cluster at --address {address} ({exc}): start one with "
+                               f"`ray start --head`, or pass --address local") from None
+    from hvd_abs.elastic.world_signal import start_job
+
+    start_job(run_dir, min_workers)  # only once connected: a refused job leaves its --out as it was
     try:
         # Warm joins: a joining worker imports and loads the data before the job waits for it.
         warmup = functools.partial(warm_train_worker, worker_argv) if warm else None
