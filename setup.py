@@ -19,8 +19,29 @@ def version() -> str:
     return re.search(r'__version__ = "([^"]+)"', text).group(1)
 
 
+def cuda_home_from_nvcc() -> None:
+    """Point CUDA_HOME at the toolkit of the nvcc on PATH when it is unset (as scripts/setup_env.sh
+    does): torch guesses from nvcc's path, wrong when nvcc is a wrapper (/usr/local/bin/nvcc gave
+    CUDA_HOME=/usr/local, and every build attempt failed). nvcc itself says where it lives."""
+    import shutil
+    import subprocess
+
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or not shutil.which("nvcc"):
+        return
+    try:
+        out = subprocess.run(["nvcc", "--dryrun", "-x", "cu", os.devnull, "-c", "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return
+    for line in (out.stdout + out.stderr).splitlines():
+        if line.startswith("#$ TOP="):
+            os.environ["CUDA_HOME"] = os.path.realpath(line.split("=", 1)[1].strip())
+            return
+
+
 def extension_build():
     """(ext_modules, cmdclass) for the native ops, or ([], {}) when torch's build tools are missing."""
+    cuda_home_from_nvcc()  # before torch.utils.cpp_extension reads it
     try:
         import torch
         from torch.utils import cpp_extension as ce
@@ -38,7 +59,16 @@ def extension_build():
         # it but not linked to an OpenMP library: the GOMP_* symbols bind at load time to the
         # runtime torch already loaded (its libgomp, whatever its file name), so one thread pool.
         openmp = ["-fopenmp"]
+    if not torch.cuda.is_available():
+        # With no GPU to ask, torch's arch detection fails (an IndexError): one SASS target plus
+        # PTX, which newer GPUs compile at load, as scripts/setup_env.sh does.
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0+PTX")
     want_cuda = torch.version.cuda is not None and ce.CUDA_HOME is not None and os.environ.get("HVD_ABS_NO_CUDA") != "1"
+    if want_cuda and not os.path.exists(os.path.join(ce.CUDA_HOME, "bin", "nvcc")):
+        # BuildExtension would stop the whole install on this, before any build can be retried.
+        print(f"hvd_abs: WARNING: no nvcc under CUDA_HOME={ce.CUDA_HOME}: building the CPU kernels only "
+              f"(set CUDA_HOME to a CUDA toolkit for the CUDA ones)", file=sys.stderr)
+        want_cuda = False
     if want_cuda and cu:
         # torch's CUDA headers include the math libraries' headers (cusparse.h, cublas.h), which a
         # bare toolkit may lack; torch's own pip packages ship them, matching torch's CUDA version.
@@ -50,8 +80,9 @@ def extension_build():
             extra_compile_args={"cxx": cxx + openmp + after,
                                 "nvcc": ["-O3", "-std=c++20"] + [f"-Xcompiler={f}" for f in after]},
         )
-    else:
-        ext = ce.CppExtension("hvd_abs._C", cpp, extra_compile_args={"cxx": cxx + openmp})
+    cpu_ext = ce.CppExtension("hvd_abs._C", cpp, extra_compile_args={"cxx": cxx + openmp})
+    if not (want_cuda and cu):
+        ext = cpu_ext
 
     class OptionalBuild(ce.BuildExtension):
         """Never lets a broken toolchain break `pip install`: a failed build is retried without
@@ -73,14 +104,19 @@ def extension_build():
                 return
             if any(s.endswith(".cu") for s in extension.sources):
                 print("hvd_abs: WARNING: retrying the extension without CUDA kernels", file=sys.stderr)
-                extension.sources = [s for s in extension.sources if not s.endswith(".cu")]
+                # The CPU extension's sources, macros and libraries: the CUDA one links cudart and
+                # torch_cuda, which a machine whose CUDA build failed may not even have. The cxx
+                # flags stay: BuildExtension added the module's name (-DTORCH_EXTENSION_NAME) to them.
+                for attr in ("sources", "include_dirs", "library_dirs", "libraries", "extra_link_args"):
+                    setattr(extension, attr, list(getattr(cpu_ext, attr)))
                 extension.define_macros = [m for m in extension.define_macros if m[0] != "HVD_ABS_WITH_CUDA"]
-                extension.extra_compile_args = {"cxx": cxx + openmp}
+                extension.extra_compile_args = {"cxx": list(extension.extra_compile_args["cxx"])}
                 if self._try(extension, "the CPU-only"):
                     return
             if openmp:
                 print("hvd_abs: WARNING: retrying the extension without OpenMP (serial kernels)", file=sys.stderr)
-                extension.extra_compile_args = {"cxx": cxx}
+                extension.extra_compile_args = {"cxx": [f for f in extension.extra_compile_args["cxx"]
+                                                        if f != "-fopenmp"]}
                 if self._try(extension, "the serial CPU"):
                     return
             print("hvd_abs: WARNING: no C++ extension; using the PyTorch fallback", file=sys.stderr)

@@ -87,4 +87,9 @@ inline at::Tensor check_coeffs(const char* op, const at::Tensor& c, int64_t k) {
 }
 
 }  // namespace
+
+// The CPU kernel (vecops.cpp): also the CUDA build's path for a CPU `flat` with CUDA `like` tensors
+// (the dispatcher picks CUDA when any argument is on it; `like` only lends shapes).
+std::vector<at::Tensor> unflatten_cpu(const at::Tensor& flat, at::TensorList like);
+
 }  // namespace hvd_abs

@@ -200,6 +200,9 @@ std::vector<at::Tensor> contiguous_all(at::TensorList xs) {
 
 int64_t check_cuda(const char* op, at::TensorList basis, at::TensorList v) {
   const int64_t k = check_basis(op, basis, v);
+  // The dispatcher comes here when any argument is on CUDA (e.g. only the coefficients).
+  TORCH_CHECK(v.empty() || v[0].is_cuda(), op, ": the vectors are on ", v.empty() ? "" : v[0].device().str(),
+              " but another argument is on CUDA: pass the vectors, basis and coefficients on one device");
   TORCH_CHECK(k <= kMaxBasis, op, ": at most ", kMaxBasis, " basis vectors on CUDA, got ", k,
               "; restart the Krylov method earlier");
   return k;
@@ -305,6 +308,7 @@ at::Tensor flatten_cuda(at::TensorList xs) {
 }
 
 std::vector<at::Tensor> unflatten_cuda(const at::Tensor& flat, at::TensorList like) {
+  if (!flat.is_cuda()) return unflatten_cpu(flat, like);  // outputs follow flat, as on the CPU
   TORCH_CHECK(flat.dim() == 1, "unflatten: flat must be 1-D, got ", flat.dim(), "-D");
   const c10::cuda::CUDAGuard guard(flat.device());
   int64_t n = 0;

@@ -133,6 +133,7 @@ def test_zero_vector_is_left_alone(device: str) -> None:
 
 
 def test_native_rejects_bad_input_with_a_fix() -> None:
+    vecops.get("native")  # loads the extension (run alone, no other test has)
     ops = torch.ops.hvd_abs
     v = [torch.randn(3), torch.randn(4)]
     with pytest.raises(RuntimeError, match="whole vectors"):
