@@ -152,8 +152,10 @@ def main() -> None:
     if "reference" in results:
         ref = results["reference"]
         for r in results.values():
-            r["cv_ratio"] = r["spread_cv"] / ref["spread_cv"]
-            r["maxmin_ratio"] = (r["spread_maxmin"] - 1) / (ref["spread_maxmin"] - 1)
+            # None where the reference did not spread at all (identical estimates): no ratio to give.
+            r["cv_ratio"] = r["spread_cv"] / ref["spread_cv"] if ref["spread_cv"] else None
+            r["maxmin_ratio"] = ((r["spread_maxmin"] - 1) / (ref["spread_maxmin"] - 1)
+                                 if ref["spread_maxmin"] != 1 else None)
     out = {"model": "resnet20", "dataset": "cifar10", "model_state": f"trained {args.train_steps} SGD steps (batch 128, lr 0.1)",
            "threads": args.threads, "train_step_s": step_s, "epoch_s_estimate": epoch_s,
            "default": {"eig_method": DEFAULT_EIG_METHOD, "eig_samples": DEFAULT_EIG_SAMPLES},

@@ -280,7 +280,11 @@ def main(argv: list[str] | None = None) -> None:
                    sys.executable, str(Path(__file__).resolve()), "--worker", "--worker-out", str(wout),
                    "--model", args.model, "--pairs", str(args.pairs), "--warmup", str(args.warmup), "--data-dir", args.data_dir, "--device", args.device]
             print("$", " ".join(cmd), flush=True)
-            subprocess.run(cmd, check=True)
+            code = subprocess.call(cmd)
+            if code != 0 or not wout.exists():  # its own output above says why; nothing is written
+                print(f"bench_throughput: horovodrun -np {W} failed (exit {code}; its output is above): "
+                      f"{args.out} not written", file=sys.stderr)
+                raise SystemExit(1)
             res = json.loads(wout.read_text())
         print(json.dumps({k: v for k, v in res.items() if k != "abs_split"}, indent=1), flush=True)
         results.append(res)
