@@ -83,6 +83,7 @@ def check_out(p: argparse.ArgumentParser, path: Path) -> None:
     if why:
         p.error(f"--out {path}: {why}; pass another --out")
 
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data-dir", default="/work/shared/data/cifar10")

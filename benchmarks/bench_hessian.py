@@ -199,6 +199,7 @@ def check_out(p: argparse.ArgumentParser, path: Path) -> None:
     if why:
         p.error(f"--out {path}: {why}; pass another --out")
 
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")

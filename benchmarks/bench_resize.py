@@ -195,6 +195,7 @@ def check_out(p: argparse.ArgumentParser, path: Path, what: str = "--out") -> No
     if why:
         p.error(f"{what} {path}: {why}; pass another --out")
 
+
 def check_job_options(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Exit 2 on a job option that would fail only inside the launched job (or, --timeout, never
     stop it); shared with bench_resize_ray."""

@@ -218,6 +218,7 @@ def check_out(p: argparse.ArgumentParser, path: Path) -> None:
     if why:
         p.error(f"--out {path}: {why}; pass another --out")
 
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--worlds", default="1,2")
