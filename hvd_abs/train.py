@@ -664,8 +664,9 @@ def train(cfg: TrainConfig, comm: Any = None, eigen_fn: EigenFn | None = None,
 
         comm = make_comm("auto")
     trainer = Trainer(cfg, comm=comm, eigen_fn=eigen_fn)
+    resumed_from = None
     if cfg.resume is not None:
-        trainer.resume(cfg.resume)
+        resumed_from = trainer.resume(cfg.resume)
         if trainer.epoch >= cfg.epochs:
             raise UserError(f"--resume {cfg.resume}: that run already reached epoch {trainer.epoch}; pass "
                             f"--epochs above {trainer.epoch} to train it further")
@@ -679,6 +680,8 @@ def train(cfg: TrainConfig, comm: Any = None, eigen_fn: EigenFn | None = None,
         trainer.save_checkpoint(writer)
     finally:
         writer.close()
+    if resumed_from is not None:  # which checkpoint it continued from (a damaged newest is skipped)
+        summary["resumed_from"] = str(resumed_from)
     return finish(trainer, summary, writer, out, plot)
 
 

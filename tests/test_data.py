@@ -94,8 +94,11 @@ def test_digits_shapes_ranges_labels() -> None:
 def test_digits_split_is_deterministic() -> None:
     a, b = load_dataset("digits"), load_dataset("DIGITS")
     assert torch.equal(a.train_x, b.train_x) and torch.equal(a.test_y, b.test_y)
-    # Train and test are disjoint pieces of the 1,797 images.
+    # Train and test are disjoint pieces of the 1,797 images: together, each image once.
     assert len(a.train_y) + len(a.test_y) == 1797
+    every = torch.cat([a.train_x, a.test_x]).flatten(1)
+    assert torch.unique(every, dim=0).shape[0] == torch.unique(every[:len(a.train_y)], dim=0).shape[0] + \
+        torch.unique(every[len(a.train_y):], dim=0).shape[0]
 
 
 def test_digits_resize() -> None:
@@ -228,6 +231,9 @@ def test_grey_and_palette_images_become_rgb(tmp_path: Path, cache: Path) -> None
     s = load_dataset("imagefolder", data_dir=root, cache_dir=cache)
     assert s.train_x.shape == (1, 3, 6, 6)
     assert torch.allclose(s.train_x, torch.full_like(s.train_x, 200 / 255))
+    assert s.test_x.shape == (1, 3, 6, 6)  # the palette image, as PIL's own RGB conversion gives it
+    rgb = np.asarray(Image.open(root / "test" / "a" / "0.png").convert("RGB"), dtype=np.float32) / 255
+    assert torch.allclose(s.test_x[0], torch.from_numpy(rgb).permute(2, 0, 1))
 
 
 def _mkparent(p: Path) -> Path:

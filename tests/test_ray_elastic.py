@@ -198,7 +198,7 @@ def test_network_choice() -> None:
         _local_network(["10.9.9.9", "10.9.9.8"], "203.0.113.77")  # no local interface holds it
 
 
-def test_launch_ray_runs_train_elastic_with_absolute_out(tmp_path, monkeypatch) -> None:
+def test_launch_ray_builds_train_elastic_with_absolute_out(tmp_path, monkeypatch) -> None:
     seen: dict = {}
 
     class Recorder:  # stands in for the executor: this test is about the command line only

@@ -22,6 +22,7 @@ def _horovodrun() -> str:
     return found
 
 
+@pytest.mark.multiprocess
 def test_two_workers_equal_one_process_on_the_union(tmp_path: Path) -> None:
     out = tmp_path / "result.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))

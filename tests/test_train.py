@@ -98,12 +98,11 @@ def test_trainer_state_round_trip_continues_identically(digits, tmp_path: Path) 
     cfg = TrainConfig(method="absa", model="mlp", epochs=3, base_batch=64, out=str(tmp_path / "a"), quiet=True)
     t1 = Trainer(cfg, data=digits, eigen_fn=fake)
     for _ in range(3):
-        t1.step()
+        assert t1.step()
     state = copy.deepcopy(t1.state_dict())  # like torch's, the state holds references
     t2 = Trainer(TrainConfig(**{**cfg.__dict__, "seed": 99}), data=digits, eigen_fn=fake)
     t2.load_state_dict(state)
-    t1.step()
-    t2.step()
+    assert t1.step() and t2.step()
     for a, b in zip(t1.model.parameters(), t2.model.parameters()):
         assert torch.equal(a, b)
     assert t1.current_lr() == t2.current_lr() and t1.sampler.position == t2.sampler.position
@@ -216,6 +215,14 @@ def test_train_and_test_subsets_are_fixed_and_used(tmp_path):
     train(cfg, plot=False)
     (line,), _ = read_metrics(tmp_path / "a")
     assert line["samples_seen"] == 320 and line["updates"] == 10  # 320 / 32, no short batch
+    # Fixed: two trainers (other seeds) hold the same subsets; used: of the sizes asked for.
+    from hvd_abs.data import load_dataset
+
+    data = load_dataset("digits")
+    a = Trainer(TrainConfig(**{**cfg.__dict__, "seed": 1, "out": str(tmp_path / "b")}), data=data)
+    b = Trainer(TrainConfig(**{**cfg.__dict__, "seed": 2, "out": str(tmp_path / "c")}), data=data)
+    assert a.data.train_x.shape[0] == 320 and a.data.test_x.shape[0] == 100
+    assert torch.equal(a.data.train_x, b.data.train_x) and torch.equal(a.data.test_y, b.data.test_y)
 
 
 def test_stop_then_resume_equals_an_uninterrupted_run(tmp_path):
