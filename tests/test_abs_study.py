@@ -52,20 +52,20 @@ def test_a_stopped_study_continues_where_it_stopped(tmp_path: Path) -> None:
     data = _make_cifar_like(tmp_path / "cifar", n_train=1024, n_test=100)
     _study(tmp_path, data, "whole")
 
-    # Both runs start at once and stop at their first epoch end (an epoch here takes over 1 s):
-    # each is left after epoch 1 with a checkpoint.
+    # Both runs start at once and stop at their first epoch end past 1 s: after epoch 1 here (an
+    # epoch takes over 1 s), after epoch 2 on a machine twice as fast; either way with a checkpoint.
     proc = _study(tmp_path, data, "pieces", "--stop-after-s", "1")
     assert proc.stdout.count("--stop-after-s") == 2, proc.stdout
     for method in ("sgd", "absa"):
         r = _result(tmp_path, "pieces", method)
-        assert not r["complete"] and r["epochs"] == 1
+        assert not r["complete"] and 1 <= r["epochs"] < 3
         assert list((tmp_path / "pieces" / f"c1_{method}_s0" / "checkpoints").glob("ckpt-*.pt"))
     table = json.loads((tmp_path / "out_pieces" / "abs_study.json").read_text())
     assert table["runs"] == [] and len(table["incomplete_runs"]) == 2
 
-    # Run again: both continue from epoch 2 and finish as the uninterrupted study did.
+    # Run again: both continue where they stopped and finish as the uninterrupted study did.
     proc = _study(tmp_path, data, "pieces")
-    assert " epoch 1:" not in proc.stdout and proc.stdout.count(" epoch 2:") == 2, proc.stdout  # resumed
+    assert " epoch 1:" not in proc.stdout and proc.stdout.count(" epoch 3:") == 2, proc.stdout  # resumed
     for method in ("sgd", "absa"):
         whole, pieces = _result(tmp_path, "whole", method), _result(tmp_path, "pieces", method)
         assert pieces["complete"] and pieces["epochs"] == 3

@@ -1,8 +1,6 @@
 """The batch controller, the LR schedule and the layout of a global batch."""
 from __future__ import annotations
 
-import math
-
 import pytest
 
 from hvd_abs.batching import BatchController, LRSchedule, layout, plan, wanted_world_size
@@ -131,4 +129,6 @@ def test_layout_rejects_non_positive_sizes() -> None:
         layout(128, 0, 1)
     with pytest.raises(UserError, match="--batch"):
         layout(-1, 128, 1)
-    assert math.isfinite(layout(1, 128, 8).per_worker_batch)
+    # The smallest batch on more workers than it has samples: one worker, one sample, no accumulation.
+    tiny = layout(1, 128, 8)
+    assert (tiny.num_micro, tiny.active_workers, tiny.accum_steps, tiny.per_worker_batch) == (1, 1, 1, 1)
