@@ -64,6 +64,7 @@ DEFAULT_MODELS = {"digits": "cnn", "cifar10": "resnet20", "cifar100": "resnet20"
 RUN_FILES = (METRICS_FILE, SUMMARY_FILE, "plots.png")  # files whose presence marks a run dir
 CHECKPOINT_DIR = "checkpoints"
 RUN_DIRS = (CHECKPOINT_DIR, "ledger")  # folders of a run's own, cleared with its files by --overwrite
+REPLACED_DIR = ".replaced-run"  # where --overwrite keeps the old run until the new one finishes
 
 # Chosen by benchmarks/bench_eig_trigger.py (results in benchmarks/results/eig_trigger.json):
 # streaming power iteration over 8 fresh 128-sample batches (2 burn-in, 6 averaged). On CIFAR-10
@@ -635,17 +636,29 @@ class Trainer:
 
 
 def prepare_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
-    """Create the out dir; with --overwrite remove the previous run's files (only those)."""
+    """Create the out dir. With --overwrite the previous run's files (only those) move into
+    <out>/.replaced-run, removed when the new run finishes (`finish`): a run that fails on the way
+    leaves the old one there. A .replaced-run already there (an earlier --overwrite that failed)
+    is the older run and stays; the failed run's own files are removed."""
     path = Path(out).expanduser()
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # e.g. under /proc, or a read-only mount that os.access did not reveal
         raise UserError(f"--out {path} cannot be created ({exc.strerror}): pass a writable --out") from None
     if overwrite:
-        for name in RUN_FILES:
-            (path / name).unlink(missing_ok=True)
-        for name in RUN_DIRS:  # stale checkpoints would otherwise be found by a later --resume
-            shutil.rmtree(path / name, ignore_errors=True)
+        # Checkpoints go too: a later --resume would otherwise find the old run's.
+        old = [path / name for name in (*RUN_FILES, *RUN_DIRS) if (path / name).exists()]
+        keep = path / REPLACED_DIR
+        if old and keep.exists():  # an earlier --overwrite failed: keep its older run, drop this one
+            for p in old:
+                if p.is_dir():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+        elif old:
+            keep.mkdir()
+            for p in old:
+                os.replace(p, keep / p.name)
     return path
 
 
@@ -713,4 +726,6 @@ def finish(trainer: Trainer, summary: dict[str, Any], writer: MetricsWriter, out
             summary["plot"] = str(plot_run(out))
         summary["metrics"] = str(out / METRICS_FILE)
         writer.summary(**summary)
+    if comm.rank == 0:  # the new run is whole: the one it replaced (--overwrite) can go
+        shutil.rmtree(out / REPLACED_DIR, ignore_errors=True)
     return summary

@@ -247,3 +247,26 @@ def test_stop_then_resume_equals_an_uninterrupted_run(tmp_path):
            [{k: v for k, v in e.items() if k not in timing} for e in a]
     for key in ("updates", "final_batch", "num_growths", "final_lr", "final_test_acc", "growths"):
         assert resumed[key] == full[key], key
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_finishes(digits, tmp_path: Path) -> None:
+    from hvd_abs.train import REPLACED_DIR, train
+
+    out = tmp_path / "run"
+    cfg = TrainConfig(method="sgd", model="mlp", epochs=1, batch=64, base_batch=64, out=str(out), quiet=True)
+    train(cfg, plot=False)
+    old = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert any(p.parts[0] == "checkpoints" for p in old)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("the new run died")
+
+    again = TrainConfig(**{**cfg.__dict__, "method": "abs", "overwrite": True})
+    for _ in range(2):  # a second failed --overwrite must not replace the kept run with the failed one
+        with pytest.raises(RuntimeError, match="died"):
+            train(again, eigen_fn=boom, plot=False)
+        kept = out / REPLACED_DIR
+        assert {p.relative_to(kept): p.read_bytes() for p in kept.rglob("*") if p.is_file()} == old
+    train(TrainConfig(**{**cfg.__dict__, "overwrite": True, "seed": 5}), plot=False)
+    assert not (out / REPLACED_DIR).exists() and (out / "summary.json").exists()
+    assert json.loads((out / "summary.json").read_text())["config"]["seed"] == 5

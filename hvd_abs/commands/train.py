@@ -54,7 +54,8 @@ def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> 
                    "top_eigenvalues on all samples at once (power on 128 samples = the reference).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", "out", default="runs/latest", show_default=True, help="Run directory.")
-@click.option("--overwrite", is_flag=True, help="Replace the run already in --out.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the run already in --out (kept in OUT/.replaced-run until the new run finishes).")
 @click.option("--quiet", is_flag=True, help="No progress bar and no per-epoch lines.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--threads", type=int, default=None,
