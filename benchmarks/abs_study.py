@@ -57,6 +57,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from _args import check_device  # noqa: E402 (benchmarks/, beside this file)
 from hvd_abs.atomic import savefig_atomic, write_text_atomic  # noqa: E402 (after the path)
 from hvd_abs.errors import UserError  # noqa: E402
 
@@ -571,11 +572,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--stop-after-s must be > 0 seconds, got {args.stop_after_s}")
         if args.eig_samples is not None and args.eig_samples < 1:
             p.error(f"--eig-samples must be >= 1, got {args.eig_samples}")
-        if args.device == "cuda":
-            import torch
-
-            if not torch.cuda.is_available():
-                p.error("--device cuda: no CUDA device is visible here; use --device cpu")
+        check_device(p, args.device)
         if len(args.seeds) < 2:
             print("warning: fewer than 2 seeds; the table's mean is over one run", file=sys.stderr)
     if args.runs_dir is None:

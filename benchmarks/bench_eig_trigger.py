@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from hvd_abs.atomic import unwritable_reason, write_text_atomic
+from _args import check_out  # benchmarks/, beside this file
+from hvd_abs.atomic import write_text_atomic
 from hvd_abs.batching.eig_trigger import estimate_top_eigenvalue
 from hvd_abs.data import load_dataset
 from hvd_abs.models import build_model
@@ -75,13 +76,6 @@ def _spec(name: str) -> tuple[str, int, float, int]:
         return method, int(n), 1e-2, 10
     raise ValueError(f"unknown estimator {name!r}; use reference, stochastic, stochastic-<n> or lanczos-<n> "
                      f"(n samples, >= 1)")
-
-
-def check_out(p: argparse.ArgumentParser, path: Path) -> None:
-    """Exit 2 now, not after the whole benchmark, unless a file can be written at `path`."""
-    why = unwritable_reason(path)
-    if why:
-        p.error(f"--out {path}: {why}; pass another --out")
 
 
 def main() -> None:

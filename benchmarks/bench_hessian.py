@@ -37,7 +37,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hvd_abs.atomic import unwritable_reason, write_text_atomic  # noqa: E402
+from _args import check_device, check_out  # noqa: E402 (benchmarks/, beside this file)
+from hvd_abs.atomic import write_text_atomic  # noqa: E402
 from hvd_abs.second_order import HessianOperator, top_eigenvalues, vecops  # noqa: E402
 
 PARTS = ("hvp", "eigen", "vectors", "distributed")
@@ -193,13 +194,6 @@ def bench_distributed() -> dict:
     return res
 
 
-def check_out(p: argparse.ArgumentParser, path: Path) -> None:
-    """Exit 2 now, not after the whole benchmark, unless a file can be written at `path`."""
-    why = unwritable_reason(path)
-    if why:
-        p.error(f"--out {path}: {why}; pass another --out")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -210,8 +204,7 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma list of parts to skip: hvp,eigen,vectors,distributed")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "hessian.json"))
     args = ap.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: no CUDA device is visible here; use --device cpu")
+    check_device(ap, args.device)
     for flag, value in (("--threads", args.threads), ("--repeats", args.repeats),
                         ("--vector-repeats", args.vector_repeats), ("--basis", args.basis)):
         if value < 1:

@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from hvd_abs.atomic import savefig_atomic, unwritable_reason, write_text_atomic
+from _args import check_out  # benchmarks/, beside this file
+from hvd_abs.atomic import savefig_atomic, write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -187,13 +188,6 @@ def load_result(p: argparse.ArgumentParser, path: Path) -> dict:
         p.error(f"--plot-only: {path} is not a bench_resize result (no {', '.join(missing[:3])}); pass --out "
                 f"to the JSON the benchmark wrote")
     return result
-
-
-def check_out(p: argparse.ArgumentParser, path: Path, what: str = "--out") -> None:
-    """Exit 2 now, not after the whole benchmark, unless a file can be written at `path`."""
-    why = unwritable_reason(path)
-    if why:
-        p.error(f"{what} {path}: {why}; pass another --out")
 
 
 def check_job_options(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -35,7 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests" / "workers"))
-from bench_resize import BIN, check_job_options, check_out, drive_in_place, job_options, restart, update_times  # noqa: E402
+from _args import check_out  # noqa: E402
+from bench_resize import BIN, check_job_options, drive_in_place, job_options, restart, update_times  # noqa: E402
 from ray_fake_nodes import FakeRayCluster  # noqa: E402
 
 from hvd_abs.atomic import write_text_atomic  # noqa: E402

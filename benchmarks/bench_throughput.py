@@ -41,7 +41,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from hvd_abs.atomic import unwritable_reason, write_text_atomic  # noqa: E402
+from _args import check_device, check_out  # noqa: E402 (benchmarks/, beside this file)
+from hvd_abs.atomic import write_text_atomic  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "throughput.json"
 PER_WORKER = 128
@@ -212,13 +213,6 @@ def parse_worlds(text: str) -> list[int]:
     return [int(w) for w in worlds]
 
 
-def check_out(p: argparse.ArgumentParser, path: Path) -> None:
-    """Exit 2 now, not after the whole benchmark, unless a file can be written at `path`."""
-    why = unwritable_reason(path)
-    if why:
-        p.error(f"--out {path}: {why}; pass another --out")
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--worlds", default="1,2")
@@ -245,11 +239,8 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--warmup must be >= 0, got {args.warmup}")
     if not args.worker:
         check_out(p, Path(args.out))
-    if args.device == "cuda" and not args.worker:
-        import torch
-
-        if not torch.cuda.is_available():
-            p.error("--device cuda: no CUDA device is visible here; use --device cpu")
+    if not args.worker:
+        check_device(p, args.device)
     if args.worker:
         worker(args)
         return

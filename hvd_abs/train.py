@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hvd_abs.adversarial import AdversarialSchedule
+from hvd_abs.atomic import unwritable_reason
 from hvd_abs.batching.controller import BatchController
 from hvd_abs.batching.layout import layout
 from hvd_abs.batching.lr import SCALINGS, LRSchedule
@@ -228,12 +229,9 @@ def check_out_dir(out: str | os.PathLike, overwrite: bool) -> None:
             raise UserError(f"--out {path} already holds a run ({', '.join(held)}): "
                             f"pass --overwrite to replace it, or another --out")
         return
-    parent = path.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"--out {path} cannot be created ({parent} is not a writable directory): "
-                        f"pass a writable --out")
+    why = unwritable_reason(path)  # (path does not exist: the nearest folder above must be writable)
+    if why:
+        raise UserError(f"--out {path} cannot be created ({why}): pass a writable --out")
 
 
 EigenFn = Callable[..., Any]
