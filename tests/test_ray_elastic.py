@@ -323,3 +323,8 @@ def test_dead_worker_rolls_back_then_rejoins_after_cooldown() -> None:
     assert first_one <= 12 and 2 in sizes[first_one:], sizes  # alone, then back to 2
     assert [k for k, _ in report["results"][0]["resets"]] == ["failure", "resize"]
     assert [r["rank"] for r in report["results"]] == [0, 1]
+    # The failed node was barred for the cooldown (exactly 8 s, see the scenario): the first step
+    # back on 2 workers (committed on this machine's clock, as the crash marker) came after it.
+    back = first_one + sizes[first_one:].index(2)
+    rejoined_after = report["results"][0]["ledger"]["times"][back] - report["crashed_at"]
+    assert rejoined_after >= 8, rejoined_after

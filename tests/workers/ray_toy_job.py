@@ -3,11 +3,10 @@
 Each step allreduces a one (the sum is the world size), sleeps `step_s` (the "compute"), appends
 the step index, world size and time to a ledger and commits. The ledger lives in the committed
 state, so after any rollback it holds each committed step exactly once: a gap or a repeat means
-a lost or doubled step. Rank 0 publishes a progress file for the scenario driver.
+a lost or doubled step.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -28,27 +27,15 @@ class Ledger:
         self.steps, self.sizes, self.times = list(state["steps"]), list(state["sizes"]), list(state["times"])
 
 
-def write_progress(run_dir: str, step: int, size: int) -> None:
-    path = Path(run_dir) / "progress.json"
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"step": step, "size": size, "time": time.time()}))
-    os.replace(tmp, path)
-
-
-def read_progress(run_dir: str) -> dict[str, Any]:
-    try:
-        return json.loads((Path(run_dir) / "progress.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {"step": -1, "size": 0}
-
-
 def toy_job(run_dir: str, steps: int, step_s: float = 0.1, crash_at: tuple[int, int] | None = None,
-            hold_at: dict[int, str] | None = None) -> dict[str, Any]:
+            hold_until_size: dict[int, int] | None = None) -> dict[str, Any]:
     """Run `steps` committed steps elastically; return this worker's final ledger and resets.
     `crash_at=(step, rank)`: that rank's process dies (exit 1, once per run dir) after that
     step's allreduce, before its commit: a dead worker actor.
-    `hold_at={step: name}`: rank 0 waits (60 s at most) at that step until the file `name` exists
-    in the run dir, so a scenario's cluster change lands at a known step on a loaded machine."""
+    `hold_until_size={step: n}`: at that step the world waits (60 s at most) until it has n
+    workers, so a rejoin lands before the job ends however loaded the machine is. The wait
+    checks for host updates, so a worker that joins interrupts it (a reset) and the step is
+    redone in the new world."""
     import horovod.torch as hvd
     import torch
 
@@ -70,16 +57,16 @@ def toy_job(run_dir: str, steps: int, step_s: float = 0.1, crash_at: tuple[int, 
                     marker.touch()
                     os._exit(1)
             time.sleep(step_s)
-            if hvd.rank() == 0 and hold_at and led.step in hold_at:
-                gate, deadline = Path(run_dir) / hold_at[led.step], time.time() + 60
-                while not gate.exists() and time.time() < deadline:
+            if hold_until_size and led.step in hold_until_size:
+                deadline = time.time() + 60
+                # Every rank of this world polls together: check_host_updates is a collective.
+                while hvd.size() < hold_until_size[led.step] and time.time() < deadline:
+                    state.check_host_updates()
                     time.sleep(0.05)
             led.steps.append(led.step)
             led.sizes.append(size)
             led.times.append(time.time())
             led.step += 1
-            if hvd.rank() == 0:
-                write_progress(run_dir, led.step, size)
             state.commit()
         return led.state_dict()
 
