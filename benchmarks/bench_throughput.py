@@ -65,7 +65,7 @@ def _measure(args: argparse.Namespace, tmp: Path) -> None:
     import torch
     import torch.nn.functional as F
 
-    from hvd_abs.comm import HorovodComm, LocalComm
+    from hvd_abs.comm import HorovodComm, LocalComm, worker_device
     from hvd_abs.data import load_dataset
     from hvd_abs.models import build_model
     from hvd_abs.train import TrainConfig, Trainer
@@ -81,7 +81,9 @@ def _measure(args: argparse.Namespace, tmp: Path) -> None:
         W, rank = hvd.size(), hvd.rank()
     torch.set_num_threads(_threads(W) if W > 1 else torch.get_num_threads())
     threads = torch.get_num_threads()
-    device = torch.device(args.device)
+    device = worker_device(args.device, comm.local_rank)  # the Trainer pins the same GPU
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
 
     def sync() -> None:
         if device.type == "cuda":

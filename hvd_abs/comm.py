@@ -123,6 +123,22 @@ class HorovodComm:
         self._hvd.barrier()
 
 
+def worker_device(kind: str, local_rank: int, visible: int | None = None) -> torch.device:
+    """The device this worker computes on: "cpu", or its own GPU.
+
+    horovodrun starts one process per slot on a host and each sees every GPU: without pinning,
+    all of them would share GPU 0. Local rank i takes GPU i (mod the visible count, when a host
+    has more slots than GPUs). A Ray actor holding one GPU sees only that one: index 0.
+    `visible` defaults to torch.cuda.device_count().
+    """
+    if kind != "cuda":
+        return torch.device(kind)
+    visible = torch.cuda.device_count() if visible is None else visible
+    if visible < 1:
+        raise RuntimeError("--device cuda: no CUDA device is visible to this worker")
+    return torch.device("cuda", local_rank % visible)
+
+
 def make_comm(kind: str = "auto") -> LocalComm | HorovodComm:
     """`LocalComm` or `HorovodComm`. "auto": Horovod when launched by horovodrun (HOROVOD_RANK set)."""
     import os

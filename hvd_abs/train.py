@@ -51,7 +51,7 @@ from hvd_abs.atomic import unwritable_reason
 from hvd_abs.batching.controller import BatchController
 from hvd_abs.batching.layout import layout
 from hvd_abs.batching.lr import SCALINGS, LRSchedule
-from hvd_abs.comm import LocalComm
+from hvd_abs.comm import LocalComm, worker_device
 from hvd_abs.errors import UserError
 from hvd_abs.metrics import METRICS_FILE, SUMMARY_FILE, MetricsWriter
 from hvd_abs.sampling import EpochSampler, rank_micro_batches
@@ -299,7 +299,9 @@ class Trainer:
         self.cfg = cfg
         self.comm = comm if comm is not None else LocalComm()
         self.eigen_fn = eigen_fn
-        self.device = torch.device(cfg.device)
+        self.device = worker_device(cfg.device, self.comm.local_rank)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # also for what allocates on "cuda" (extension, Horovod)
 
         if data is None:
             data = _PRELOADED.pop(_data_key(cfg.dataset, cfg.data_dir), None)
