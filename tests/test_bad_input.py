@@ -166,12 +166,25 @@ def test_bad_input_one_line_exit_2_nothing_touched(argv: list[str], words: list[
     assert snapshot(tmp_path) == before_tmp, "something was written"
 
 
+def _read_only_mount(folder: Path) -> bool:
+    """Make `folder` a read-only tmpfs holding notes.txt: unwritable for root too, whom permission
+    bits do not stop. False where mounting is not allowed (no CAP_SYS_ADMIN)."""
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)],
+                      capture_output=True).returncode != 0:
+        return False
+    (folder / "notes.txt").write_text("mine")
+    subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+    return True
+
+
 def test_unwritable_out_dir_is_refused(tmp_path: Path, monkeypatch) -> None:
     locked = tmp_path / "locked"
     locked.mkdir()
-    (locked / "notes.txt").write_text("mine")
-    locked.chmod(0o555)
-    if os.geteuid() == 0:  # root may write anywhere: make the check see what another user would
+    mounted = os.geteuid() == 0 and _read_only_mount(locked)
+    if not mounted:
+        (locked / "notes.txt").write_text("mine")
+        locked.chmod(0o555)
+    if os.geteuid() == 0 and not mounted:  # root may write anywhere: make the check see what another user would
         import hvd_abs.train as train_module
 
         real = os.access
@@ -179,13 +192,18 @@ def test_unwritable_out_dir_is_refused(tmp_path: Path, monkeypatch) -> None:
                             lambda p, mode: False if Path(p) == locked and mode & os.W_OK else real(p, mode))
     before = snapshot(locked)
     try:
+        if mounted:
+            assert not os.access(locked, os.W_OK), "a read-only mount should stop root too"
         for argv in (["train", "--out", str(locked), "--epochs", "1"],
                      ["launch", "horovod", "--", "--out", str(locked)]):
             result = CliRunner().invoke(main, argv)
             assert_one_line_exit_2(result.output, result.exit_code, "not writable", "--out")
         assert snapshot(locked) == before
     finally:
-        locked.chmod(0o755)
+        if mounted:
+            subprocess.run(["umount", str(locked)], check=True)
+        else:
+            locked.chmod(0o755)
 
 
 def test_resume_or_overwrite_lets_a_run_use_its_own_dir(tmp_path: Path, previous_run: Path) -> None:
