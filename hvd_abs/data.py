@@ -89,7 +89,7 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "hvd_abs"
 
 
-def load_dataset(name: str, data_dir: str | os.PathLike[str] | None = None, download: bool = False,
+def load_dataset(name: str, data_dir: str | os.PathLike[str] | None = None, download: bool | None = None,
                  cache_dir: str | os.PathLike[str] | None = None, image_size: int | None = None) -> Splits:
     """Load a data set's train and test splits into memory.
 
@@ -98,7 +98,9 @@ def load_dataset(name: str, data_dir: str | os.PathLike[str] | None = None, down
         data_dir: where the data live. Required for imagefolder. For cifar10/cifar100/svhn, either a
             torchvision root or an ImageFolder tree (train/ and test/ class folders); default
             <cache root>/data for the torchvision copies.
-        download: fetch a missing torchvision data set (default False: a missing one is an error).
+        download: fetch a missing torchvision data set. False: the caller has a --download option
+            that was not given (a missing data set is an error that suggests it); None (the default):
+            the caller has no such option (the error suggests only --data-dir).
         cache_dir: root of the decoded-image cache (default $HVD_ABS_CACHE, else ~/.cache/hvd_abs).
         image_size: resize every image to image_size x image_size (default None: keep the native size;
             an image folder then needs all images of one size). Folders are resized on the shorter
@@ -158,7 +160,7 @@ def _load_digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tens
     return x[train_idx], y[train_idx], x[test_idx], y[test_idx], classes
 
 
-def _load_torchvision(name: str, root: Path, download: bool
+def _load_torchvision(name: str, root: Path, download: bool | None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tuple[str, ...]]:
     # These ship as a few array files (pickles, .mat) that load in seconds: no decode cache needed.
     import torchvision.datasets as tvd
@@ -168,13 +170,13 @@ def _load_torchvision(name: str, root: Path, download: bool
         log.info("%s: downloading into %s if missing", pretty, root)
     try:
         if name == "svhn":
-            train, test = (tvd.SVHN(str(root), split=s, download=download) for s in ("train", "test"))
+            train, test = (tvd.SVHN(str(root), split=s, download=bool(download)) for s in ("train", "test"))
             train_x, test_x = (torch.from_numpy(d.data) for d in (train, test))  # (N, 3, 32, 32) uint8
             train_y, test_y = (torch.from_numpy(np.asarray(d.labels, dtype=np.int64)) for d in (train, test))
             classes = tuple(str(i) for i in range(10))
         else:
             cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
-            train, test = (cls(str(root), train=t, download=download) for t in (True, False))
+            train, test = (cls(str(root), train=t, download=bool(download)) for t in (True, False))
             # (N, 32, 32, 3) -> (N, 3, 32, 32)
             train_x, test_x = (torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous() for d in (train, test))
             train_y, test_y = (torch.tensor(d.targets, dtype=torch.int64) for d in (train, test))
@@ -184,9 +186,10 @@ def _load_torchvision(name: str, root: Path, download: bool
         if download:
             raise UserError(f"{pretty} under {root} is unusable after download ({exc}); delete it and retry "
                             f"with --download, or pass --data-dir with a good copy") from exc
-        raise UserError(f"{pretty} not found under {root}: pass --download to fetch it there, or "
-                        f"--data-dir PATH with an existing copy (torchvision's files, or an image folder "
-                        f"with train/<class>/* and test/<class>/*)") from exc
+        # Name only options the caller has: hessian and the benchmarks have no --download.
+        fetch = "pass --download to fetch it there, or " if download is False else "pass "
+        raise UserError(f"{pretty} not found under {root}: {fetch}--data-dir PATH with an existing copy "
+                        f"(torchvision's files, or an image folder with train/<class>/* and test/<class>/*)") from exc
     except OSError as exc:  # urllib's URLError is an OSError: no network, bad proxy, read-only root
         raise UserError(f"could not download {pretty} into {root} ({exc}); check the network and that the "
                         f"folder is writable, or pass --data-dir with an existing copy") from exc

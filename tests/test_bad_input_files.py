@@ -225,6 +225,25 @@ def test_data_dir_that_is_a_file(tmp_path: Path) -> None:
     assert "--data-dir" in str(e.value)
 
 
+# --- advice for missing CIFAR-10: only options the command has -------------------------------------
+
+
+def test_hessian_without_cifar10_does_not_advise_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HVD_ABS_CACHE", str(tmp_path / "cache"))  # the default data root: empty
+    result = invoke(["hessian", "--model", "cnn", "--dataset", "cifar10", "--samples", "64"])
+    line = assert_one_line_exit_2(result, "CIFAR-10 not found", "--data-dir")
+    assert "--download" not in line, line  # hessian has no --download
+
+
+def test_train_without_cifar10_advises_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HVD_ABS_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "empty").mkdir()
+    result = invoke(["train", "--dataset", "cifar10", "--data-dir", tmp_path / "empty", "--model", "mlp",
+                     "--epochs", "1", "--out", tmp_path / "out", "--quiet"])
+    assert_one_line_exit_2(result, "CIFAR-10 not found", "--download", "--data-dir")
+    assert not (tmp_path / "out").exists()
+
+
 # --- hvd-abs hessian ------------------------------------------------------------------------------
 
 

@@ -328,13 +328,25 @@ def test_eval_class_missing_from_train(folder: Path, cache: Path) -> None:
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100", "svhn"])
 def test_torchvision_missing_without_download(name: str, tmp_path: Path) -> None:
+    # download=False: the caller (hvd-abs train) has a --download option, so the message offers it.
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(UserError) as e:
-        load_dataset(name, data_dir=empty, cache_dir=tmp_path / "cache")
+        load_dataset(name, data_dir=empty, cache_dir=tmp_path / "cache", download=False)
     msg = str(e.value)
     assert "--download" in msg and "--data-dir" in msg and str(empty) in msg
     assert os.listdir(empty) == []  # nothing fetched without --download
+
+
+def test_torchvision_missing_names_only_data_dir_by_default(tmp_path: Path) -> None:
+    # The default is for callers without --download (hessian, the benchmarks): advice they can follow.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError) as e:
+        load_dataset("cifar10", data_dir=empty, cache_dir=tmp_path / "cache")
+    msg = str(e.value)
+    assert "--data-dir" in msg and str(empty) in msg and "--download" not in msg
+    assert os.listdir(empty) == []
 
 
 def test_torchvision_default_root_is_under_cache(tmp_path: Path) -> None:
