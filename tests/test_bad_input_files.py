@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ import pytest
 from click.testing import CliRunner, Result
 from PIL import Image
 
+from hvd_abs.atomic import unwritable_reason
 from hvd_abs.cli import main
 from hvd_abs.data import load_dataset
 from hvd_abs.errors import UserError
@@ -223,6 +226,37 @@ def test_data_dir_that_is_a_file(tmp_path: Path) -> None:
         load_dataset("imagefolder", data_dir=tmp_path / "data.tar", cache_dir=tmp_path / "cache")
     assert "not a directory" in str(e.value) and "does not exist" not in str(e.value)
     assert "--data-dir" in str(e.value)
+
+
+# --- unwritable_reason: the --out check of train and the benchmarks -------------------------------
+
+
+def test_unwritable_reason_refuses_proc_even_for_root() -> None:
+    # os.access says yes to root for /proc; the probe (making a folder there) says no.
+    assert unwritable_reason("/proc/hvd_abs_no_such_dir/out.json") == "/proc is not a writable directory"
+
+
+def test_unwritable_reason_refuses_a_read_only_mount(tmp_path: Path) -> None:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(ro)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting is not allowed here")
+    try:
+        assert unwritable_reason(ro / "runs" / "out.json") == f"{ro} is not a writable directory"
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
+
+
+def test_unwritable_reason_leaves_no_trace(tmp_path: Path) -> None:
+    folder = tmp_path / "results"
+    folder.mkdir()
+    os.utime(folder, ns=(1_000_000_000, 2_000_000_000))  # old times, so that any change would show
+    before = folder.stat()
+    assert unwritable_reason(folder / "new" / "out.json") is None
+    after = folder.stat()
+    assert os.listdir(folder) == []  # the probe folder is gone
+    assert (after.st_atime_ns, after.st_mtime_ns) == (before.st_atime_ns, before.st_mtime_ns)
 
 
 # --- advice for missing CIFAR-10: only options the command has -------------------------------------

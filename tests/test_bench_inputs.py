@@ -22,12 +22,12 @@ from hvd_abs.atomic import write_atomic
 TIMEOUT_S = 60  # a validated case takes ~3 s (importing torch); an unvalidated one runs the benchmark
 
 
-def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
-    """Run benchmarks/<script>.py with `args`; fail the test (killing every process it started)
-    if it is still running after TIMEOUT_S."""
+def run_script(script: str, *args: str, root: Path = REPO) -> subprocess.CompletedProcess:
+    """Run <root>/benchmarks/<script>.py with `args`; fail the test (killing every process it
+    started) if it is still running after TIMEOUT_S."""
     cmd = [sys.executable, f"benchmarks/{script}.py", *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=TIMEOUT_S)
@@ -90,6 +90,14 @@ def test_out_under_a_file_is_refused_up_front(tmp_path: Path) -> None:
     proc = run_script("bench_eig_trigger", "--out", str(blocker / "eig_trigger.json"))
     assert_rejected(proc, "not a writable directory")
     assert blocker.read_text() == "a file where a folder should be"
+
+
+@pytest.mark.parametrize("script", ["bench_hessian", "bench_eig_trigger", "bench_resize"])
+def test_out_under_proc_is_refused_up_front(script: str) -> None:
+    # /proc takes no new files, not even from root, whom os.access lets write anywhere. Before: the
+    # check passed as root, and the benchmark crashed with FileNotFoundError after its work.
+    proc = run_script(script, "--out", "/proc/hvd_abs_no_such_dir/out.json")
+    assert_rejected(proc, "/proc is not a writable directory")
 
 
 @pytest.mark.parametrize("content,word", [
