@@ -7,6 +7,17 @@ from pathlib import Path
 
 from hvd_abs.atomic import unwritable_reason
 
+# The one default --data-dir of every benchmark: the shared data folder beside this checkout
+# (/work/shared/data/cifar10 for /work/main), as the README's examples (../shared/data/cifar10).
+DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
+
+
+def add_data_dir(p: argparse.ArgumentParser) -> None:
+    """The --data-dir option; a folder without CIFAR-10 is refused by hvd_abs.data.load_dataset,
+    whose message then says to pass --data-dir."""
+    p.add_argument("--data-dir", default=str(DATA_DIR),
+                   help=f"CIFAR-10: an image folder with train/ and test/, or torchvision's files (default {DATA_DIR})")
+
 
 def check_out(p: argparse.ArgumentParser, path: Path, what: str = "--out") -> None:
     """Exit 2 now, not after the whole benchmark, unless a file can be written at `path`."""

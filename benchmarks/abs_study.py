@@ -57,7 +57,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from _args import check_device  # noqa: E402 (benchmarks/, beside this file)
+from _args import add_data_dir, check_device  # noqa: E402 (benchmarks/, beside this file)
 from hvd_abs.atomic import savefig_atomic, write_text_atomic  # noqa: E402 (after the path)
 from hvd_abs.errors import UserError  # noqa: E402
 
@@ -538,7 +538,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stop-after-s", type=float, default=None,
                    help="stop every run at its first epoch end past this many seconds (checkpointed; running "
                         "the study again continues it): the full protocol in pieces of a time-limited machine")
-    p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "cifar10"))
+    add_data_dir(p)
     p.add_argument("--runs-dir", default=None, help="run dirs (default runs/abs_study_<protocol>)")
     p.add_argument("--out", default=str(RESULTS), help="where the JSON and plots go")
     p.add_argument("--name", default="abs_study", help="file stem of the JSON and plots")

@@ -1,7 +1,8 @@
 """How trustworthy and how costly is the epoch-end eigenvalue that triggers batch growth?
 
-Model: ResNet-20 on real CIFAR-10 (/work/shared/data/cifar10), seed 0, briefly trained
-(`--train-steps` SGD steps, default 40, batch 128, lr 0.1, momentum 0.9), then frozen.
+Model: ResNet-20 on real CIFAR-10 (--data-dir, default ../shared/data/cifar10 beside the checkout),
+seed 0, briefly trained (`--train-steps` SGD steps, default 40, batch 128, lr 0.1, momentum 0.9),
+then frozen.
 
 For each estimator and each of 5 seeds (seed s draws the estimate's samples from the training set
 and the start vector), the top eigenvalue is estimated; we report:
@@ -33,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from _args import check_out  # benchmarks/, beside this file
+from _args import add_data_dir, check_out  # benchmarks/, beside this file
 from hvd_abs.atomic import write_text_atomic
 from hvd_abs.batching.eig_trigger import estimate_top_eigenvalue
 from hvd_abs.data import load_dataset
@@ -80,7 +81,7 @@ def _spec(name: str) -> tuple[str, int, float, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data-dir", default="/work/shared/data/cifar10")
+    add_data_dir(ap)
     ap.add_argument("--estimators", default="reference,stochastic")
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--train-steps", type=int, default=40)

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from _args import check_out  # benchmarks/, beside this file
+from _args import add_data_dir, check_out  # benchmarks/, beside this file
 from hvd_abs.atomic import savefig_atomic, write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -206,7 +206,7 @@ def check_job_options(p: argparse.ArgumentParser, args: argparse.Namespace) -> N
 
 def job_options(p: argparse.ArgumentParser, out: str) -> None:
     """The options of the benchmarked job (`train_args`) and of its timing; shared with bench_resize_ray."""
-    p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "cifar10"))
+    add_data_dir(p)
     p.add_argument("--train-subset", type=int, default=4096)
     p.add_argument("--base-batch", type=int, default=128)
     p.add_argument("--epochs", type=int, default=3)

@@ -41,7 +41,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from _args import check_device, check_out  # noqa: E402 (benchmarks/, beside this file)
+from _args import add_data_dir, check_device, check_out  # noqa: E402 (benchmarks/, beside this file)
 from hvd_abs.atomic import write_text_atomic  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "throughput.json"
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default="c1", choices=("c1", "resnet20", "cnn"))
     p.add_argument("--pairs", type=int, default=30, help="timed (plain, trainer) update pairs, alternating")
     p.add_argument("--warmup", type=int, default=3, help="untimed updates of each before timing")
-    p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "cifar10"))
+    add_data_dir(p)
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--local", action="store_true",

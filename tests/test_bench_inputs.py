@@ -9,6 +9,7 @@ leaves nothing behind.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -98,6 +99,21 @@ def test_out_under_proc_is_refused_up_front(script: str) -> None:
     # check passed as root, and the benchmark crashed with FileNotFoundError after its work.
     proc = run_script(script, "--out", "/proc/hvd_abs_no_such_dir/out.json")
     assert_rejected(proc, "/proc is not a writable directory")
+
+
+@pytest.mark.parametrize("script", ["bench_eig_trigger", "bench_resize", "bench_throughput"])
+def test_default_data_dir_is_the_shared_folder_beside_the_checkout(tmp_path: Path, script: str) -> None:
+    # A checkout at <tmp>/clone: every benchmark looks in <tmp>/shared/data/cifar10 (one default,
+    # benchmarks/_args.py), and when it is missing says to pass --data-dir, not --download, which
+    # the benchmarks lack. Before: bench_eig_trigger read /work/shared/data/cifar10 whatever the
+    # checkout, and the others advised --download.
+    shutil.copytree(REPO / "benchmarks", tmp_path / "clone" / "benchmarks",
+                    ignore=shutil.ignore_patterns("results", "__pycache__"))
+    out = tmp_path / "out.json"
+    proc = run_script(script, "--out", str(out), root=tmp_path / "clone")
+    assert_rejected(proc, str(tmp_path / "shared" / "data" / "cifar10"))
+    assert "--data-dir" in proc.stderr and "--download" not in proc.stderr, proc.stderr
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("content,word", [
