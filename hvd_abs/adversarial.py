@@ -50,9 +50,10 @@ class AdversarialSchedule:
         ratio: initial share (`--adv-ratio`), in [0, 1].
         eps: FGSM step on the [0, 1] pixel scale (`--adv-eps`).
         total_epochs: E; the ratio is 0 from epoch E / 2 on.
+        at_max: the global batch starts at its cap (then the ratio is 0 from the start).
     """
 
-    def __init__(self, ratio: float = 0.2, eps: float = 0.005, total_epochs: int = 90) -> None:
+    def __init__(self, ratio: float = 0.2, eps: float = 0.005, total_epochs: int = 90, at_max: bool = False) -> None:
         if not 0.0 <= ratio <= 1.0:
             raise UserError(f"--adv-ratio must be in [0, 1], got {ratio}")
         if eps < 0:
@@ -61,7 +62,7 @@ class AdversarialSchedule:
         self.eps = float(eps)
         self.total_epochs = int(total_epochs)
         self.halvings = 0
-        self.at_max = False
+        self.at_max = bool(at_max)
 
     def on_growth(self, at_max: bool) -> None:
         """The global batch grew (and may have reached its cap): halve the ratio."""

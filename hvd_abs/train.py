@@ -234,6 +234,39 @@ def check_out_dir(out: str | os.PathLike, overwrite: bool) -> None:
         raise UserError(f"--out {path} cannot be created ({why}): pass a writable --out")
 
 
+# Options that say how and where a run goes on, not what it computes: a resumed run may change
+# them. Every other TrainConfig field defines the run and is kept in its checkpoints.
+RESUME_FREE = frozenset({"data_dir", "download", "epochs", "out", "overwrite", "quiet", "device", "threads",
+                         "eval_batch", "checkpoint_every", "resume", "elastic", "max_np", "commit_every",
+                         "ledger", "test_subset", "stop_at_update"})
+
+
+def run_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The fields of `cfg` that define the run (see RESUME_FREE), as plain values."""
+    return {k: (list(v) if isinstance(v, (tuple, list)) else v)
+            for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_FREE}
+
+
+def saved_run_config(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The run config kept in `run_dir`'s newest good checkpoint; None when there is none or it
+    predates configs in checkpoints (the caller's options are then taken as they are)."""
+    from hvd_abs.elastic.checkpoint import load_latest
+
+    found = load_latest(Path(run_dir).expanduser() / CHECKPOINT_DIR)
+    return found[1].get("config") if found is not None else None
+
+
+def resume_mismatch_error(run_dir: str | os.PathLike, cfg: TrainConfig, saved: dict[str, Any]) -> UserError | None:
+    """The error naming each run-defining option of `cfg` that differs from the resumed run's."""
+    ours = run_config(cfg)
+    differ = [f"--{k.replace('_', '-')} {ours[k]} (the run has {v})" for k, v in saved.items()
+              if k in ours and ours[k] != v]
+    if not differ:
+        return None
+    return UserError(f"--resume {run_dir}: {'; '.join(differ)}: these define the run; leave them out to "
+                     f"continue it as it was, or start a new run without --resume")
+
+
 EigenFn = Callable[..., Any]
 
 class StopRequested(Exception):
@@ -334,7 +367,8 @@ class Trainer:
                                           cfg.duration)
         self.lr_schedule = LRSchedule(cfg.lr, cfg.lr_decay, cfg.decay_epochs(), cfg.lr_scaling,
                                       cfg.warmup_epochs, cfg.lr_cap)
-        self.adv = AdversarialSchedule(cfg.adv_ratio if cfg.method == "absa" else 0.0, cfg.adv_eps, cfg.epochs)
+        self.adv = AdversarialSchedule(cfg.adv_ratio if cfg.method == "absa" else 0.0, cfg.adv_eps, cfg.epochs,
+                                       at_max=self.controller.at_max)
         self.sampler = EpochSampler(int(self.data.train_y.shape[0]), cfg.seed)
         self.updates = 0
         self.samples_seen = 0
@@ -585,7 +619,7 @@ class Trainer:
         from hvd_abs.elastic.checkpoint import save_checkpoint, to_host
 
         t0 = time.perf_counter()
-        state = to_host({**self.state_dict(), "rng": torch.get_rng_state()})
+        state = to_host({**self.state_dict(), "rng": torch.get_rng_state(), "config": run_config(self.cfg)})
         path = save_checkpoint(Path(self.cfg.out).expanduser() / CHECKPOINT_DIR, state, self.updates)
         writer.event("checkpoint", epoch=self.epoch, updates=self.updates, path=str(path),
                      seconds=time.perf_counter() - t0)
@@ -599,6 +633,10 @@ class Trainer:
         if collective:
             found = self.comm.broadcast_object(found)
         path, state = found
+        saved = state.pop("config", None)  # None: a checkpoint from before configs were kept
+        error = resume_mismatch_error(run_dir, self.cfg, saved) if saved is not None else None
+        if error:
+            raise error
         before = (copy.deepcopy(self.state_dict()), torch.get_rng_state())
         try:
             torch.set_rng_state(state.pop("rng"))
@@ -687,6 +725,8 @@ def train(cfg: TrainConfig, comm: Any = None, eigen_fn: EigenFn | None = None,
     if comm.rank == 0:
         prepare_out_dir(out, cfg.overwrite and not cfg.resumes_in_place)
     writer = MetricsWriter(out, enabled=comm.rank == 0)
+    if resumed_from is not None and not cfg.resumes_in_place:
+        record_history(trainer, writer)
     trainer.on_epoch_end = lambda grew: checkpoint_if_due(trainer, writer)
     try:
         summary = trainer.fit(writer, on_epoch=on_epoch)
@@ -707,6 +747,17 @@ def read_newest_checkpoint(run_dir: str | os.PathLike) -> tuple[str, dict[str, A
         raise UserError(f"--resume {run_dir}: no checkpoint there verifies (all missing or damaged); "
                         f"start a new run with another --out")
     return str(found[0]), found[1]
+
+
+def record_history(trainer: Trainer, writer: MetricsWriter) -> None:
+    """Write the epochs and growths a resumed run brings (its state holds them) into a new
+    folder's metrics, so that folder records the whole run: the table, the summary and the plots
+    then agree. (The old folder's resize and failure events are not in the state.) Idempotent:
+    the writer skips epochs and growths it has."""
+    for record in trainer.history:
+        writer.epoch(**record)
+    for growth in trainer.growths:
+        writer.event("growth", **{k: v for k, v in growth.items() if k != "event"})
 
 
 def checkpoint_if_due(trainer: Trainer, writer: MetricsWriter) -> None:

@@ -67,6 +67,19 @@ def test_schedule_halves_on_growth_and_stops_at_cap_and_half_run() -> None:
     assert s.ratio(0) == 0.0
 
 
+def test_absa_starting_at_the_max_batch_makes_no_adversarial_samples(tmp_path) -> None:
+    # Off at the max batch also when the run starts there, not only after a growth reaches it.
+    from hvd_abs.train import TrainConfig, train
+
+    cfg = TrainConfig(method="absa", model="mlp", epochs=2, base_batch=32, batch=64, max_batch=64,
+                      out=str(tmp_path), quiet=True)
+    train(cfg, plot=False)
+    from hvd_abs.metrics import read_metrics
+
+    epochs, _ = read_metrics(tmp_path)
+    assert [e["adv_ratio"] for e in epochs] == [0.0, 0.0]
+
+
 @pytest.mark.parametrize("kwargs", [{"ratio": -0.1}, {"ratio": 1.5}, {"eps": -1.0}])
 def test_schedule_rejects_bad_values(kwargs) -> None:
     from hvd_abs.errors import UserError

@@ -11,6 +11,7 @@ def test_first_estimate_sets_reference_and_never_grows() -> None:
     c = BatchController(128, 16384, duration=10)
     d = c.check(100.0, epoch=0)
     assert not d.grew and c.ref == 100.0 and c.global_batch == 128
+    assert d.ref is None                       # nothing to compare against yet
 
 
 def test_trigger_is_half_of_reference_then_reference_moves_to_growth_estimate() -> None:
@@ -19,6 +20,7 @@ def test_trigger_is_half_of_reference_then_reference_moves_to_growth_estimate() 
     assert not c.check(50.1).grew              # just above ref / 2
     d = c.check(50.0)                          # eig <= ref / 2
     assert d.grew and d.reason == "eig" and c.global_batch == 256 and c.ref == 50.0
+    assert d.ref == 100.0                      # the decision names what 50 was compared against
     assert not c.check(30.0).grew              # 30 > 50 / 2: the ref is the growth's estimate, not 100
     assert c.check(25.0).grew and c.global_batch == 512
 
@@ -36,6 +38,7 @@ def test_duration_fallback_grows_after_n_checks_without_growth() -> None:
     assert not c.check(9.0).grew and not c.check(9.0).grew
     d = c.check(9.0, epoch=3)
     assert d.grew and d.reason == "duration" and c.ref == 9.0 and c.change_epoch == 4
+    assert d.ref == 10.0
     assert c.checks_since_growth == 0
 
 

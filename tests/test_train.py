@@ -12,7 +12,8 @@ from click.testing import CliRunner
 
 from hvd_abs.cli import main
 from hvd_abs.metrics import EPOCH_FIELDS, read_metrics
-from hvd_abs.train import TrainConfig, Trainer
+from hvd_abs.errors import UserError
+from hvd_abs.train import TrainConfig, Trainer, train
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +180,27 @@ def test_out_dir_with_another_run_needs_overwrite(tmp_path: Path) -> None:
     assert (out / "metrics.jsonl").read_text() == '{"epoch": 1}\n'
 
 
+def test_resume_continues_the_run_as_it_was_started(tmp_path: Path) -> None:
+    # Only --epochs given: method, micro-batch, batch and LR come from the run, not the defaults
+    # (absa, 128): the resumed epochs keep 2 micro-batches of 32 and the summary says sgd.
+    first = tmp_path / "first"
+    start = ["train", "--quiet", "--method", "sgd", "--base-batch", "32", "--batch", "64", "--lr", "0.01",
+             "--model", "mlp", "--epochs", "1", "--out", str(first)]
+    assert CliRunner().invoke(main, start).exit_code == 0
+    result = CliRunner().invoke(main, ["train", "--quiet", "--resume", str(first), "--epochs", "2",
+                                       "--out", str(tmp_path / "second")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "second" / "summary.json").read_text())
+    assert (summary["method"], summary["config"]["base_batch"], summary["config"]["lr"]) == ("sgd", 32, 0.01)
+    epochs, _ = read_metrics(tmp_path / "second")
+    assert [(e["epoch"], e["global_batch"], e["accum_steps"], e["eig"]) for e in epochs] == [(1, 64, 2, None), (2, 64, 2, None)]
+    # The API says the same when a resumed config differs from the run's.
+    cfg = TrainConfig(method="abs", base_batch=32, batch=64, lr=0.01, model="mlp", epochs=2, resume=str(first),
+                      out=str(tmp_path / "third"), quiet=True)
+    with pytest.raises(UserError, match=r"--method abs \(the run has sgd\)"):
+        train(cfg, plot=False)
+
+
 def test_resume_refuses_what_would_lose_or_mix_runs(tmp_path: Path) -> None:
     base = ["train", "--quiet", "--dataset", "digits", "--model", "mlp", "--batch", "64", "--base-batch", "64"]
     done = tmp_path / "a"
@@ -189,7 +211,9 @@ def test_resume_refuses_what_would_lose_or_mix_runs(tmp_path: Path) -> None:
     cases = {  # args -> words the one-line message must hold
         ("--epochs", "2", "--resume", str(done), "--out", str(other)): ["already holds a run", "--overwrite"],
         ("--epochs", "1", "--resume", str(done)): ["already reached epoch 1", "--epochs above 1"],
-        ("--epochs", "2", "--resume", str(done), "--model", "cnn"): ["does not fit this run", "--model"],
+        ("--epochs", "2", "--resume", str(done), "--model", "cnn"): ["--model cnn (the run has mlp)", "leave them out"],
+        ("--epochs", "2", "--resume", str(done), "--method", "sgd", "--lr", "0.2"):
+            ["--method sgd (the run has absa)", "--lr 0.2 (the run has 0.1)"],
     }
     for args, words in cases.items():
         result = CliRunner().invoke(main, [*base, *args])

@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Decision:
-    """What one check decided. `reason` is "eig", "duration" or None (no growth)."""
+    """What one check decided. `reason` is "eig", "duration" or None (no growth). `ref` is the
+    reference the estimate was compared against (None at the check that set the first one)."""
 
     grew: bool
     reason: str | None
@@ -95,6 +96,7 @@ class BatchController:
             log.warning("non-finite eigenvalue estimate %r ignored by the batch controller", eig)
             eig = None
         self.num_checks += 1
+        compared_to = self.ref
         reason: str | None = None
         if self.ref is None:
             if eig is not None:
@@ -106,7 +108,7 @@ class BatchController:
             if self.checks_since_growth >= self.duration:
                 reason = "duration"
         if reason is None:
-            return Decision(False, None, old, old, eig, self.ref)
+            return Decision(False, None, old, old, eig, compared_to)
         self.global_batch = min(old * self.factor, self.max_batch)
         self.prev_batch = old
         self.change_epoch = epoch + 1
@@ -115,7 +117,7 @@ class BatchController:
         if eig is not None:
             self.ref = eig
         log.info("batch grows %d -> %d (%s, eig=%s)", old, self.global_batch, reason, eig)
-        return Decision(True, reason, old, self.global_batch, eig, self.ref)
+        return Decision(True, reason, old, self.global_batch, eig, compared_to)
 
     # --- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -110,9 +110,33 @@ def config_from_options(options: dict, ctx: click.Context):
         options["eig_samples"] = DEFAULT_EIG_SAMPLES
     if options["eig_method"] is None:
         options["eig_method"] = DEFAULT_EIG_METHOD
-    if options["resume"] is not None and ctx.get_parameter_source("out") == click.core.ParameterSource.DEFAULT:
-        options["out"] = options["resume"]  # continue in place unless told otherwise
+    if options["resume"] is not None:
+        given = lambda name: ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)  # noqa: E731
+        if not given("out"):
+            options["out"] = options["resume"]  # continue in place unless told otherwise
+        # A resumed run is the run it was: what defines it comes from its checkpoint unless given
+        # again (a different value is refused when the checkpoint loads).
+        saved = _saved_run_config(options["resume"])
+        for name, value in (saved or {}).items():
+            if name in options and not given(name):
+                options[name] = value
+        if saved:
+            # Said here, before the data loads; Trainer.resume says the same to API callers.
+            from hvd_abs.train import resume_mismatch_error
+
+            error = resume_mismatch_error(options["resume"], TrainConfig(**options), saved)
+            if error:
+                raise error
     return TrainConfig(**options)
+
+
+def _saved_run_config(run_dir: str) -> dict | None:
+    from hvd_abs.train import saved_run_config
+
+    try:
+        return saved_run_config(run_dir)
+    except OSError:
+        return None  # unreadable: the resume itself then says what is wrong
 
 
 def check_train_args(train_args: list[str], load_data: bool = False) -> None:

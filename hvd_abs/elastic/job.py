@@ -27,7 +27,7 @@ from typing import Any, Callable
 from hvd_abs.batching.layout import wanted_world_size
 from hvd_abs.elastic.world_signal import write_wanted
 from hvd_abs.metrics import MetricsWriter
-from hvd_abs.train import Trainer, TrainConfig, checkpoint_if_due, finish, prepare_out_dir
+from hvd_abs.train import Trainer, TrainConfig, checkpoint_if_due, finish, prepare_out_dir, record_history
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,8 @@ def train_elastic(cfg: TrainConfig, eigen_fn: Any = None, on_epoch: Callable[[di
             ledger.attempt = _attempt_id(comm)
             ledger.write_digest()
         publish()
+        if cfg.resume is not None and not cfg.resumes_in_place:
+            record_history(trainer, writer())
         summary = trainer.fit(writer(), on_epoch=on_epoch)
         trainer.save_checkpoint(writer())
         return summary
