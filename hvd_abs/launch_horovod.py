@@ -62,10 +62,64 @@ def build_command(train_args: list[str], *, min_np: int, max_np: int, hostfile: 
     return cmd + worker
 
 
+# A line horovodrun forwards from a worker: `[RANK]<stdout>:` or `[RANK]<stderr>:`, after an
+# optional timestamp (horovodrun --prefix-output-with-timestamp).
+_WORKER_LINE = re.compile(rb"^[^\[\n]*\[\d+\]<std(?:out|err)>:")
+_TRACEBACK = b"Traceback (most recent call last):"
+
+
+def run_horovodrun(cmd: list[str], held: list[str] | None = None) -> int:
+    """Run horovodrun `cmd`; returns its exit code. Its stderr passes through this process line
+    by line (a carriage return ends a line too, for progress bars), except horovodrun's own
+    traceback: from an unprefixed `Traceback (most recent call last):` on, its unprefixed lines
+    go to `held` (when given), for the caller to print or keep in a file; workers' lines
+    (`[RANK]<stderr>:`) still pass. (A driver thread's traceback earlier on only delays the
+    driver's later lines to the end, where the caller prints them.) Its stdout is not touched.
+    horovodrun ends with that traceback whenever a worker process exited non-zero, also when the
+    job itself finished (see commands/launch.py `job_outcome`)."""
+    import os
+    import subprocess
+
+    if held is None:
+        return subprocess.call(cmd)
+    with subprocess.Popen(cmd, stderr=subprocess.PIPE) as proc:
+        try:
+            out = sys.stderr.buffer if hasattr(sys.stderr, "buffer") else None
+            holding, pending = False, b""
+            fd = proc.stderr.fileno()
+            while True:
+                chunk = os.read(fd, 65536)
+                pending += chunk
+                lines = re.split(rb"(?<=[\r\n])", pending) if chunk else [pending]
+                pending = lines.pop() if chunk else b""
+                for line in lines:
+                    if not line:
+                        continue
+                    holding = holding or line.startswith(_TRACEBACK)
+                    if holding and not _WORKER_LINE.match(line):
+                        held.append(line.decode(errors="replace"))
+                        continue
+                    try:
+                        if out is not None:
+                            out.write(line)
+                            out.flush()
+                        else:
+                            sys.stderr.write(line.decode(errors="replace"))
+                    except OSError:  # our stderr is gone (a closed pipe): the job goes on regardless
+                        pass
+                if not chunk:
+                    break
+            return proc.wait()
+        except BaseException:  # as subprocess.call does (e.g. Ctrl-C): do not leave it running
+            proc.kill()
+            raise
+
+
 def run_with_standbys(cmd: list[str], train_args: list[str], max_np: int, keep: int,
-                      python: str | None = None) -> int:
+                      python: str | None = None, held: list[str] | None = None) -> int:
     """Run horovodrun `cmd` while keeping `keep` warm standbys ready on this host (replacing each
-    one a joining slot claims, up to max_np standbys in all); returns horovodrun's exit code."""
+    one a joining slot claims, up to max_np standbys in all); returns horovodrun's exit code.
+    held: as for run_horovodrun."""
     import subprocess
     import threading
 
@@ -89,7 +143,7 @@ def run_with_standbys(cmd: list[str], train_args: list[str], max_np: int, keep: 
     thread = threading.Thread(target=supervise, daemon=True, name="hvd_abs-standbys")
     thread.start()
     try:
-        return subprocess.call(cmd)
+        return run_horovodrun(cmd, held)
     finally:
         done.set()
         thread.join()

@@ -347,3 +347,35 @@ def test_whole_job_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, job
     record("horovod: SIGKILL whole job (1 worker), --resume", result="resumed run == uninterrupted run",
            epochs_before_kill=epochs_before, samples_lost=0, stall_s=None,
            rolled_back_updates=rollback_report(out, 5 * EPOCH_UPDATES)["rolled_back_updates"])
+
+
+def test_killed_worker_wrapper_run_finishes_and_is_reported_as_finished(tmp_path, jobs):
+    """QA: a worker's `sh -c` wrapper (the process horovodrun started, not its Python) killed
+    mid-run. The Python worker goes on and finishes the run (summary.json, final checkpoint);
+    horovodrun then exits 1 with a traceback about the wrapper's exit 137. The launcher used to
+    pass that on as a failure with `--resume` advice that the finished run refuses. It must say
+    the run finished, where, and that horovodrun exited 1; exit 0; horovodrun's traceback kept
+    in OUT/elastic/horovodrun-error.txt rather than printed."""
+    out = tmp_path / "run"
+    epochs = 3
+    gates = holds(out, f"hold-{KILL_AT}")
+    job = jobs(launch_horovod("--min-np", "1", "--max-np", "1", "--", *SGD2, "--epochs", str(epochs),
+                              "--checkpoint-every", "1", "--out", str(out)), tmp_path / "job.log")
+    worker = wait_until(f"update {KILL_AT}", held_worker(out, KILL_AT, rank=0, world_size=1), job)
+    wrapper = psutil.Process(worker).parent()
+    assert wrapper.name() == "sh" and wrapper.cmdline()[:2] == ["/bin/sh", "-c"], wrapper.cmdline()[:2]
+    wrapper.send_signal(signal.SIGKILL)
+    for gate in gates.glob("hold-*"):
+        gate.unlink()
+    code = job.wait(timeout=180)
+    text = job.output()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs"] == epochs and summary["updates"] == epochs * EPOCH_UPDATES, text[-4000:]
+    assert (out / "checkpoints" / f"ckpt-{epochs * EPOCH_UPDATES:06d}.pt").exists()
+    last_line = [ln for ln in text.splitlines() if ln.strip()][-1]
+    assert code == 0, text[-4000:]
+    assert last_line.startswith(f"Warning: the run finished all {epochs} epochs; its results are in {out}"), last_line
+    report = out / "elastic" / "horovodrun-error.txt"
+    assert "horovodrun exited 1" in last_line and str(report) in last_line, last_line
+    assert "Traceback" not in text and "Traceback" in report.read_text(), text[-4000:]
+    assert "--resume" not in text

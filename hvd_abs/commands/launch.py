@@ -40,13 +40,14 @@ def horovod(min_np: int, max_np: int, hostfile: str | None, network_interface: s
     Example: hvd-abs launch horovod --min-np 1 --max-np 2 -- --dataset digits --method absa --out runs/x
     """
     import shlex
-    import subprocess
     import sys
+    import time
 
     from hvd_abs.launch_horovod import build_command, run_with_standbys
 
     if max_np < min_np:
         raise click.BadParameter(f"--max-np ({max_np}) must be at least --min-np ({min_np})", param_hint="--max-np")
+    refuse_launcher_options(list(train_args), "hvd-abs launch horovod", max_np_option="--max-np")
     if hostfile:
         _check_hostfile(hostfile, min_np)
     _check_train(list(train_args), load_data=hostfile is None)  # (else the data lives on the hosts)
@@ -60,15 +61,19 @@ def horovod(min_np: int, max_np: int, hostfile: str | None, network_interface: s
     if dry_run:
         return
     from hvd_abs.elastic.world_signal import start_job
-    from hvd_abs.launch_horovod import run_dir_of
+    from hvd_abs.launch_horovod import run_dir_of, run_horovodrun
 
+    started = time.time()
     start_job(run_dir_of(list(train_args)), min_np)
+    held: list[str] = []  # horovodrun's own traceback, kept out of the output until the outcome is known
     if warm:
-        code = run_with_standbys(cmd, list(train_args), max_np=max_np, keep=warm)
+        code = run_with_standbys(cmd, list(train_args), max_np=max_np, keep=warm, held=held)
     else:
-        code = subprocess.call(cmd)
+        code = run_horovodrun(cmd, held)
     if code != 0:
-        _say_how_to_resume(list(train_args), f"horovodrun exited {code}")
+        code = _report_failure(list(train_args), f"horovodrun exited {code}", started, "".join(held))
+    elif held:  # (a traceback and exit 0: never seen; show it rather than drop it)
+        sys.stderr.write("".join(held))
     sys.exit(code)
 
 
@@ -102,19 +107,117 @@ def _check_train(train_args: list[str], load_data: bool) -> None:
     check_train_args(train_args, load_data=load_data)
 
 
-def _say_how_to_resume(train_args: list[str], why: str) -> None:
-    """After a failed job: one line saying how to continue from its newest good checkpoint."""
+# Options of `hvd-abs train` that a launcher sets on every worker's command line itself
+# (build_command, `launch ray`): given among the train options too, the last one would win.
+def refuse_launcher_options(train_args: list[str], command: str, max_np_option: str) -> None:
+    """Raise click.UsageError (one line, exit 2) when the train options hold --max-np or --elastic,
+    naming the launcher option to use instead. The options are read as `hvd-abs train` reads
+    them (a value that looks like an option, or anything after `--`, is not one)."""
+    from click.core import ParameterSource
+
+    from hvd_abs.commands.train import command as train_command
+
+    try:
+        ctx = train_command.make_context("hvd-abs train", list(train_args), resilient_parsing=True)
+    except click.ClickException:
+        return  # unparseable: _check_train says what is wrong
+    if ctx.get_parameter_source("max_np") == ParameterSource.COMMANDLINE:
+        raise click.UsageError(f"--max-np among the train options: `{command}` sets it for every worker from its "
+                               f"own {max_np_option}; drop --max-np from the train options and pass "
+                               f"{max_np_option} N before `--`")
+    if ctx.get_parameter_source("elastic") == ParameterSource.COMMANDLINE:
+        raise click.UsageError(f"--elastic among the train options: `{command}` starts every worker with --elastic "
+                               f"itself; drop it from the train options")
+
+
+FAILURE_REPORT = "horovodrun-error.txt"  # in OUT/elastic/: horovodrun's traceback after a finished run
+
+
+def finished_epochs(train_args: list[str], started: float) -> int | None:
+    """The epoch count of the run in --out when this launch (begun at time `started`) finished
+    it, else None. Finished: summary.json holds this run's final summary (the one
+    hvd_abs.train.finish writes, with "metrics", after the final checkpoint), written since
+    `started` (not a summary an earlier run left), for all the --epochs this launch planned."""
+    import json
+    import os
+    from pathlib import Path
+
+    from hvd_abs.commands.train import command as train_command
+    from hvd_abs.launch_horovod import option_value
+    from hvd_abs.metrics import SUMMARY_FILE
+
+    out = option_value(train_args, "--out")
+    if not out:
+        return None
+    path = Path(out).expanduser() / SUMMARY_FILE
+    try:
+        planned = train_command.make_context("hvd-abs train", list(train_args), resilient_parsing=True).params["epochs"]
+        if os.stat(path).st_mtime < started - 1.0:  # (1 s: coarse file-system clocks)
+            return None
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError, KeyError, click.ClickException):
+        return None
+    epochs = summary.get("epochs") if isinstance(summary, dict) else None
+    if not isinstance(planned, int) or not isinstance(epochs, int) or "metrics" not in summary or epochs < planned:
+        return None
+    return epochs
+
+
+def job_outcome(train_args: list[str], why: str, started: float, report: str | None = None) -> tuple[int, str]:
+    """After a launcher saw the job fail (`why`, e.g. "horovodrun exited 1"): (exit code, the line
+    to print). A run that finished anyway (`finished_epochs`; e.g. a worker's wrapper process
+    died while its Python process went on) is exit 0 and a warning naming its results: nothing
+    was lost, and a rerun or --resume would have nothing to do (--resume refuses a finished run).
+    `report`: where horovodrun's traceback was kept. Else exit 1 and how to go on: --resume
+    from a checkpoint when there is one, else a rerun (with --overwrite when the failed run left
+    files that would make a plain rerun be refused)."""
     from pathlib import Path
 
     from hvd_abs.elastic.checkpoint import list_checkpoints
     from hvd_abs.launch_horovod import option_value
+    from hvd_abs.train import CHECKPOINT_DIR, RUN_FILES
 
     out = option_value(train_args, "--out")
-    if out and list_checkpoints(Path(out).expanduser() / "checkpoints"):
+    epochs = finished_epochs(train_args, started)
+    if epochs is not None:
+        kept = f" (its traceback: {report})" if report else ""
+        return 0, (f"Warning: the run finished all {epochs} epochs; its results are in {out} (summary.json, "
+                   f"metrics.jsonl, {CHECKPOINT_DIR}/), but {why}: a worker process failed while or after the job "
+                   f"ran{kept}; nothing needs rerunning")
+    run_dir = Path(out).expanduser() if out else None
+    if run_dir is not None and list_checkpoints(run_dir / CHECKPOINT_DIR):
         hint = f"continue from its newest good checkpoint: rerun with --resume {out} among the train options"
+    elif run_dir is not None and "--overwrite" not in train_args and any((run_dir / f).exists() for f in RUN_FILES):
+        hint = ("it left no checkpoint (pass --checkpoint-every N to keep some); rerun it with --overwrite among "
+                "the train options")
     else:
         hint = "it left no checkpoint (pass --checkpoint-every N to keep some); rerun it"
-    click.echo(f"Error: the elastic job failed ({why}); {hint}", err=True)
+    return 1, f"Error: the elastic job failed ({why}); {hint}"
+
+
+def _report_failure(train_args: list[str], why: str, started: float, traceback: str = "") -> int:
+    """Print the outcome of a failed-looking job (job_outcome) and return the exit code. A run that
+    finished keeps horovodrun's traceback in OUT/elastic/FAILURE_REPORT instead of printing it."""
+    import sys
+    from pathlib import Path
+
+    from hvd_abs.launch_horovod import option_value
+
+    report = None
+    if traceback and finished_epochs(train_args, started) is not None:
+        path = Path(option_value(train_args, "--out")).expanduser() / "elastic" / FAILURE_REPORT
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(traceback)
+            report, traceback = str(path), ""
+        except OSError:
+            pass  # printed below instead
+    if traceback:
+        sys.stderr.write(traceback)
+        sys.stderr.flush()
+    code, line = job_outcome(train_args, why, started, report)
+    click.echo(line, err=True)
+    return code
 
 
 _RAY_ADDRESS = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]):(\d{1,5})$")
@@ -182,11 +285,13 @@ def ray(address: str, min_workers: int, max_workers: int, cpus_per_worker: float
 
     Example: hvd-abs launch ray --address local --max-workers 2 -- --dataset digits --method absa --out runs/x
     """
+    import time
     from pathlib import Path
 
     from hvd_abs.launch_horovod import option_value
 
     address = ray_address(address)
+    refuse_launcher_options(list(train_args), "hvd-abs launch ray", max_np_option="--max-workers")
     probe_ray_head(address)
     if max_workers < min_workers:
         raise click.BadParameter(f"--max-workers ({max_workers}) must be at least --min-workers ({min_workers})",
@@ -214,14 +319,14 @@ def ray(address: str, min_workers: int, max_workers: int, cpus_per_worker: float
                                f"`ray start --head`, or pass --address local") from None
     from hvd_abs.elastic.world_signal import start_job
 
+    started = time.time()
     start_job(run_dir, min_workers)  # only once connected: a refused job leaves its --out as it was
     try:
         # Warm joins: a joining worker imports and loads the data before the job waits for it.
         warmup = functools.partial(warm_train_worker, worker_argv) if warm else None
         executor.run(train_worker, (worker_argv,), warmup=warmup)
     except RayExecutorError as exc:
-        _say_how_to_resume(list(train_args), " ".join(str(exc).split())[:300])
-        raise SystemExit(1) from None
+        raise SystemExit(_report_failure(args, " ".join(str(exc).split())[:300], started)) from None
     finally:
         executor.shutdown()
 

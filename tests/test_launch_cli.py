@@ -1,0 +1,144 @@
+"""`hvd-abs launch`, in one process: the train options a launcher owns, what it reports after
+horovodrun (or the Ray executor) says the job failed, and how horovodrun's stderr is relayed.
+
+The runs judged here are real `hvd-abs train` runs (digits, a few seconds), so summary.json and
+the checkpoints are what training writes. tests/test_faults_horovod.py runs the same decision
+under real horovodrun (a worker's `sh -c` wrapper killed, the job finishing anyway).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from hvd_abs.cli import main
+
+QUICK = ["--dataset", "digits", "--model", "mlp", "--method", "sgd", "--base-batch", "64", "--train-subset", "256",
+         "--test-subset", "128", "--threads", "1", "--quiet"]
+
+
+def one_error_line(result) -> str:
+    """The single `Error: ...` line of an exit-2 refusal (no traceback)."""
+    text = result.output
+    assert result.exit_code == 2 and "Traceback" not in text, text
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), text
+    return lines[0]
+
+
+@pytest.mark.parametrize("launcher, own, given", [
+    (["launch", "horovod", "--max-np", "2", "--dry-run"], "--max-np", ["--max-np", "3"]),
+    (["launch", "horovod", "--max-np", "2", "--dry-run"], "--max-np", ["--max-np=3"]),
+    (["launch", "horovod", "--dry-run"], "--max-np", ["--elastic"]),
+    # (No Ray head at 127.0.0.1:1: the refusal comes before any attempt to reach one.)
+    (["launch", "ray", "--address", "127.0.0.1:1", "--max-workers", "2"], "--max-workers", ["--max-np", "3"]),
+    (["launch", "ray", "--address", "127.0.0.1:1"], "--max-workers", ["--elastic"]),
+])
+def test_launch_refuses_train_options_it_sets_itself(tmp_path, launcher, own, given):
+    """Both launchers put `--elastic --max-np N` on every worker's command line; the same option
+    among the train options came after it and won (horovodrun --max-np 2, workers --max-np 3)."""
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, [*launcher, "--", "--epochs", "2", *given, "--out", str(out)])
+    line = one_error_line(result)
+    name = given[0].split("=")[0]
+    assert line.startswith(f"Error: {name} among the train options") and "drop" in line, line
+    if name == "--max-np":
+        assert f"pass {own} N before `--`" in line, line
+    assert not out.exists()  # refused before anything was written
+
+
+def test_launch_keeps_train_options_that_only_look_like_its_own(tmp_path):
+    """An option's value (here --data-dir's) is not an option: `hvd-abs train` reads it as a value."""
+    result = CliRunner().invoke(main, ["launch", "horovod", "--max-np", "2", "--dry-run", "--", *QUICK,
+                                       "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert "train --elastic --max-np 2 --dataset digits" in result.output
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> tuple[Path, list[str], float]:
+    """A real 2-epoch run with a checkpoint per epoch: (run dir, its train options, start time)."""
+    out = tmp_path_factory.mktemp("launch") / "run"
+    args = [*QUICK, "--epochs", "2", "--checkpoint-every", "1", "--out", str(out)]
+    started = time.time()
+    result = CliRunner().invoke(main, ["train", *args])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 2
+    return out, args, started
+
+
+def test_a_run_that_finished_is_not_reported_as_failed(finished_run):
+    """horovodrun exited 1 (a worker's wrapper died) but the run wrote its final summary for all
+    its epochs: exit 0 and a warning naming the results, not `--resume` advice (a resume of a
+    finished run is refused: 'that run already reached epoch 2')."""
+    from hvd_abs.commands.launch import job_outcome
+
+    out, args, started = finished_run
+    code, line = job_outcome(args, "horovodrun exited 1", started, report=str(out / "elastic" / "x.txt"))
+    assert code == 0, line
+    assert line.startswith("Warning: the run finished all 2 epochs; its results are in " + str(out)), line
+    assert "horovodrun exited 1" in line and str(out / "elastic" / "x.txt") in line and "--resume" not in line
+    assert "\n" not in line
+
+
+def test_a_run_that_did_not_finish_gets_resume_advice_only_with_a_checkpoint(finished_run, tmp_path):
+    from hvd_abs.commands.launch import job_outcome
+
+    out, args, started = finished_run
+    resume = f"rerun with --resume {out} among the train options"
+    # More epochs planned than the summary holds (e.g. a --resume --epochs 3 that failed).
+    code, line = job_outcome([*args, "--epochs", "3", "--resume", str(out)], "horovodrun exited 1", started)
+    assert code == 1 and line.startswith("Error: the elastic job failed (horovodrun exited 1)") and resume in line
+    # A summary.json older than this launch is an earlier run's, not this one's.
+    code, line = job_outcome(args, "horovodrun exited 1", time.time() + 60)
+    assert code == 1 and resume in line, line
+    # The summary fit() writes before the final checkpoint and finish(): not finished yet.
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    summary = json.loads((out / "summary.json").read_text())
+    summary.pop("metrics")
+    (partial / "summary.json").write_text(json.dumps(summary))
+    (partial / "metrics.jsonl").write_text((out / "metrics.jsonl").read_text())
+    code, line = job_outcome([*args, "--out", str(partial)], "horovodrun exited 1", started)
+    # No checkpoint there, and files a plain rerun would be refused for: rerun with --overwrite.
+    assert code == 1 and "--resume" not in line and line.endswith("rerun it with --overwrite among the train options")
+    code, line = job_outcome([*args, "--out", str(partial), "--overwrite"], "horovodrun exited 1", started)
+    assert code == 1 and line.endswith("; rerun it"), line
+    # Nothing written at all.
+    code, line = job_outcome([*args, "--out", str(tmp_path / "none")], "horovodrun exited 137", started)
+    assert code == 1 and "(horovodrun exited 137)" in line and line.endswith("; rerun it"), line
+
+
+RELAYED = r"""
+import sys
+w = sys.stderr.write
+w("driver: starting\n")
+w("[0]<stderr>:epoch 1\n")
+w("[0]<stderr>:progress 10%\r[0]<stderr>:progress 20%\r")
+w("Traceback (most recent call last):\n  File \"horovodrun\", line 8\nRuntimeError: Horovod detected...\n")
+w("[1]<stderr>:a worker line after it\n")
+w("Exit code: 137")
+sys.stdout.write("[0]<stdout>:summary\n")
+sys.exit(1)
+"""
+
+
+def test_horovodrun_traceback_is_held_back_and_everything_else_passes(capfd):
+    """run_horovodrun relays a real child's stderr (here a stand-in for horovodrun's output
+    format, not Horovod): lines pass through at once, horovodrun's own unprefixed traceback is
+    held for the caller, workers' `[RANK]<stderr>:` lines pass even after it."""
+    from hvd_abs.launch_horovod import run_horovodrun
+
+    held: list[str] = []
+    code = run_horovodrun([sys.executable, "-c", RELAYED], held)
+    captured = capfd.readouterr()
+    assert code == 1
+    assert captured.err == ("driver: starting\n[0]<stderr>:epoch 1\n[0]<stderr>:progress 10%\r"
+                            "[0]<stderr>:progress 20%\r[1]<stderr>:a worker line after it\n")
+    assert "".join(held) == ("Traceback (most recent call last):\n  File \"horovodrun\", line 8\n"
+                             "RuntimeError: Horovod detected...\nExit code: 137")
+    assert captured.out == "[0]<stdout>:summary\n"  # stdout is not touched
