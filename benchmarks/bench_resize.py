@@ -31,6 +31,7 @@ from typing import Callable
 
 from _args import add_data_dir, check_out  # benchmarks/, beside this file
 from hvd_abs.atomic import savefig_atomic, write_text_atomic
+from hvd_abs.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -45,11 +46,23 @@ def world_sizes(out: Path) -> list[int]:
     return [r["world_size"] for r in ledger(out) if r["rank"] == 0] if (out / "ledger").is_dir() else []
 
 
-def step_time(records: list[dict]) -> float:
-    """Median time between consecutive updates of rank 0 (no reset in between)."""
+def step_time(records: list[dict]) -> float | None:
+    """Median time between consecutive updates of rank 0 (no reset in between); None without two."""
     r0 = [r for r in records if r["rank"] == 0]
     gaps = [b["t"] - a["t"] for a, b in zip(r0, r0[1:]) if b["update"] == a["update"] + 1 and b["attempt"] == a["attempt"]]
-    return statistics.median(gaps) if gaps else 0.0
+    return statistics.median(gaps) if gaps else None
+
+
+def measured(what: str, section: dict) -> dict:
+    """`section` if it holds every measurement, else a UserError (one line, exit 2, nothing written):
+    a resize the job ended before must not reach the result as null, nor count as 0 in a share.
+    Shared with bench_resize_ray."""
+    missing = [key for key, value in section.items() if value is None]
+    if missing:
+        raise UserError(f"{what}: {', '.join(missing)} not measured (the job ended before that resize took "
+                        f"effect, or ran no two updates in a row at a size); no result written: raise --epochs "
+                        f"or --train-subset, or lower --k")
+    return section
 
 
 def train_args(args: argparse.Namespace, out: Path) -> list[str]:
@@ -133,7 +146,7 @@ def restart(args: argparse.Namespace, work: Path, old: int, new: int,
     last_before = max(r["t"] for r in before if r["update"] == args.k)
     first_after = min(r["t"] for r in after if r["update"] == args.k + 1)
     step = step_time(after)
-    return {"stall_s": max(0.0, first_after - last_before - step), "update_s": step}
+    return {"stall_s": None if step is None else max(0.0, first_after - last_before - step), "update_s": step}
 
 
 # What `plot` reads from a result ("a.b": key b of section a).
@@ -155,7 +168,7 @@ def plot(result: dict, path: Path) -> None:
     labels = ["in place, cold", "in place, warm", "restart"]
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, label in enumerate(labels):
-        ax.bar([g + (i - 1) * 0.27 for g in range(len(groups))], [v[i] or 0 for v in groups.values()], 0.27, label=label)
+        ax.bar([g + (i - 1) * 0.27 for g in range(len(groups))], [v[i] for v in groups.values()], 0.27, label=label)
     ax.set_xticks(range(len(groups)), list(groups))
     ax.set_ylabel("stall per resize (s)")
     ax.set_title(f"Resize stalls, ResNet-20 on Cifar-10, global batch {result['global_batch']}, {result['machine']}")
@@ -174,6 +187,13 @@ def _has(tree: object, dotted: str) -> bool:
     return True
 
 
+def _get(tree: dict, dotted: str) -> object:
+    """The value at the key path "a.b" of nested dicts `tree` (which `_has`)."""
+    for key in dotted.split("."):
+        tree = tree[key]
+    return tree
+
+
 def load_result(p: argparse.ArgumentParser, path: Path) -> dict:
     """The result JSON at `path` (for --plot-only), or exit 2 naming the file and what is wrong."""
     try:
@@ -187,7 +207,14 @@ def load_result(p: argparse.ArgumentParser, path: Path) -> dict:
     if missing:
         p.error(f"--plot-only: {path} is not a bench_resize result (no {', '.join(missing[:3])}); pass --out "
                 f"to the JSON the benchmark wrote")
+    unmeasured = [key for key in PLOTTED if _get(result, key) is None]
+    if unmeasured:  # a bar of 0 would pass a missing stall off as none
+        p.error(f"--plot-only: {path} lacks measurements ({', '.join(unmeasured[:3])} are null); rerun the "
+                f"benchmark")
     return result
+
+
+RESIZE_UPDATES = 2  # updates a resize may take to take effect once asked for (see check_job_options)
 
 
 def check_job_options(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -197,11 +224,16 @@ def check_job_options(p: argparse.ArgumentParser, args: argparse.Namespace) -> N
         value = getattr(args, name)
         if not value > 0:
             p.error(f"--{name.replace('_', '-')} must be > 0, got {value}")
-    # Updates are full global batches (2 x base each); the job must outlast both resizes.
+    # Updates are full global batches (2 x base each); the job must outlast both resizes. A resize
+    # takes effect some updates after it is asked for (the new host list is polled once a second and
+    # applied at the next commit): with 2 x --k + 2 updates in all (--k 2, --train-subset 512) the job
+    # often ended before the leave; with 2 x --k + 4 it did not, on 2 busy cores.
     updates = args.epochs * (args.train_subset // (2 * args.base_batch))
-    if updates <= 2 * args.k:
+    need = 2 * (args.k + RESIZE_UPDATES)
+    if updates < need:
         p.error(f"the job runs {updates} updates (--epochs x --train-subset // (2 x --base-batch)) but the two "
-                f"resizes need more than 2 x --k = {2 * args.k}: raise --epochs or --train-subset, or lower --k")
+                f"resizes need at least 2 x (--k + {RESIZE_UPDATES}) = {need} (--k before each, about "
+                f"{RESIZE_UPDATES} for it to take effect): raise --epochs or --train-subset, or lower --k")
 
 
 def job_options(p: argparse.ArgumentParser, out: str) -> None:
@@ -238,12 +270,14 @@ def main() -> int:
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="hvd_abs_resize_") as tmp:
         work = Path(tmp)
-        cold, warm = in_place(args, work, warm=False), in_place(args, work, warm=True)
-        up, down = restart(args, work, 1, 2), restart(args, work, 2, 1)
-    ratio = lambda a, b: (a / b) if a is not None and b else None  # noqa: E731
+        # Each checked as soon as it is measured: a missing one stops the benchmark there.
+        cold = measured("in place, cold", in_place(args, work, warm=False))
+        warm = measured("in place, warm", in_place(args, work, warm=True))
+        up = measured("restart 1 -> 2", restart(args, work, 1, 2))
+        down = measured("restart 2 -> 1", restart(args, work, 2, 1))
+    ratio = lambda a, b: (a / b) if b else None  # noqa: E731 (a restart stall of 0: no ratio)
     # A full Cifar-10 run: 90 epochs of 50,000 samples at the measured update time on 2 workers.
-    update_s = warm["update_s_2"] or cold["update_s_2"]
-    full_run_s = 90 * 50_000 / (2 * args.base_batch) * update_s
+    full_run_s = 90 * 50_000 / (2 * args.base_batch) * warm["update_s_2"]
     result = {
         "machine": f"{os.cpu_count()} CPU cores, CPU only", "model": "resnet20", "data": "cifar10 JPEG subset",
         "train_subset": args.train_subset, "global_batch": 2 * args.base_batch, "updates_before_resize": args.k,
@@ -252,7 +286,7 @@ def main() -> int:
         "ratio_join_warm": ratio(warm["join_stall_s"], up["stall_s"]),
         "ratio_leave": ratio(warm["leave_stall_s"], down["stall_s"]),
         "full_run_s_estimate": full_run_s,
-        "share_of_full_run_warm": ((warm["join_stall_s"] or 0) + (warm["leave_stall_s"] or 0)) / full_run_s,
+        "share_of_full_run_warm": (warm["join_stall_s"] + warm["leave_stall_s"]) / full_run_s,
         "share_of_full_run_restart": (up["stall_s"] + down["stall_s"]) / full_run_s,
         "targets": {"ratio": 0.15, "share": 0.003}, "bench_s": time.time() - t0,
     }

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests" / "workers"))
 from _args import check_out  # noqa: E402
-from bench_resize import BIN, check_job_options, drive_in_place, job_options, restart, update_times  # noqa: E402
+from bench_resize import BIN, check_job_options, drive_in_place, job_options, measured, restart, update_times  # noqa: E402
 from ray_fake_nodes import FakeRayCluster  # noqa: E402
 
 from hvd_abs.atomic import write_text_atomic  # noqa: E402
@@ -78,11 +78,14 @@ def main() -> int:
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="hvd_abs_resize_ray_") as tmp:
         work = Path(tmp)
-        cold, warm = in_place(args, work, warm=False), in_place(args, work, warm=True)
+        # Each checked as soon as it is measured: a missing one stops the benchmark there.
+        cold = measured("in place, cold", in_place(args, work, warm=False))
+        warm = measured("in place, warm", in_place(args, work, warm=True))
         with FakeRayCluster(2) as cluster:
             launch = launcher(cluster.address)
-            up, down = restart(args, work, 1, 2, launch), restart(args, work, 2, 1, launch)
-    ratio = lambda a, b: (a / b) if a is not None and b else None  # noqa: E731
+            up = measured("restart 1 -> 2", restart(args, work, 1, 2, launch))
+            down = measured("restart 2 -> 1", restart(args, work, 2, 1, launch))
+    ratio = lambda a, b: (a / b) if b else None  # noqa: E731 (a restart stall of 0: no ratio)
     result = {
         "machine": f"{os.cpu_count()} CPU cores, CPU only", "launcher": "hvd-abs launch ray",
         "cluster": "ray.cluster_utils.Cluster, 1-CPU fake nodes on this machine, one worker per node",

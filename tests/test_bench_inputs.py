@@ -8,6 +8,7 @@ leaves nothing behind.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -19,6 +20,7 @@ import pytest
 
 from conftest import REPO
 from hvd_abs.atomic import write_atomic
+from hvd_abs.commands._errors import user_errors_exit_2
 
 TIMEOUT_S = 60  # a validated case takes ~3 s (importing torch); an unvalidated one runs the benchmark
 
@@ -65,6 +67,8 @@ CASES = [
     ("bench_resize", ["--timeout", "0"], "--timeout must be > 0"),
     ("bench_resize_ray", ["--epochs", "0"], "--epochs must be > 0"),
     ("bench_resize", ["--data-dir", "{tmp}"], "CIFAR-10"),  # the data module names the fix
+    # too few updates for the leave to take effect (the QA's run: resizes 1, leave_stall_s null)
+    ("bench_resize", ["--train-subset", "512", "--k", "2"], "raise --epochs or --train-subset"),
 ]
 
 
@@ -120,7 +124,11 @@ def test_default_data_dir_is_the_shared_folder_beside_the_checkout(tmp_path: Pat
     (None, "cannot read"),                                  # before: FileNotFoundError
     (b"\x89PNG\r\n\x1a\n\xff\xfe", "is not JSON"),          # before: UnicodeDecodeError
     (b'{"machine": "2 CPU cores", "in_place_cold": {}}', "not a bench_resize result"),  # before: KeyError
-], ids=["missing", "not-json", "missing-keys"])
+    (json.dumps({"machine": "2 CPU cores", "global_batch": 256,  # before: a bar of 0 for the missing leave
+                 "in_place_cold": {"join_stall_s": 15.9, "leave_stall_s": None},
+                 "in_place_warm": {"join_stall_s": 3.4, "leave_stall_s": None},
+                 "restart_1_to_2": {"stall_s": 9.0}, "restart_2_to_1": {"stall_s": 8.0}}).encode(), "lacks measurements"),
+], ids=["missing", "not-json", "missing-keys", "null-stall"])
 def test_plot_only_names_the_bad_file(tmp_path: Path, content: bytes | None, word: str) -> None:
     out = tmp_path / "resize.json"
     if content is not None:
@@ -144,3 +152,59 @@ def test_atomic_write_that_fails_leaves_the_old_file_whole(tmp_path: Path) -> No
         write_atomic(target, crash_midway)
     assert target.read_bytes() == b'{"previous": "result"}\n'
     assert [p.name for p in tmp_path.iterdir()] == ["hessian.json"]  # no temp file left beside it
+
+
+# What in_place and restart returned in real runs. NO_LEAVE: with the QA's options (--train-subset
+# 512 --k 2, 3 epochs of 2 updates) the job ended before the leave took effect; before, main wrote
+# it, the missing leave counted as 0 in "share_of_full_run_warm". The others: 4 epochs.
+NO_LEAVE = {"join_stall_s": 3.35, "leave_stall_s": None, "resizes": 1, "update_s_1": 1.30, "update_s_2": 6.57}
+IN_PLACE = {False: {"join_stall_s": 4.97, "leave_stall_s": 0.45, "resizes": 2, "update_s_1": 1.22, "update_s_2": 0.80},
+            True: {"join_stall_s": 0.88, "leave_stall_s": 0.61, "resizes": 2, "update_s_1": 1.06, "update_s_2": 1.60}}
+RESTART = {(1, 2): {"stall_s": 18.51, "update_s": 2.29}, (2, 1): {"stall_s": 15.80, "update_s": 1.07}}
+
+
+def run_resize_main(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_place) -> tuple[int, Path]:
+    """bench_resize.main in this process, the horovodrun runs (minutes) replaced by what they
+    returned: the result assembly is what is tested. The data load is real (a tiny 10-class
+    folder). Returns the exit code and --out."""
+    from PIL import Image
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import bench_resize
+
+    data = tmp_path / "cifar10"
+    for split in ("train", "test"):
+        for c in range(10):
+            (data / split / str(c)).mkdir(parents=True)
+            Image.new("RGB", (32, 32), (c * 20, 0, 0)).save(data / split / str(c) / "0.png")
+    monkeypatch.setenv("HVD_ABS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(bench_resize, "in_place", lambda args, work, warm: dict(in_place(warm)))
+    monkeypatch.setattr(bench_resize, "restart", lambda args, work, old, new, *launch: dict(RESTART[old, new]))
+    out = tmp_path / "resize.json"
+    monkeypatch.setattr(sys, "argv", ["bench_resize.py", "--data-dir", str(data), "--train-subset", "512",
+                                      "--epochs", "4", "--k", "2", "--out", str(out)])
+    try:
+        code = user_errors_exit_2(bench_resize.main)()
+    except SystemExit as exc:
+        code = exc.code
+    return code, out
+
+
+def test_a_resize_not_measured_writes_no_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture) -> None:
+    code, out = run_resize_main(tmp_path, monkeypatch, lambda warm: NO_LEAVE)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, (code, err)
+    assert "leave_stall_s not measured" in err and "--epochs" in err, err
+    assert not out.exists() and not out.with_suffix(".png").exists()
+
+
+def test_resize_result_from_complete_measurements(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    code, out = run_resize_main(tmp_path, monkeypatch, IN_PLACE.__getitem__)
+    assert code == 0
+    result = json.loads(out.read_text())
+    warm, down = IN_PLACE[True], RESTART[2, 1]
+    assert result["ratio_leave"] == warm["leave_stall_s"] / down["stall_s"]
+    assert result["share_of_full_run_warm"] == ((warm["join_stall_s"] + warm["leave_stall_s"])
+                                                / result["full_run_s_estimate"])
+    assert out.with_suffix(".png").stat().st_size > 0
