@@ -214,7 +214,7 @@ def load_result(p: argparse.ArgumentParser, path: Path) -> dict:
     return result
 
 
-RESIZE_UPDATES = 2  # updates a resize may take to take effect once asked for (see check_job_options)
+RESIZE_UPDATES = 4  # updates a resize may take to take effect once asked for (see check_job_options)
 
 
 def check_job_options(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -226,8 +226,9 @@ def check_job_options(p: argparse.ArgumentParser, args: argparse.Namespace) -> N
             p.error(f"--{name.replace('_', '-')} must be > 0, got {value}")
     # Updates are full global batches (2 x base each); the job must outlast both resizes. A resize
     # takes effect some updates after it is asked for (the new host list is polled once a second and
-    # applied at the next commit): with 2 x --k + 2 updates in all (--k 2, --train-subset 512) the job
-    # often ended before the leave; with 2 x --k + 4 it did not, on 2 busy cores.
+    # applied at the next commit). On 2 busy cores (--k 2, --train-subset 512) a join took 1 more
+    # update, a leave 2: with 2 x --k + 2 updates in all the job often ended before the leave, and with
+    # 2 x --k + 4 it once did; 4 per resize leaves twice what was seen.
     updates = args.epochs * (args.train_subset // (2 * args.base_batch))
     need = 2 * (args.k + RESIZE_UPDATES)
     if updates < need:

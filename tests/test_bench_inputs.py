@@ -156,7 +156,7 @@ def test_atomic_write_that_fails_leaves_the_old_file_whole(tmp_path: Path) -> No
 
 # What in_place and restart returned in real runs. NO_LEAVE: with the QA's options (--train-subset
 # 512 --k 2, 3 epochs of 2 updates) the job ended before the leave took effect; before, main wrote
-# it, the missing leave counted as 0 in "share_of_full_run_warm". The others: 4 epochs.
+# it, the missing leave counted as 0 in "share_of_full_run_warm". The others: 4 epochs, 8 updates.
 NO_LEAVE = {"join_stall_s": 3.35, "leave_stall_s": None, "resizes": 1, "update_s_1": 1.30, "update_s_2": 6.57}
 IN_PLACE = {False: {"join_stall_s": 4.97, "leave_stall_s": 0.45, "resizes": 2, "update_s_1": 1.22, "update_s_2": 0.80},
             True: {"join_stall_s": 0.88, "leave_stall_s": 0.61, "resizes": 2, "update_s_1": 1.06, "update_s_2": 1.60}}
@@ -182,7 +182,7 @@ def run_resize_main(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_place) -
     monkeypatch.setattr(bench_resize, "restart", lambda args, work, old, new, *launch: dict(RESTART[old, new]))
     out = tmp_path / "resize.json"
     monkeypatch.setattr(sys, "argv", ["bench_resize.py", "--data-dir", str(data), "--train-subset", "512",
-                                      "--epochs", "4", "--k", "2", "--out", str(out)])
+                                      "--epochs", "6", "--k", "2", "--out", str(out)])
     try:
         code = user_errors_exit_2(bench_resize.main)()
     except SystemExit as exc:
