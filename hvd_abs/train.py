@@ -308,6 +308,10 @@ def preload(train_args: list[str]) -> None:
                                    download=bool(params.get("download")))
 
 
+def _new_epoch_clock(samples_seen: int) -> dict[str, Any]:
+    return {"start": None, "train_s": 0.0, "samples0": samples_seen, "world": None}
+
+
 def _default_eigen_fn() -> EigenFn:
     from hvd_abs.batching.eig_trigger import estimate_top_eigenvalue
 
@@ -379,6 +383,10 @@ class Trainer:
         # loss_sum, correct, count (global) of the epoch so far. Kept on the device and read once
         # an epoch: reading it every update would stop a GPU's queue from running ahead of Python.
         self._epoch_sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        # The epoch so far, also across an elastic reset, which re-enters run_epoch mid-epoch:
+        # its start (wall clock, so a reset's stall counts), seconds spent training, samples_seen
+        # at its start, and the world size of its latest update.
+        self._epoch_clock: dict[str, Any] = _new_epoch_clock(self.samples_seen)
         self._warned_eig_samples = False
         # Hooks of the elastic layer (hvd_abs/elastic/job.py): after every update, and after each
         # epoch's bookkeeping with whether the batch grew. They may raise to leave the loop.
@@ -410,8 +418,8 @@ class Trainer:
                 "adversarial": self.adv.state_dict(), "sampler": self.sampler.state_dict(),
                 "updates": self.updates, "samples_seen": self.samples_seen, "elapsed_s": self.elapsed_s,
                 "second_order_total_s": self.second_order_total_s,
-                "epoch_sums": self._epoch_sums.tolist(), "history": list(self.history),
-                "growths": list(self.growths)}
+                "epoch_sums": self._epoch_sums.tolist(), "epoch_clock": dict(self._epoch_clock),
+                "history": list(self.history), "growths": list(self.growths)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from `state_dict()` output."""
@@ -426,6 +434,8 @@ class Trainer:
         self.elapsed_s = float(state["elapsed_s"])
         self.second_order_total_s = float(state["second_order_total_s"])
         self._epoch_sums = torch.tensor(state["epoch_sums"], dtype=torch.float64, device=self.device)
+        # (Checkpoints from before the clock was kept: the epoch's clock starts now.)
+        self._epoch_clock = dict(state.get("epoch_clock") or _new_epoch_clock(self.samples_seen))
         self.history = list(state["history"])
         self.growths = list(state["growths"])
 
@@ -548,37 +558,48 @@ class Trainer:
         """Train the rest of the current epoch, then estimate, evaluate, log and decide growth."""
         epoch = self.epoch
         G = self.controller.global_batch
-        lay = layout(G, self.cfg.base_batch, self.comm.size)
         adv_ratio = self.adv.ratio(epoch) if self.cfg.method == "absa" else 0.0
-        t0 = time.perf_counter()
+        clock = self._epoch_clock
+        if clock["start"] is None:
+            clock["start"] = time.time()
         bar = _progress(self.sampler.steps_left(G), f"epoch {epoch + 1}/{self.cfg.epochs} G={G}",
                         show_progress and self.comm.rank == 0 and not self.cfg.quiet)
-        samples_before = self.samples_seen
         lr = self.current_lr()  # reported as is when the epoch has no full batch left
+        mark = time.perf_counter()
         while self.step():
+            now = time.perf_counter()
+            clock["train_s"] += now - mark  # this update and the previous one's hooks (commits)
+            clock["world"] = self.comm.size
+            mark = now
             lr = self.optimizer.param_groups[0]["lr"]  # the LR of the epoch's last update
             if bar is not None:
                 bar.update(1)
             if self.on_step is not None:
                 self.on_step()
+        clock["train_s"] += time.perf_counter() - mark
         if bar is not None:
             bar.close()
-        train_s = time.perf_counter() - t0
         self.comm.broadcast_buffers(self.model)  # BatchNorm stats of rank 0 everywhere
         eig, eig_samples, so_s = self.estimate_eig()
         test_loss, test_acc = self.evaluate()
         loss_sum, correct, count = self._epoch_sums.tolist()
-        epoch_s = time.perf_counter() - t0
+        epoch_s = time.time() - clock["start"]
         self.elapsed_s += epoch_s
         self.second_order_total_s += so_s
+        # The world of the epoch's last update: after a resize at the epoch's end, this epoch's
+        # updates still ran in the old world.
+        world = clock["world"] or self.comm.size
+        lay = layout(G, self.cfg.base_batch, world)
         record = writer.epoch(
             epoch=epoch + 1, updates=self.updates, samples_seen=self.samples_seen, global_batch=G,
-            world_size=self.comm.size, per_worker_batch=lay.per_worker_batch, accum_steps=lay.accum_steps,
+            world_size=world, per_worker_batch=lay.per_worker_batch, accum_steps=lay.accum_steps,
             lr=lr, eig=eig, eig_samples=eig_samples, adv_ratio=adv_ratio,
             train_loss=loss_sum / max(count, 1), train_acc=correct / max(count, 1),
             test_loss=test_loss, test_acc=test_acc, epoch_s=epoch_s,
-            samples_per_s=(self.samples_seen - samples_before) / max(train_s, 1e-9), second_order_s=so_s)
+            samples_per_s=(self.samples_seen - clock["samples0"]) / max(clock["train_s"], 1e-9),
+            second_order_s=so_s)
         self.history.append(record)
+        self._epoch_clock = _new_epoch_clock(self.samples_seen)
         # No decision after the last epoch: a growth there would apply to nothing.
         grew = False
         if self.cfg.method != "sgd" and epoch + 1 < self.cfg.epochs:
@@ -650,6 +671,10 @@ class Trainer:
             raise UserError(f"--resume {run_dir}: checkpoint {Path(path).name} does not fit this run ({reason}); "
                             f"pass the --model, --dataset, --method and --train-subset the run was started "
                             f"with, or another --out for a new run") from None
+        # A checkpoint taken mid-epoch (--stop-at-update) carries the epoch's start on the clock
+        # of the process that wrote it: count the time until then as its training time only.
+        if self._epoch_clock["start"] is not None:
+            self._epoch_clock["start"] = time.time() - self._epoch_clock["train_s"]
         log.info("resumed from %s at epoch %d, %d updates", path, self.epoch, self.updates)
         return Path(path)
 

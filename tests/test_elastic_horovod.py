@@ -42,6 +42,25 @@ def check_every_sample_once(out: Path) -> None:
         seen_before = line["samples_seen"]
 
 
+def check_epoch_lines_cover_their_epochs(out: Path) -> None:
+    """Each epoch line holds the whole epoch, also when a resize's reset re-entered it: its time
+    spans all of its updates (ledger times), its world size is that of its last update, and its
+    throughput is not 0."""
+    records = [json.loads(line) for f in (out / "ledger").glob("rank-*.jsonl") for line in f.read_text().splitlines()]
+    latest: dict[int, int] = {}
+    for r in records:
+        latest[r["update"]] = max(latest.get(r["update"], 0), r["attempt"])
+    committed = [r for r in records if r["attempt"] == latest[r["update"]]]
+    epochs, _ = read_metrics(out)
+    for line in epochs:
+        mine = [r for r in committed if r["epoch"] == line["epoch"] - 1]
+        first = min(r["update"] for r in mine)
+        span = max(r["t"] for r in mine) - min(r["t"] for r in mine if r["update"] == first)
+        assert line["epoch_s"] >= span, (line["epoch"], line["epoch_s"], span)
+        assert {r["world_size"] for r in mine if r["update"] == line["updates"]} == {line["world_size"]}, line
+        assert line["samples_per_s"] > 0, line
+
+
 def check_ranks_identical_after_sync(out: Path) -> int:
     """Every sync left all ranks with the same model + optimizer digest; returns the syncs seen
     by more than one rank."""
@@ -78,6 +97,7 @@ def test_growth_adds_a_warm_worker_and_follows_the_one_process_schedule(tmp_path
     assert len(resizes) == 1 and resizes[0]["world_size"] == 2 and resizes[0]["stall_s"] >= 0
     assert json.loads((elastic / "elastic" / "world_size.json").read_text())["world_size"] == 2
     check_every_sample_once(elastic)
+    check_epoch_lines_cover_their_epochs(elastic)
     assert check_ranks_identical_after_sync(elastic) >= 1  # the join's sync: new worker == rank 0
     # The join went through a standby (claimed once), and every standby left with the job.
     standby = elastic / "elastic" / "standby"
@@ -117,4 +137,5 @@ def test_shrink_when_a_slot_leaves_the_pool(tmp_path):
     assert len(epochs) == 4 and epochs[-1]["world_size"] == 1, [e["world_size"] for e in epochs]
     assert [e["world_size"] for e in events if e["event"] == "resize"] == [2, 1]
     check_every_sample_once(out)
+    check_epoch_lines_cover_their_epochs(out)
     check_ranks_identical_after_sync(out)
