@@ -162,8 +162,9 @@ class TrainConfig:
             raise UserError(f"--lr-decay must be in (0, 1] (1 = no decay), got {self.lr_decay}")
         for d in self.decay_epochs():
             if not 0 < d < self.epochs:
-                raise UserError(f"--lr-decay-epochs entry {d} is outside 1..{self.epochs - 1} "
-                                f"(--epochs {self.epochs}): give epochs inside the run")
+                inside = (f"give epochs from 1 to {self.epochs - 1}" if self.epochs > 1 else
+                          "a 1-epoch run has no epoch to decay at: leave --lr-decay-epochs out")
+                raise UserError(f"--lr-decay-epochs entry {d} is not inside the run (--epochs {self.epochs}): {inside}")
         if self.lr_scaling not in SCALINGS:
             raise UserError(f"--lr-scaling must be one of {', '.join(SCALINGS)}, got {self.lr_scaling!r}")
         if not (self.warmup_epochs >= 0 and math.isfinite(self.warmup_epochs)):

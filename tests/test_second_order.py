@@ -301,3 +301,19 @@ def test_operators_of_different_methods_nest() -> None:
         outer = _flat(H(v))
     for got in (inner, outer):
         assert float((got - ref).norm() / ref.norm()) < 1e-10
+
+
+def test_hessian_command_says_when_the_trace_did_not_converge() -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from hvd_abs.cli import main
+
+    args = ["hessian", "--dataset", "digits", "--model", "mlp", "--samples", "64", "--top-k", "2", "--trace",
+            "--max-iter", "3"]  # 3 probes cannot reach a 1e-3 relative standard error
+    report = json.loads(CliRunner().invoke(main, [*args, "--json"]).output)
+    assert report["trace"]["converged"] is False and report["trace"]["num_hvps"] == 3
+    text = CliRunner().invoke(main, args).output
+    trace_line = next(line for line in text.splitlines() if line.startswith("trace:"))
+    assert "not converged" in trace_line and "--max-iter 3" in trace_line, text

@@ -159,6 +159,13 @@ BAD = {
 }
 
 
+def test_decay_epochs_outside_the_run_name_the_valid_range(tmp_path: Path) -> None:
+    for epochs, decay, fix in (("5", "3,9", "give epochs from 1 to 4"), ("1", "5", "leave --lr-decay-epochs out")):
+        result = CliRunner().invoke(main, ["train", "--epochs", epochs, "--lr-decay-epochs", decay,
+                                           "--out", str(tmp_path / "out")])
+        assert result.exit_code == 2 and fix in result.output, result.output
+
+
 @pytest.mark.parametrize("args", BAD.values(), ids=BAD.keys())
 def test_bad_input_one_line_exit_2_out_dir_untouched(args: list[str], tmp_path: Path) -> None:
     out = tmp_path / "out"

@@ -124,7 +124,9 @@ def command(model_name: str, dataset: str, data_dir: str | None, samples: int, b
     click.echo(f"top-{top_k} eigenvalues ({method}): {vals}")
     click.echo(f"  {eig.num_hvps} Hessian-vector products, {eig.seconds:.2f} s")
     if trace:
-        click.echo(f"trace: {trace.value:.6g} +- {trace.stderr:.3g} (stderr), {trace.num_hvps} products, "
+        unsettled = "" if trace.converged else (f" (not converged: stderr above --tol {tol:g} of the value after "
+                                                  f"--max-iter {max_iter} probes; raise either)")
+        click.echo(f"trace: {trace.value:.6g} +- {trace.stderr:.3g} (stderr){unsettled}, {trace.num_hvps} products, "
                    f"{trace.seconds:.2f} s")
     click.echo(f"{samples} samples of {dataset}, model {model_name} on {device}; vector ops: {report['vecops']}")
 

@@ -190,6 +190,10 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _acc(v) -> str:
+    return "-" if v is None else f"{v:.4f}"  # 1.0000, not "1"
+
+
 def _row(r: dict) -> str:
     return "  ".join(f"{c}={_fmt(r.get(c))}" for c in _COLUMNS)
 
@@ -225,7 +229,7 @@ def format_summary(summary: dict) -> str:
                        for g in summary["growths"]) or "none"
     lines += ["",
               f"method {summary['method']} on {summary['dataset']} ({summary['model']}): {summary['updates']} updates, "
-              f"final test acc {_fmt(summary['final_test_acc'])}, best {_fmt(summary['best_test_acc'])}",
+              f"final test acc {_acc(summary['final_test_acc'])}, best {_acc(summary['best_test_acc'])}",
               f"batch growth: {growth}",
               f"workers: {_world_timeline(epochs)}",
               *_resets(events),
