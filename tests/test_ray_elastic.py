@@ -288,6 +288,9 @@ def test_trainer_grows_onto_an_added_node_and_asks_the_autoscaler(tmp_path, jobs
     assert [e["world_size"] for e in events if e["event"] == "resize"] == [2]
     check_every_sample_once(out)
     assert check_ranks_identical_after_sync(out) >= 1  # the joiner's sync: equal to rank 0
+    # The workers' lines reach the log (not a terminal) without colour codes.
+    worker_lines = [line for line in job.output().splitlines() if "pid=" in line]
+    assert worker_lines and not any("\x1b[" in line for line in worker_lines), worker_lines[:3]
 
 
 @pytest.mark.multiprocess

@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -429,6 +430,8 @@ class RayElasticExecutor:
             address = self.address or "auto"
             kwargs: dict[str, Any] = {"include_dashboard": False} if address == "local" else {}
             log.info("connecting to Ray at %s", address)
+            if not sys.stdout.isatty():  # the workers' lines without colour codes in a log file or pipe
+                os.environ.setdefault("RAY_COLOR_PREFIX", "0")
             ray.init(address=address, **kwargs)
             self._owns_ray = True
         if self.nic is not None:
