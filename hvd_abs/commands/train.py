@@ -115,7 +115,8 @@ def config_from_options(options: dict, ctx: click.Context):
         if not given("out"):
             options["out"] = options["resume"]  # continue in place unless told otherwise
         # A resumed run is the run it was: what defines it comes from its checkpoint unless given
-        # again (a different value is refused when the checkpoint loads).
+        # again, and a different value is refused below. (The checkpoint is read again when it
+        # loads: the cost of keeping this check ahead of the data load.)
         saved = _saved_run_config(options["resume"])
         for name, value in (saved or {}).items():
             if name in options and not given(name):
