@@ -53,12 +53,12 @@ def unwritable_reason(path: str | os.PathLike) -> str | None:
     parent = path.parent
     while not parent.exists():
         parent = parent.parent
-    if not parent.is_dir() or not _can_create_in(parent):
+    if not parent.is_dir() or not can_create_in(parent):
         return f"{parent} is not a writable directory"
     return None
 
 
-def _can_create_in(folder: Path) -> bool:
+def can_create_in(folder: Path) -> bool:
     """Whether a new entry can be made in `folder`, leaving no trace.
 
     os.access says yes to root everywhere (/proc included), so a yes is confirmed by making and

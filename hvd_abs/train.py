@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hvd_abs.adversarial import AdversarialSchedule
-from hvd_abs.atomic import unwritable_reason
+from hvd_abs.atomic import can_create_in, unwritable_reason
 from hvd_abs.batching.controller import BatchController
 from hvd_abs.batching.layout import layout
 from hvd_abs.batching.lr import SCALINGS, LRSchedule
@@ -223,7 +223,7 @@ def check_out_dir(out: str | os.PathLike, overwrite: bool) -> None:
     if path.exists() and not path.is_dir():
         raise UserError(f"--out {path} is a file, not a directory: pass another --out")
     if path.is_dir():
-        if not os.access(path, os.W_OK | os.X_OK):
+        if not can_create_in(path):  # (not os.access alone: it says yes to root, /proc included)
             raise UserError(f"--out {path} is not writable: pass a writable --out")
         held = [name for name in RUN_FILES if (path / name).exists()]
         if held and not overwrite:

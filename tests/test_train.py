@@ -235,6 +235,9 @@ def test_unwritable_out_dir_is_refused(tmp_path: Path) -> None:
     blocker.write_text("x")
     result = CliRunner().invoke(main, ["train", "--out", str(blocker / "sub"), "--quiet"])
     assert result.exit_code == 2 and "--out" in result.output
+    # An existing folder nothing can be created in, also for root (it ended in a traceback).
+    result = CliRunner().invoke(main, ["train", "--out", "/proc", "--quiet", "--epochs", "1"])
+    assert result.exit_code == 2 and "--out /proc is not writable" in result.output, result.output
 
 
 def test_train_and_test_subsets_are_fixed_and_used(tmp_path):
