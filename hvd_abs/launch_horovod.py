@@ -30,9 +30,10 @@ def run_dir_of(train_args: list[str]) -> Path:
 
 def build_command(train_args: list[str], *, min_np: int, max_np: int, hostfile: str | None = None,
                   nic: str = "lo", cooldown: str = "5,30", python: str | None = None,
-                  warm: bool = False, warm_timeout: float = WARM_TIMEOUT_S) -> list[str]:
+                  warm: bool = False, warm_timeout: float = WARM_TIMEOUT_S, script: str | None = None) -> list[str]:
     """horovodrun argv: elastic (discovery script + min/max np) over Gloo, running
-    `python -m hvd_abs train --elastic --max-np N TRAIN_ARGS`. Raises ValueError naming the fix.
+    `python -m hvd_abs train --elastic --max-np N TRAIN_ARGS` (with `script`: `python SCRIPT
+    --elastic --max-np N TRAIN_ARGS`). Raises ValueError naming the fix.
     warm: each worker slot starts through warm_exec, which hands it to a ready standby; growth
     waits up to warm_timeout seconds for standbys, then adds the slots cold."""
     run_dir = str(run_dir_of(train_args))
@@ -54,7 +55,8 @@ def build_command(train_args: list[str], *, min_np: int, max_np: int, hostfile: 
         # Horovod bars the host of a failed worker; the cooldown lets it back in later (the
         # default pool names this machine twice, so one failure never bars every worker).
         cmd += ["--blacklist-cooldown-range", *cooldown.split(",")]
-    worker = [py, "-m", "hvd_abs", "train", "--elastic", "--max-np", str(max_np), *train_args]
+    entry = [str(Path(script).resolve())] if script else ["-m", "hvd_abs", "train"]
+    worker = [py, *entry, "--elastic", "--max-np", str(max_np), *train_args]
     if warm:
         from hvd_abs.elastic.standby import standby_dir
 

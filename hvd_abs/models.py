@@ -26,7 +26,8 @@ _TORCHVISION_PREFIX = "tv:"
 
 
 class Normalize(nn.Module):
-    """(x - mean) / std per channel, with mean and std as buffers (saved, moved by .to(), never trained).
+    """(x - mean) / std per channel (dim 1 of x: (N, C, H, W) images, or (N, C, ...) of any rank),
+    with mean and std as buffers (saved, moved by .to(), never trained).
 
     A channel with std 0 (a constant channel) is divided by 1 instead, so the output stays finite.
     """
@@ -40,6 +41,9 @@ class Normalize(nn.Module):
         self.register_buffer("std", s)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:  # (the buffers keep their (1, C, 1, 1) shape: checkpoints hold them so)
+            shape = (1, -1, *([1] * (x.dim() - 2)))
+            return (x - self.mean.view(shape)) / self.std.view(shape)
         return (x - self.mean) / self.std
 
     def extra_repr(self) -> str:

@@ -268,7 +268,32 @@ def resume_mismatch_error(run_dir: str | os.PathLike, cfg: TrainConfig, saved: d
                      f"continue it as it was, or start a new run without --resume")
 
 
+def resumed_options(options: dict[str, Any], given: Callable[[str], bool]) -> dict[str, Any]:
+    """TrainConfig fields `options` for a run resumed from options["resume"] (unchanged without
+    one): out defaults to the run's folder; what defines the run comes from its checkpoint unless
+    given (`given(name)`), and a given value that differs is refused here, before the data loads
+    (Trainer.resume says the same to callers that skip this). The checkpoint is read again when
+    it loads: the cost of saying it early."""
+    options = dict(options)
+    if options.get("resume") is None:
+        return options
+    if not given("out"):
+        options["out"] = options["resume"]  # continue in place unless told otherwise
+    try:
+        saved = saved_run_config(options["resume"])
+    except OSError:
+        saved = None  # unreadable: the resume itself then says what is wrong
+    for name, value in (saved or {}).items():
+        if name in options and not given(name):
+            options[name] = value
+    error = resume_mismatch_error(options["resume"], TrainConfig(**options), saved) if saved else None
+    if error:
+        raise error
+    return options
+
+
 EigenFn = Callable[..., Any]
+
 
 class StopRequested(Exception):
     """--stop-at-update reached: leave the loop as at the end of the run (checkpoint included)."""
@@ -332,7 +357,10 @@ class Trainer:
     """One training job (see the module docstring). `comm` defaults to one process."""
 
     def __init__(self, cfg: TrainConfig, comm: Any = None, eigen_fn: EigenFn | None = None,
-                 data: Any = None, model: nn.Module | None = None, broadcast: bool = True) -> None:
+                 data: Any = None, model: nn.Module | Callable[[], nn.Module] | None = None,
+                 broadcast: bool = True) -> None:
+        """data: a `hvd_abs.data.Splits` (default: cfg.dataset, loaded). model: a module, or a
+        function making one, called after seeding with cfg.seed (default: cfg.model, built)."""
         cfg.validate()
         self.cfg = cfg
         self.comm = comm if comm is not None else LocalComm()
@@ -341,6 +369,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # also for what allocates on "cuda" (extension, Horovod)
 
+        self.dataset_name = cfg.dataset if data is None else data.name
         if data is None:
             data = _PRELOADED.pop(_data_key(cfg.dataset, cfg.data_dir), None)
         if data is None:
@@ -361,6 +390,13 @@ class Trainer:
             model = build_model(name, data.num_classes, data.in_shape, mean=data.mean, std=data.std)
             self.model_name = name
         else:
+            if not isinstance(model, nn.Module):  # a factory: seeded like the built-in models
+                torch.manual_seed(cfg.seed)
+                made = model()
+                if not isinstance(made, nn.Module):
+                    raise UserError(f"model= made a {type(made).__name__}, not a torch.nn.Module: pass a module, "
+                                    f"or a class or function returning one")
+                model = made
             self.model_name = type(model).__name__
         self.model = model.to(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -389,6 +425,9 @@ class Trainer:
         # at its start, and the world size of its latest update.
         self._epoch_clock: dict[str, Any] = _new_epoch_clock(self.samples_seen)
         self._warned_eig_samples = False
+        # The growth check skipped after the run's last epoch ({eig, epoch}), for a --resume that
+        # extends the run (see fit).
+        self._pending_check: dict[str, Any] | None = None
         # Hooks of the elastic layer (hvd_abs/elastic/job.py): after every update, and after each
         # epoch's bookkeeping with whether the batch grew. They may raise to leave the loop.
         self.on_step: Callable[[], None] | None = None
@@ -420,7 +459,8 @@ class Trainer:
                 "updates": self.updates, "samples_seen": self.samples_seen, "elapsed_s": self.elapsed_s,
                 "second_order_total_s": self.second_order_total_s,
                 "epoch_sums": self._epoch_sums.tolist(), "epoch_clock": dict(self._epoch_clock),
-                "history": list(self.history), "growths": list(self.growths)}
+                "history": list(self.history), "growths": list(self.growths),
+                "pending_check": dict(self._pending_check) if self._pending_check else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from `state_dict()` output."""
@@ -439,6 +479,8 @@ class Trainer:
         self._epoch_clock = dict(state.get("epoch_clock") or _new_epoch_clock(self.samples_seen))
         self.history = list(state["history"])
         self.growths = list(state["growths"])
+        # (Checkpoints from before it was kept: an extended run skips that one check, as it did.)
+        self._pending_check = state.get("pending_check")
 
     # --- derived quantities ------------------------------------------------------------------------
     @property
@@ -601,27 +643,41 @@ class Trainer:
             second_order_s=so_s)
         self.history.append(record)
         self._epoch_clock = _new_epoch_clock(self.samples_seen)
-        # No decision after the last epoch: a growth there would apply to nothing.
         grew = False
-        if self.cfg.method != "sgd" and epoch + 1 < self.cfg.epochs:
-            decision = self.controller.check(eig, epoch)
-            if decision.grew:
-                grew = True
-                self.adv.on_growth(self.controller.at_max)
-                growth = writer.event("growth", epoch=epoch + 1, updates=self.updates,
-                                      old_batch=decision.old_batch, new_batch=decision.new_batch,
-                                      reason=decision.reason, eig=eig, ref=decision.ref,
-                                      lr=self.lr_schedule.at(self.controller, epoch + 1, 0.0))
-                self.growths.append(growth)
+        if self.cfg.method != "sgd":
+            if epoch + 1 < self.cfg.epochs:
+                grew = self._decide(writer, eig, epoch)
+            else:  # a growth after the last epoch would apply to nothing, unless the run is extended
+                self._pending_check = {"eig": eig, "epoch": epoch}
         self._epoch_sums.zero_()
         self.sampler.new_epoch()
         if self.on_epoch_end is not None:
             self.on_epoch_end(grew)
         return record
 
+    def _decide(self, writer: MetricsWriter, eig: float | None, epoch: int) -> bool:
+        """The controller's decision after `epoch` (0-based), with its growth event; True if it grew."""
+        decision = self.controller.check(eig, epoch)
+        if not decision.grew:
+            return False
+        self.adv.on_growth(self.controller.at_max)
+        growth = writer.event("growth", epoch=epoch + 1, updates=self.updates,
+                              old_batch=decision.old_batch, new_batch=decision.new_batch,
+                              reason=decision.reason, eig=eig, ref=decision.ref,
+                              lr=self.lr_schedule.at(self.controller, epoch + 1, 0.0))
+        self.growths.append(growth)
+        return True
+
     def fit(self, writer: MetricsWriter, on_epoch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Run the remaining epochs (or up to --stop-at-update); returns the summary (written to
         summary.json on rank 0)."""
+        if self._pending_check is not None and self.epoch < self.cfg.epochs:
+            # A finished run resumed with more epochs: its last epoch's check, skipped then, comes
+            # now, so it grows as a run planned this long from the start would have.
+            grew = self._decide(writer, **self._pending_check)
+            self._pending_check = None
+            if self.on_epoch_end is not None:
+                self.on_epoch_end(grew)
         while self.epoch < self.cfg.epochs:
             try:
                 record = self.run_epoch(writer)
@@ -683,7 +739,7 @@ class Trainer:
         """The run's outcome in one flat-ish dict."""
         last = self.history[-1] if self.history else {}
         return {
-            "method": self.cfg.method, "dataset": self.cfg.dataset, "model": self.model_name,
+            "method": self.cfg.method, "dataset": self.dataset_name, "model": self.model_name,
             "epochs": len(self.history), "updates": self.updates, "samples_seen": self.samples_seen,
             "initial_batch": self.controller.initial_batch, "final_batch": self.controller.global_batch,
             "max_batch": self.controller.max_batch, "num_growths": self.controller.num_growths,
@@ -727,20 +783,22 @@ def prepare_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
 
 
 def train(cfg: TrainConfig, comm: Any = None, eigen_fn: EigenFn | None = None,
-          on_epoch: Callable[[dict[str, Any]], None] | None = None, plot: bool = True) -> dict[str, Any]:
+          on_epoch: Callable[[dict[str, Any]], None] | None = None, plot: bool = True,
+          model: nn.Module | Callable[[], nn.Module] | None = None, data: Any = None) -> dict[str, Any]:
     """Validate, set up, train, and write metrics.jsonl, summary.json and plots.png (rank 0).
+    model, data: as for Trainer (default: cfg.model on cfg.dataset).
 
     Nothing is written before the config, the data and the model were all accepted.
     """
     if cfg.elastic:
         from hvd_abs.elastic.job import train_elastic
 
-        return train_elastic(cfg, eigen_fn=eigen_fn, on_epoch=on_epoch, plot=plot)
+        return train_elastic(cfg, eigen_fn=eigen_fn, on_epoch=on_epoch, plot=plot, model=model, data=data)
     if comm is None:
         from hvd_abs.comm import make_comm
 
         comm = make_comm("auto")
-    trainer = Trainer(cfg, comm=comm, eigen_fn=eigen_fn)
+    trainer = Trainer(cfg, comm=comm, eigen_fn=eigen_fn, model=model, data=data)
     resumed_from = None
     if cfg.resume is not None:
         resumed_from = trainer.resume(cfg.resume)

@@ -139,3 +139,30 @@ def test_shrink_when_a_slot_leaves_the_pool(tmp_path):
     check_every_sample_once(out)
     check_epoch_lines_cover_their_epochs(out)
     check_ranks_identical_after_sync(out)
+
+
+@pytest.mark.multiprocess
+def test_a_script_with_its_own_model_and_data_grows_in_place(tmp_path):
+    """`launch horovod --script`: examples/custom_model.py (its own model class, data and --width
+    option) as the workers of an elastic job: the batch doubles after epoch 2 and a second worker
+    joins (the job held after update 90 until it has), on the one-process schedule."""
+    script = Path(__file__).resolve().parents[1] / "examples" / "custom_model.py"
+    args = ["--method", "abs", "--base-batch", "32", "--batch", "32", "--max-batch", "64", "--duration", "1",
+            "--epochs", "4", "--eig-samples", "256", "--threads", "1", "--quiet", "--width", "4"]
+    elastic, single = tmp_path / "elastic", tmp_path / "single"
+    (elastic / "ledger").mkdir(parents=True)
+    (elastic / "ledger" / "hold-90-world-2").touch()
+    run_checked([str(BIN / "hvd-abs"), "launch", "horovod", "--min-np", "1", "--max-np", "2", "--script", str(script),
+                 "--", *args, "--ledger", "--commit-every", "2", "--out", str(elastic)], timeout=300)
+    run_checked([str(BIN / "python"), str(script), *args, "--out", str(single)], timeout=120)
+
+    ep_e, ev_e = read_metrics(elastic)
+    ep_s, _ = read_metrics(single)
+    sched = lambda eps: [(e["epoch"], e["updates"], e["global_batch"], round(e["lr"], 12)) for e in eps]
+    assert sched(ep_e) == sched(ep_s) and [e["global_batch"] for e in ep_e] == [32, 32, 64, 64]
+    assert [e["world_size"] for e in ep_e] == [1, 1, 2, 2]
+    assert [e["world_size"] for e in ev_e if e["event"] == "resize"] == [2]
+    summary = json.loads((elastic / "summary.json").read_text())
+    assert (summary["model"], summary["dataset"], summary["world_size"]) == ("SmallNet", "digits-custom", 2)
+    check_every_sample_once(elastic)
+    assert check_ranks_identical_after_sync(elastic) >= 1  # the joiner's sync: equal to rank 0

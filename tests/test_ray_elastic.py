@@ -331,3 +331,22 @@ def test_dead_worker_rolls_back_then_rejoins_after_cooldown() -> None:
     back = first_one + sizes[first_one:].index(2)
     rejoined_after = report["results"][0]["ledger"]["times"][back] - report["crashed_at"]
     assert rejoined_after >= 8, rejoined_after
+
+
+@pytest.mark.multiprocess
+def test_a_script_runs_as_the_ray_workers(tmp_path, jobs, fake_ray):
+    """`launch ray --script`: examples/custom_model.py (given relative to the launch directory,
+    with its own --width option) in the worker actors of 2 fake nodes, sgd at 2 x 32."""
+    cluster = fake_ray(2)
+    out = tmp_path / "run"
+    holds(out, "hold-1-world-2")  # both workers from update 1 (the second node's actor warms meanwhile)
+    job = jobs(launch_ray(cluster.address, "--max-workers", "2", "--script", "examples/custom_model.py", "--",
+                          "--method", "sgd", "--base-batch", "32", "--batch", "64", "--epochs", "2", "--threads", "1",
+                          "--quiet", "--ledger", "--width", "4", "--out", str(out)), tmp_path / "job.log")
+    assert job.wait(timeout=240) == 0, job.output()[-6000:]
+    epochs, _ = read_metrics(out)
+    assert [(e["epoch"], e["world_size"]) for e in epochs] == [(1, 2), (2, 2)]
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["model"], summary["dataset"], summary["updates"]) == ("SmallNet", "digits-custom", 2 * (1437 // 64))
+    check_every_sample_once(out)
+    check_ranks_identical_after_sync(out)

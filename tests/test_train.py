@@ -283,6 +283,29 @@ def test_stop_then_resume_equals_an_uninterrupted_run(tmp_path):
         assert resumed[key] == full[key], key
 
 
+def test_extending_a_finished_run_equals_a_run_planned_that_long(tmp_path):
+    """--resume DIR --epochs more: the growth check after the finished run's last epoch, skipped
+    then (it would have applied to nothing), comes before the next epoch, so the batch grows as
+    in a run planned that long from the start. (lr_decay 1: the default decay epochs follow
+    --epochs.)"""
+    from hvd_abs.metrics import read_metrics
+    from hvd_abs.train import TrainConfig, train
+
+    common = dict(method="abs", dataset="digits", model="mlp", base_batch=32, batch=32, max_batch=128, duration=1,
+                  eig_samples=128, lr_decay=1.0, quiet=True, threads=1)
+    full = train(TrainConfig(**common, epochs=4, out=str(tmp_path / "full")), plot=False)
+    train(TrainConfig(**common, epochs=2, out=str(tmp_path / "ext")), plot=False)
+    extended = train(TrainConfig(**common, epochs=4, out=str(tmp_path / "ext"), resume=str(tmp_path / "ext")), plot=False)
+
+    timing = {"epoch_s", "samples_per_s", "second_order_s"}
+    a, _ = read_metrics(tmp_path / "full")
+    b, _ = read_metrics(tmp_path / "ext")
+    assert [e["global_batch"] for e in a] == [32, 32, 64, 128]  # growths after epochs 2 and 3
+    assert [{k: v for k, v in e.items() if k not in timing} for e in b] == \
+           [{k: v for k, v in e.items() if k not in timing} for e in a]
+    assert extended["growths"] == full["growths"] and extended["updates"] == full["updates"]
+
+
 def test_overwrite_keeps_the_old_run_until_the_new_one_finishes(digits, tmp_path: Path) -> None:
     from hvd_abs.train import REPLACED_DIR, train
 

@@ -31,11 +31,15 @@ def command() -> None:
                    "growth adds slots only as standbys are ready, so joins skip the cold start.")
 @click.option("--warm-timeout", type=click.FloatRange(min=0), default=HOROVOD_WARM_TIMEOUT_S, show_default=True,
               help="With --warm: seconds growth waits for ready standbys before adding the slots cold.")
+@click.option("--script", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Run this Python script as every worker instead of `hvd-abs train`: one that trains its own "
+                   "model and data with hvd_abs.fit and reads its options with hvd_abs.parse_train_args.")
 @click.option("--dry-run", is_flag=True, help="Print the horovodrun command without running it.")
 @click.argument("train_args", nargs=-1, type=click.UNPROCESSED)
 def horovod(min_np: int, max_np: int, hostfile: str | None, network_interface: str, blacklist_cooldown: str,
-            warm: int, warm_timeout: float, dry_run: bool, train_args: tuple[str, ...]) -> None:
-    """Build, print and run the elastic horovodrun command for `hvd-abs train TRAIN_ARGS`.
+            warm: int, warm_timeout: float, script: str | None, dry_run: bool, train_args: tuple[str, ...]) -> None:
+    """Build, print and run the elastic horovodrun command for `hvd-abs train TRAIN_ARGS`
+    (or for `python SCRIPT TRAIN_ARGS` with --script).
 
     Example: hvd-abs launch horovod --min-np 1 --max-np 2 -- --dataset digits --method absa --out runs/x
     """
@@ -48,13 +52,16 @@ def horovod(min_np: int, max_np: int, hostfile: str | None, network_interface: s
     if max_np < min_np:
         raise click.BadParameter(f"--max-np ({max_np}) must be at least --min-np ({min_np})", param_hint="--max-np")
     refuse_launcher_options(list(train_args), "hvd-abs launch horovod", max_np_option="--max-np")
+    if script and warm:
+        raise click.UsageError("--warm pre-starts `hvd-abs train` workers and cannot pre-start a --script: "
+                               "drop --warm (joins are then cold)")
     if hostfile:
         _check_hostfile(hostfile, min_np)
-    _check_train(list(train_args), load_data=hostfile is None)  # (else the data lives on the hosts)
+    _check_train(list(train_args), load_data=hostfile is None, script=script)  # (else the data lives on the hosts)
     try:
         cmd = build_command(list(train_args), min_np=min_np, max_np=max_np, hostfile=hostfile,
                             nic=network_interface, cooldown=blacklist_cooldown, warm=warm > 0,
-                            warm_timeout=warm_timeout)
+                            warm_timeout=warm_timeout, script=script)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     click.echo("+ " + shlex.join(cmd), err=True)
@@ -95,16 +102,24 @@ def _check_hostfile(hostfile: str, min_np: int) -> None:
 
 
 @user_errors_exit_2
-def _check_train(train_args: list[str], load_data: bool) -> None:
+def _check_train(train_args: list[str], load_data: bool, script: str | None = None) -> None:
     """The training options as `hvd-abs train` checks them, before any process starts; with
-    load_data (workers on this machine), the data set too."""
+    load_data (workers on this machine), the data set too. With a --script, its own arguments
+    may be among them and the data set is its own (check_train_args)."""
     from hvd_abs.commands.train import check_train_args
     from hvd_abs.launch_horovod import option_value
 
     if not option_value(train_args, "--out"):
         raise click.UsageError("elastic training needs a run directory: pass --out DIR among the train options "
                                "(after --)")
-    check_train_args(train_args, load_data=load_data)
+    if script is not None and not script.endswith(".py"):
+        raise click.UsageError(f"--script {script}: give a Python file (.py) that calls hvd_abs.fit")
+    if script is not None and "--" in train_args:
+        # The script's parse_train_args would stop at it: the options after it (--out among them)
+        # would not be read as train options, though this launcher reads them.
+        raise click.UsageError("a second `--` among the train options of a --script: drop it (the script's own "
+                               "options go among the train options)")
+    check_train_args(train_args, load_data=load_data, script=script is not None)
 
 
 # Options of `hvd-abs train` that a launcher sets on every worker's command line itself
@@ -115,10 +130,10 @@ def refuse_launcher_options(train_args: list[str], command: str, max_np_option: 
     them (a value that looks like an option, or anything after `--`, is not one)."""
     from click.core import ParameterSource
 
-    from hvd_abs.commands.train import command as train_command
+    from hvd_abs.commands.train import train_context
 
     try:
-        ctx = train_command.make_context("hvd-abs train", list(train_args), resilient_parsing=True)
+        ctx = train_context(list(train_args), extras=True, resilient=True)  # (a --script's own too)
     except click.ClickException:
         return  # unparseable: _check_train says what is wrong
     if ctx.get_parameter_source("max_np") == ParameterSource.COMMANDLINE:
@@ -142,7 +157,7 @@ def finished_epochs(train_args: list[str], started: float) -> int | None:
     import os
     from pathlib import Path
 
-    from hvd_abs.commands.train import command as train_command
+    from hvd_abs.commands.train import train_context
     from hvd_abs.launch_horovod import option_value
     from hvd_abs.metrics import SUMMARY_FILE
 
@@ -151,7 +166,7 @@ def finished_epochs(train_args: list[str], started: float) -> int | None:
         return None
     path = Path(out).expanduser() / SUMMARY_FILE
     try:
-        planned = train_command.make_context("hvd-abs train", list(train_args), resilient_parsing=True).params["epochs"]
+        planned = train_context(list(train_args), extras=True, resilient=True).params["epochs"]
         if os.stat(path).st_mtime < started - 1.0:  # (1 s: coarse file-system clocks)
             return None
         summary = json.loads(path.read_text())
@@ -273,10 +288,14 @@ def probe_ray_head(address: str, timeout_s: float = 5.0) -> None:
                    "data (the job goes on meanwhile), or right away (the running workers wait for it).")
 @click.option("--warm-timeout", type=click.FloatRange(min=0), default=RAY_WARM_TIMEOUT_S, show_default=True,
               help="With --warm: seconds a joining worker may take to warm up before its slot is offered anyway.")
+@click.option("--script", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Run this Python script as every worker (in its actor) instead of `hvd-abs train`: one that trains its own "
+                   "model and data with hvd_abs.fit and reads its options with hvd_abs.parse_train_args.")
 @click.argument("train_args", nargs=-1, type=click.UNPROCESSED)
 def ray(address: str, min_workers: int, max_workers: int, cpus_per_worker: float, gpus_per_worker: float,
-        network_interface: str | None, warm: bool, warm_timeout: float, train_args: tuple[str, ...]) -> None:
-    """Run `hvd-abs train --elastic TRAIN_ARGS` with Ray actors as Horovod workers.
+        network_interface: str | None, warm: bool, warm_timeout: float, script: str | None,
+        train_args: tuple[str, ...]) -> None:
+    """Run `hvd-abs train --elastic TRAIN_ARGS` (or a --script) with Ray actors as Horovod workers.
 
     Workers are placed by resources on the cluster's nodes; the job grows when its batch grows
     (up to --max-workers and what the cluster holds, asking the autoscaler for more) and rolls
@@ -298,20 +317,28 @@ def ray(address: str, min_workers: int, max_workers: int, cpus_per_worker: float
                                  param_hint="--max-workers")
     if cpus_per_worker == 0 and gpus_per_worker == 0:
         raise click.UsageError("a worker must hold some resource: pass --cpus-per-worker > 0 or --gpus-per-worker > 0")
-    _check_train(list(train_args), load_data=address == "local")  # (a cluster's nodes hold their own data)
+    _check_train(list(train_args), load_data=address == "local", script=script)  # (a cluster's nodes hold their own data)
     out = option_value(list(train_args), "--out")
     # Actors do not run in this directory: the run directory travels as an absolute path.
     run_dir = str(Path(out).resolve())
     args = _with_option(list(train_args), "--out", run_dir)
     worker_argv = ["--elastic", "--max-np", str(max_workers), *args]
 
-    from hvd_abs.elastic.ray_executor import RayElasticExecutor, RayExecutorError, train_worker, warm_train_worker
+    from hvd_abs.elastic.ray_executor import (RayElasticExecutor, RayExecutorError, script_worker, train_worker,
+                                              warm_script_worker, warm_train_worker)
 
     executor = RayElasticExecutor(min_workers=min_workers, max_workers=max_workers, cpus_per_worker=cpus_per_worker,
                                   gpus_per_worker=gpus_per_worker, address=address, run_dir=run_dir,
                                   nic=network_interface, warm_timeout=warm_timeout)
+    if script is None:
+        work, work_args, running = train_worker, (worker_argv,), "hvd-abs train"
+        warmup = functools.partial(warm_train_worker, worker_argv) if warm else None
+    else:  # the actors run it from this directory (its relative paths), the path made absolute
+        script = str(Path(script).resolve())
+        work, work_args, running = script_worker, (script, str(Path.cwd()), worker_argv), f"python {script}"
+        warmup = warm_script_worker if warm else None
     click.echo(f"+ Ray {address}: {min_workers}..{max_workers} workers x (CPU {cpus_per_worker:g}, GPU "
-               f"{gpus_per_worker:g}) running hvd-abs train {' '.join(worker_argv)}", err=True)
+               f"{gpus_per_worker:g}) running {running} {' '.join(worker_argv)}", err=True)
     try:
         executor.start()
     except ConnectionError as exc:
@@ -322,9 +349,8 @@ def ray(address: str, min_workers: int, max_workers: int, cpus_per_worker: float
     started = time.time()
     start_job(run_dir, min_workers)  # only once connected: a refused job leaves its --out as it was
     try:
-        # Warm joins: a joining worker imports and loads the data before the job waits for it.
-        warmup = functools.partial(warm_train_worker, worker_argv) if warm else None
-        executor.run(train_worker, (worker_argv,), warmup=warmup)
+        # Warm joins: a joining worker imports (and loads the data) before the job waits for it.
+        executor.run(work, work_args, warmup=warmup)
     except RayExecutorError as exc:
         raise SystemExit(_report_failure(args, " ".join(str(exc).split())[:300], started)) from None
     finally:

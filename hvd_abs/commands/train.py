@@ -102,60 +102,65 @@ def command(**options) -> None:
 
 
 def config_from_options(options: dict, ctx: click.Context):
-    """The TrainConfig of parsed `hvd-abs train` options (defaults filled in, --resume's out dir)."""
-    from hvd_abs.train import DEFAULT_EIG_METHOD, DEFAULT_EIG_SAMPLES, TrainConfig
+    """The TrainConfig of parsed `hvd-abs train` options (defaults filled in; with --resume, the
+    run's own options where not given again: hvd_abs.train.resumed_options)."""
+    from hvd_abs.train import DEFAULT_EIG_METHOD, DEFAULT_EIG_SAMPLES, TrainConfig, resumed_options
 
     options = dict(options)
     if options["eig_samples"] is None:
         options["eig_samples"] = DEFAULT_EIG_SAMPLES
     if options["eig_method"] is None:
         options["eig_method"] = DEFAULT_EIG_METHOD
-    if options["resume"] is not None:
-        given = lambda name: ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)  # noqa: E731
-        if not given("out"):
-            options["out"] = options["resume"]  # continue in place unless told otherwise
-        # A resumed run is the run it was: what defines it comes from its checkpoint unless given
-        # again, and a different value is refused below. (The checkpoint is read again when it
-        # loads: the cost of keeping this check ahead of the data load.)
-        saved = _saved_run_config(options["resume"])
-        for name, value in (saved or {}).items():
-            if name in options and not given(name):
-                options[name] = value
-        if saved:
-            # Said here, before the data loads; Trainer.resume says the same to API callers.
-            from hvd_abs.train import resume_mismatch_error
-
-            error = resume_mismatch_error(options["resume"], TrainConfig(**options), saved)
-            if error:
-                raise error
-    return TrainConfig(**options)
+    given = lambda name: ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)  # noqa: E731
+    return TrainConfig(**resumed_options(options, given))
 
 
-def _saved_run_config(run_dir: str) -> dict | None:
-    from hvd_abs.train import saved_run_config
-
-    try:
-        return saved_run_config(run_dir)
-    except OSError:
-        return None  # unreadable: the resume itself then says what is wrong
+def train_context(train_args: list[str], extras: bool = False, resilient: bool = False) -> click.Context:
+    """`hvd-abs train`'s parsed command line. extras: a script's own arguments may be among the
+    options (parse_train_args hands them to the script); they are kept in ctx.args."""
+    return command.make_context("hvd-abs train", list(train_args), resilient_parsing=resilient,
+                                ignore_unknown_options=extras, allow_extra_args=extras)
 
 
-def check_train_args(train_args: list[str], load_data: bool = False) -> None:
+def check_script_extras(extras: list[str]) -> None:
+    """Refuse a script's own argument that is a near miss of a train option (`--epoch` for
+    --epochs): it would reach the script's parser instead, where argparse may even take it as an
+    abbreviation of one of the script's options, and the train option keep its default.
+    Raises click.UsageError naming the option meant."""
+    import difflib
+
+    names = [o for p in command.params for o in p.opts if o.startswith("--")]
+    for arg in extras:
+        name = arg.split("=", 1)[0]
+        if not name.startswith("--") or name == "--":
+            continue
+        near = difflib.get_close_matches(name, names, n=1, cutoff=0.85)
+        if near:
+            raise click.UsageError(f"{name} is not an option of hvd-abs train: did you mean {near[0]}? (a script's "
+                                   f"own options must not be near misses of them: rename it)")
+
+
+def check_train_args(train_args: list[str], load_data: bool = False, script: bool = False) -> None:
     """Validate `hvd-abs train TRAIN_ARGS` as a launcher would start them, before anything starts:
     click's parsing, TrainConfig.validate() for a fresh (not elastic) run, so an out dir holding
     another run is refused unless --resume or --overwrite is given, and the data set's name.
     load_data: also load the data set (for workers on this machine: a wrong --data-dir is then one
     line here, not a traceback per worker; the decode cache it leaves saves the workers the work).
+    script: the options of a `--script` (hvd_abs.parse_train_args): its own arguments may be
+    among them, and the data set is the script's, so neither it nor its name is checked.
     Raises click.UsageError or UserError naming the fix."""
     import dataclasses
 
     from hvd_abs.data import DATASETS
     from hvd_abs.errors import UserError
 
-    ctx = command.make_context("hvd-abs train", list(train_args))
+    ctx = train_context(train_args, extras=script)
+    check_script_extras(ctx.args)
     cfg = config_from_options(ctx.params, ctx)
     dataclasses.replace(cfg, elastic=False).validate()
-    if cfg.dataset.strip().lower() not in DATASETS:
+    if script:
+        load_data = False
+    elif cfg.dataset.strip().lower() not in DATASETS:
         raise UserError(f"--dataset {cfg.dataset!r} is unknown; pass one of {', '.join(DATASETS)}")
     if load_data:
         from hvd_abs.data import load_dataset

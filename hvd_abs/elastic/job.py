@@ -61,16 +61,16 @@ class _Timeline:
 
 
 def train_elastic(cfg: TrainConfig, eigen_fn: Any = None, on_epoch: Callable[[dict[str, Any]], None] | None = None,
-                  plot: bool = True) -> dict[str, Any]:
+                  plot: bool = True, model: Any = None, data: Any = None) -> dict[str, Any]:
     """Run `cfg` as one worker of an elastic job (under horovodrun --min-np/--max-np or the Ray
-    executor). Returns the summary (complete on rank 0)."""
+    executor). model, data: as for Trainer. Returns the summary (complete on rank 0)."""
     import horovod.torch as hvd
 
     from hvd_abs.comm import HorovodComm
     from hvd_abs.elastic.hvd_runner import CommittedState, run_elastic
 
     comm = HorovodComm()  # hvd.init()
-    trainer = Trainer(cfg, comm=comm, eigen_fn=eigen_fn, broadcast=False)
+    trainer = Trainer(cfg, comm=comm, eigen_fn=eigen_fn, model=model, data=data, broadcast=False)
     out = Path(cfg.out).expanduser()
     if cfg.resume is not None:
         trainer.resume(cfg.resume, collective=False)

@@ -585,3 +585,31 @@ def train_worker(train_args: Sequence[str]) -> Any:
     from hvd_abs.commands.train import command
 
     return command.main(args=list(train_args), standalone_mode=False)
+
+
+def warm_script_worker() -> None:
+    """The warm-up of `launch ray --script` workers: the imports (the data is the script's)."""
+    from hvd_abs.elastic.standby import get_warm
+
+    get_warm(None)
+
+
+def script_worker(script: str, cwd: str, argv: Sequence[str]) -> None:
+    """The worker function of `launch ray --script`: run SCRIPT as __main__ in this actor with
+    ARGV, from `cwd` when this node has it (the launcher's directory: the script's relative paths
+    then mean what they meant there). A non-zero exit is this worker's failure."""
+    import runpy
+
+    saved_argv, saved_path, saved_cwd = sys.argv, list(sys.path), os.getcwd()
+    sys.argv = [script, *argv]
+    sys.path.insert(0, os.path.dirname(script))  # as `python SCRIPT` does: its own modules import
+    try:
+        if os.path.isdir(cwd):
+            os.chdir(cwd)
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as exc:
+        if exc.code not in (None, 0):
+            raise RuntimeError(f"{script} exited with {exc.code}") from None
+    finally:
+        sys.argv, sys.path[:] = saved_argv, saved_path
+        os.chdir(saved_cwd)

@@ -208,10 +208,11 @@ def hand_off(pid: int, sock_path: Path, argv: list[str]) -> int:
         return 1  # the standby died: horovodrun sees a failed worker, as with a cold one
 
 
-def get_warm(train_args: list[str]) -> None:
-    """The cold part of a join, done before the slot is advertised: imports, the data set, and
-    torch's lazy first-use work (the first optimizer imports torch._dynamo: ~1.5 s here).
-    Shared by horovodrun standbys and the Ray executor's warm actors."""
+def get_warm(train_args: list[str] | None) -> None:
+    """The cold part of a join, done before the slot is advertised: imports, the data set of
+    TRAIN_ARGS (None: no data, a --script loads its own), and torch's lazy first-use work (the
+    first optimizer imports torch._dynamo: ~1.5 s here). Shared by horovodrun standbys and the
+    Ray executor's warm actors."""
     import horovod.torch  # noqa: F401
     import torch
 
@@ -220,7 +221,8 @@ def get_warm(train_args: list[str]) -> None:
     import hvd_abs.second_order  # noqa: F401
     from hvd_abs.train import preload
 
-    preload(train_args)
+    if train_args is not None:
+        preload(train_args)
     p = torch.zeros(1, requires_grad=True)
     opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
     (p * 2).sum().backward()

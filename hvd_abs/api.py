@@ -1,0 +1,229 @@
+"""Your own model and data: the library entry to the trainer that `hvd-abs train` runs.
+
+    import hvd_abs
+
+    cfg, rest = hvd_abs.parse_train_args()       # every `hvd-abs train` option, from sys.argv
+    data = hvd_abs.splits_from_tensors(train_x, train_y, test_x, test_y)   # or splits_from_datasets
+    summary = hvd_abs.fit(cfg, model=MyNet, data=data)   # MyNet() is built on every worker
+
+The same script runs as one process, under `horovodrun -np N` (a fixed world), and as every worker
+of an elastic job: `hvd-abs launch horovod --script my_train.py -- --out runs/x ...` (or `launch
+ray --script`) starts it with `--elastic --max-np N` among its arguments, which parse_train_args
+reads like any other train option. `rest` holds the arguments it does not know, for the script's
+own parser. Bad input raises `hvd_abs.UserError` naming the fix; `user_errors_exit_2` around
+the script's main turns it into one line and exit code 2, as the CLI does.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from hvd_abs.data import Splits
+from hvd_abs.errors import UserError
+from hvd_abs.train import TrainConfig
+
+
+def parse_train_args(argv: Sequence[str] | None = None, prog: str | None = None) -> tuple[TrainConfig, list[str]]:
+    """(TrainConfig, the arguments it did not know) from `hvd-abs train`'s options in `argv`
+    (default: sys.argv[1:]), defaults and `--resume`'s saved options filled in, and validated, as
+    the CLI does. A bad value prints click's one-line message and exits 2; `--help` prints the options and
+    exits 0: this is a script's command line, not a library call."""
+    import click
+
+    from hvd_abs.commands.train import check_script_extras, command, config_from_options
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    name = prog or Path(sys.argv[0]).name or "train"
+    try:
+        ctx = command.make_context(name, args, ignore_unknown_options=True, allow_extra_args=True)
+        check_script_extras(ctx.args)
+        cfg = config_from_options(ctx.params, ctx)
+        cfg.validate()  # (again when training starts) a bad value is said before the script loads its data
+        return cfg, list(ctx.args)
+    except click.exceptions.Exit as exc:  # --help
+        raise SystemExit(exc.exit_code) from None
+    except click.ClickException as exc:
+        exc.show()
+        raise SystemExit(exc.exit_code) from None
+    except UserError as exc:
+        click.echo(f"Error: {' '.join(str(exc).split())}", err=True)
+        raise SystemExit(2) from None
+
+
+def splits_from_tensors(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                        *, name: str = "custom", num_classes: int | None = None,
+                        classes: Sequence[str] = ()) -> Splits:
+    """A data set for `fit` from in-memory tensors: x of shape (N, C, ...) (images (N, C, H, W)),
+    float in [0, 1] or uint8 (divided by 255); y integer class indices (N,). The models take
+    unnormalised inputs (the built-in ones normalise inside with the returned mean and std;
+    normalise in your own model, e.g. with `hvd_abs.models.Normalize`). num_classes defaults
+    to len(classes), else the largest label + 1. Raises UserError naming what to fix."""
+    xs, ys = [], []
+    for split, x, y in (("train", train_x, train_y), ("test", test_x, test_y)):
+        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+            raise UserError(f"{split}_x and {split}_y must be torch tensors, got {type(x).__name__} and "
+                            f"{type(y).__name__}: convert them with torch.as_tensor")
+        if x.dim() < 2 or len(x) == 0:
+            raise UserError(f"{split}_x has shape {tuple(x.shape)}: give one sample per row, (N, C, H, W) for images, "
+                            f"with N >= 1")
+        if y.dim() != 1 or len(y) != len(x):
+            raise UserError(f"{split}_y has shape {tuple(y.shape)} for {len(x)} samples in {split}_x: give one class "
+                            f"index per sample, shape ({len(x)},)")
+        if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+            raise UserError(f"{split}_y is {y.dtype}: give integer class indices (y.long())")
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255)
+        elif not x.dtype.is_floating_point:
+            raise UserError(f"{split}_x is {x.dtype}: give float32 in [0, 1] or uint8 images")
+        x = x.float().contiguous()
+        if not bool(torch.isfinite(x).all()):
+            raise UserError(f"{split}_x holds NaN or infinite values: clean or drop those samples")
+        xs.append(x)
+        ys.append(y.long().contiguous())
+    if xs[0].shape[1:] != xs[1].shape[1:]:
+        raise UserError(f"train samples have shape {tuple(xs[0].shape[1:])} but test samples "
+                        f"{tuple(xs[1].shape[1:])}: give both splits the same sample shape")
+    low = min(int(y.min()) for y in ys)
+    high = max(int(y.max()) for y in ys)
+    if num_classes is None:
+        num_classes = len(classes) if classes else high + 1
+    if low < 0 or high >= num_classes:
+        raise UserError(f"class indices run from {low} to {high} but there are {num_classes} classes: labels must "
+                        f"be in [0, num_classes)")
+    if classes and len(classes) != num_classes:
+        raise UserError(f"{len(classes)} class names for {num_classes} classes: give one name per class")
+    # Per channel (dim 1) over every other dim, as data.channel_stats does for images.
+    dims = [0, *range(2, xs[0].dim())]
+    var, mean = torch.var_mean(xs[0], dim=dims, correction=0)
+    return Splits(train_x=xs[0], train_y=ys[0], test_x=xs[1], test_y=ys[1], num_classes=int(num_classes),
+                  in_shape=tuple(int(d) for d in xs[0].shape[1:]), mean=tuple(float(m) for m in mean),
+                  std=tuple(float(s) for s in var.sqrt()), name=name, classes=tuple(str(c) for c in classes))
+
+
+def splits_from_datasets(train: Any, test: Any, *, name: str = "custom", num_classes: int | None = None,
+                         classes: Sequence[str] | None = None, batch_size: int = 1024,
+                         num_workers: int = 0) -> Splits:
+    """A data set for `fit` from two map-style torch Datasets of (input tensor, class index),
+    e.g. torchvision data sets with `transforms.ToTensor()`: read once, in order, into memory (the
+    trainer indexes samples by position, so that a resize never repeats or skips one). Random
+    transforms are applied once, not per epoch. classes: default the train set's `.classes` (or
+    that of the data set a Subset is taken from)."""
+    tensors = []
+    for split, ds in (("train", train), ("test", test)):
+        tensors += _read_dataset(split, ds, batch_size, num_workers)
+    if classes is None:
+        classes = getattr(train, "classes", None) or getattr(getattr(train, "dataset", None), "classes", None) or ()
+    return splits_from_tensors(*tensors, name=name, num_classes=num_classes, classes=tuple(classes))
+
+
+def _read_dataset(split: str, ds: Any, batch_size: int, num_workers: int) -> list[torch.Tensor]:
+    """[x, y] of a whole map-style data set, filled into tensors allocated once (not a list of
+    batches and their concatenation: that would hold the data set twice)."""
+    from torch.utils.data import DataLoader, default_collate
+
+    try:
+        n = len(ds)
+    except TypeError:
+        raise UserError(f"the {split} data set has no len(): give a map-style torch Dataset "
+                        f"(or tensors to splits_from_tensors)") from None
+    if n == 0:
+        raise UserError(f"the {split} data set is empty: give at least one sample")
+
+    def collate(batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        # Only what batching says is turned into a UserError: the data set's own errors (in its
+        # __getitem__ or transforms) pass through with their tracebacks.
+        if any(not isinstance(s, (tuple, list)) or len(s) != 2 for s in batch):
+            raise UserError(f"the {split} data set's samples are not (input, label) pairs: return two items")
+        try:
+            x, y = default_collate(batch)
+        except (TypeError, RuntimeError) as exc:
+            raise UserError(f"the {split} data set's inputs cannot be stacked ({' '.join(str(exc).split())[:200]}): "
+                            f"make them tensors of one shape (torchvision: transforms.ToTensor())") from None
+        if not isinstance(x, torch.Tensor):
+            raise UserError(f"the {split} data set's inputs are not tensors: make them tensors "
+                            f"(torchvision: transforms.ToTensor())")
+        if not isinstance(y, torch.Tensor) or y.dtype.is_floating_point or y.dim() != 1:
+            raise UserError(f"the {split} data set's labels are not integer class indices: map them to 0..K-1 "
+                            f"(torchvision: target_transform, or dataset.class_to_idx)")
+        return x, y
+
+    x_all = y_all = None
+    at = 0
+    for x, y in DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate):
+        if x_all is None:
+            x_all, y_all = x.new_empty((n, *x.shape[1:])), y.new_empty((n,))
+        if x.shape[1:] != x_all.shape[1:] or at + len(x) > n:
+            raise UserError(f"the {split} data set's inputs change shape ({tuple(x_all.shape[1:])}, then "
+                            f"{tuple(x.shape[1:])}) or outnumber its len(): make them one shape")
+        x_all[at:at + len(x)], y_all[at:at + len(y)] = x, y
+        at += len(x)
+    if at != n:
+        raise UserError(f"the {split} data set yielded {at} samples but its len() is {n}: make them agree")
+    return [x_all, y_all]
+
+
+def fit(cfg: TrainConfig | None = None, *, model: nn.Module | Callable[[], nn.Module] | None = None,
+        data: Splits | None = None, echo: bool = True, **options: Any) -> dict[str, Any]:
+    """Train `model` on `data` by `cfg` (default TrainConfig(); `options` override its fields:
+    fit(method="abs", epochs=20, out="runs/x")), as `hvd-abs train` does: alone, under
+    horovodrun, or as an elastic worker (cfg.elastic), with the same metrics.jsonl, summary.json,
+    plots.png and checkpoints in cfg.out. model: a module, or a class or function making one
+    (called on every worker after seeding with cfg.seed; rank 0's weights are broadcast);
+    default cfg.model. data: from splits_from_tensors / splits_from_datasets; default
+    cfg.dataset. echo: on rank 0, print the epoch lines (unless cfg.quiet) and the final table
+    to stderr and stdout as the CLI does. Returns the summary (complete on rank 0)."""
+    import click
+
+    from hvd_abs.commands.train import _row, format_summary
+    from hvd_abs.train import train
+
+    from hvd_abs.train import resumed_options
+
+    cfg = TrainConfig() if cfg is None else cfg
+    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise TypeError(f"fit() got unknown options {unknown}: see hvd_abs.TrainConfig for the fields")
+    if options.get("resume") is not None:
+        # fit(resume=DIR, epochs=...) continues the run as `hvd-abs train --resume DIR` does: in
+        # DIR, with the run's own options where these do not give them.
+        cfg = TrainConfig(**resumed_options({**dataclasses.asdict(cfg), **options}, lambda name: name in options))
+    else:
+        cfg = dataclasses.replace(cfg, **options)
+    defaults = TrainConfig()
+    if model is not None and cfg.model != defaults.model:
+        raise UserError(f"--model {cfg.model} names a built-in model, but fit got model=: drop one of them")
+    if data is not None and (cfg.dataset != defaults.dataset or cfg.download):
+        raise UserError(f"--dataset {cfg.dataset}{' --download' if cfg.download else ''} picks a built-in data set, "
+                        f"but fit got data=: drop one of them")
+    if data is not None:
+        _check_data(data, cfg, own_model=model is not None)
+    if model is not None and not (isinstance(model, nn.Module) or callable(model)):
+        raise UserError(f"model must be a torch.nn.Module or a function returning one, got {type(model).__name__}")
+    on_epoch = (lambda r: click.echo(_row(r), err=True)) if echo and not cfg.quiet else None
+    summary = train(cfg, on_epoch=on_epoch, model=model, data=data)
+    if echo and summary is not None and "plot" in summary:  # rank 0's final summary
+        click.echo(format_summary(summary))
+    return summary
+
+
+def _check_data(data: Any, cfg: TrainConfig, own_model: bool) -> None:
+    if not isinstance(data, Splits):
+        raise UserError(f"data must be a hvd_abs Splits, got {type(data).__name__}: make it with "
+                        f"hvd_abs.splits_from_tensors or hvd_abs.splits_from_datasets")
+    if not own_model and len(data.in_shape) != 3:
+        raise UserError(f"the built-in models take images (C, H, W), but these samples have shape {data.in_shape}: "
+                        f"pass your own model (fit(model=...))")
+    if cfg.method == "absa" and cfg.adv_ratio > 0:
+        # FGSM clamps its inputs to [0, 1] (adv_eps is on that scale): other ranges would be cut.
+        low = min(float(data.train_x.min()), float(data.test_x.min()))
+        high = max(float(data.train_x.max()), float(data.test_x.max()))
+        if low < 0 or high > 1 or not (math.isfinite(low) and math.isfinite(high)):
+            raise UserError(f"absa needs inputs in [0, 1] (FGSM's --adv-eps is on that scale), but they run from "
+                            f"{low:.4g} to {high:.4g}: scale them to [0, 1] and normalise inside the model "
+                            f"(hvd_abs.models.Normalize), or use --method abs")

@@ -1,0 +1,295 @@
+"""The library entry for your own model and data (hvd_abs/api.py), in one process, and the
+`--script` option of both launchers up to the worker they start. tests/test_elastic_horovod.py
+and tests/test_ray_elastic.py run examples/custom_model.py as a real elastic job."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+import hvd_abs
+from conftest import REPO, run_checked
+from hvd_abs.cli import main as cli
+from hvd_abs.data import load_dataset
+from hvd_abs.elastic import ray_executor
+from hvd_abs.launch_horovod import build_command
+from hvd_abs.metrics import read_metrics
+from hvd_abs.models import Normalize
+
+EXAMPLE = REPO / "examples" / "custom_model.py"
+
+
+@pytest.fixture(scope="module")
+def digits() -> hvd_abs.Splits:
+    """Real digits, as a user would hand them over: uint8-scaled tensors of their own."""
+    d = load_dataset("digits")
+    to_u8 = lambda x: (x * 255).round().to(torch.uint8)  # noqa: E731
+    return hvd_abs.splits_from_tensors(to_u8(d.train_x), d.train_y, to_u8(d.test_x), d.test_y, name="mine")
+
+
+class TinyNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def test_splits_from_tensors_scales_counts_and_describes(digits):
+    assert digits.train_x.dtype == torch.float32 and float(digits.train_x.max()) == 1.0
+    assert digits.num_classes == 10 and digits.in_shape == (1, 8, 8) and digits.name == "mine"
+    assert digits.mean[0] == pytest.approx(float(digits.train_x.mean()), rel=1e-5)
+    assert digits.std[0] == pytest.approx(float(digits.train_x.std(correction=0)), rel=1e-4)
+    # Non-image samples: statistics per feature (dim 1).
+    feats = hvd_abs.splits_from_tensors(torch.tensor([[0.0, 1.0], [2.0, 1.0]]), torch.tensor([0, 2]),
+                                        torch.zeros(1, 2), torch.tensor([1]), classes=["a", "b", "c"])
+    assert feats.mean == (1.0, 1.0) and feats.std == (1.0, 0.0) and feats.num_classes == 3
+    assert feats.in_shape == (2,) and feats.classes == ("a", "b", "c")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda a: {**a, "train_y": a["train_y"][:-1]}, "one class index per sample"),
+    (lambda a: {**a, "train_y": a["train_y"].float()}, r"integer class indices \(y.long\(\)\)"),
+    (lambda a: {**a, "test_y": a["test_y"] + 20, "classes": list("0123456789")}, r"labels must be in \[0, num_classes\)"),
+    (lambda a: {**a, "train_y": a["train_y"] - 1}, r"labels must be in \[0, num_classes\)"),
+    (lambda a: {**a, "test_x": a["test_x"][:, :, :4]}, "same sample shape"),
+    (lambda a: {**a, "train_x": a["train_x"].int()}, "float32 in \\[0, 1\\] or uint8"),
+    (lambda a: {**a, "train_x": a["train_x"].clone().index_fill_(0, torch.tensor([3]), float("nan"))}, "NaN"),
+    (lambda a: {**a, "train_x": a["train_x"].numpy()}, "torch.as_tensor"),
+    (lambda a: {**a, "test_x": a["test_x"][:0], "test_y": a["test_y"][:0]}, "N >= 1"),
+    (lambda a: {**a, "num_classes": 5}, r"labels must be in \[0, num_classes\)"),
+    (lambda a: {**a, "num_classes": 10, "classes": ["x"] * 9}, "one name per class"),
+])
+def test_splits_from_tensors_refuses_bad_input_naming_the_fix(digits, change, message):
+    good = {"train_x": digits.train_x, "train_y": digits.train_y, "test_x": digits.test_x, "test_y": digits.test_y}
+    args = change(good)
+    with pytest.raises(hvd_abs.UserError, match=message):
+        hvd_abs.splits_from_tensors(args.pop("train_x"), args.pop("train_y"), args.pop("test_x"),
+                                    args.pop("test_y"), **args)
+
+
+def test_splits_from_datasets_equals_the_tensors(digits):
+    class Named(TensorDataset):
+        classes = [str(i) for i in range(10)]
+
+    got = hvd_abs.splits_from_datasets(Named(digits.train_x, digits.train_y), TensorDataset(digits.test_x, digits.test_y),
+                                       batch_size=100)
+    assert torch.equal(got.train_x, digits.train_x) and torch.equal(got.test_y, digits.test_y)
+    assert got.classes == tuple(Named.classes) and got.mean == digits.mean
+
+    # A Subset (the usual way to hold out data) takes the classes of the data set it comes from.
+    sub = hvd_abs.splits_from_datasets(Subset(Named(digits.train_x, digits.train_y), range(100)),
+                                       TensorDataset(digits.test_x, digits.test_y))
+    assert sub.classes == tuple(Named.classes) and torch.equal(sub.train_y, digits.train_y[:100])
+
+
+class Samples(Dataset):
+    """A data set of len(items) samples; item i is items[i], or raises it if it is an exception."""
+
+    def __init__(self, *items) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        if isinstance(self.items[i], Exception):
+            raise self.items[i]
+        return self.items[i]
+
+
+@pytest.mark.parametrize("samples, message", [
+    ([(object(), 1)], r"inputs cannot be stacked .*transforms.ToTensor\(\)"),  # a PIL image, say: no ToTensor()
+    ([(torch.zeros(2), "cat")], "labels are not integer class indices"),
+    ([(torch.zeros(2), 0.5)], "labels are not integer class indices"),
+    ([(torch.zeros(2), 1, "extra")], r"not \(input, label\) pairs"),
+    ([(torch.zeros(2), 0), (torch.zeros(3), 1)], "cannot be stacked"),
+])
+def test_splits_from_datasets_refuses_samples_it_cannot_use(samples, message):
+    good = Samples((torch.zeros(2), 0))
+    with pytest.raises(hvd_abs.UserError, match=message):
+        hvd_abs.splits_from_datasets(Samples(*samples), good)
+    with pytest.raises(hvd_abs.UserError, match="map-style"):
+        hvd_abs.splits_from_datasets(iter([]), good)
+    with pytest.raises(hvd_abs.UserError, match="empty"):
+        hvd_abs.splits_from_datasets(Samples(), good)
+
+
+def test_splits_from_datasets_lets_the_data_sets_own_errors_through():
+    with pytest.raises(KeyError, match="missing file 7"):  # the user's bug, with its own traceback
+        hvd_abs.splits_from_datasets(Samples((torch.zeros(2), 0), KeyError("missing file 7")),
+                                     Samples((torch.zeros(2), 0)), batch_size=1)
+
+
+def test_normalize_works_per_channel_at_any_rank():
+    norm = Normalize([1.0, 2.0], [2.0, 4.0])
+    assert torch.equal(norm(torch.tensor([[3.0, 6.0]])), torch.tensor([[1.0, 1.0]]))  # (N, C)
+    assert norm(torch.ones(5, 2, 7)).shape == (5, 2, 7)  # (N, C, L)
+    assert torch.equal(norm(torch.full((1, 2, 3, 3), 2.0))[0, :, 0, 0], torch.tensor([0.5, 0.0]))
+
+
+def test_fit_trains_your_model_on_your_data_and_resumes(digits, tmp_path, capsys):
+    common = dict(method="abs", epochs=3, base_batch=32, max_batch=128, duration=1, eig_samples=256, seed=3, quiet=True,
+                  checkpoint_every=1)
+    summary = hvd_abs.fit(model=TinyNet, data=digits, out=str(tmp_path / "a"), **common)
+    assert summary["dataset"] == "mine" and summary["model"] == "TinyNet" and summary["final_test_acc"] > 0.5
+    assert [g["new_batch"] for g in summary["growths"]] == [64]  # grew (--duration 1), as hvd-abs train does
+    assert "method abs on mine (TinyNet)" in capsys.readouterr().out  # the CLI's final table
+    # The factory is called after seeding: the same seed, the same run.
+    again = hvd_abs.fit(model=lambda: TinyNet(), data=digits, out=str(tmp_path / "b"), echo=False, **common)
+    assert again["final_test_acc"] == summary["final_test_acc"] and again["updates"] == summary["updates"]
+    assert capsys.readouterr().out == ""
+    # A module instance is trained in place.
+    net = TinyNet()
+    before = [p.detach().clone() for p in net.parameters()]
+    hvd_abs.fit(model=net, data=digits, out=str(tmp_path / "c"), echo=False, **{**common, "epochs": 1})
+    assert any(not torch.equal(a, p) for a, p in zip(before, net.parameters()))
+    # Resumed with your model: in its own folder, with its own options (abs, base batch 32, ...),
+    # from fit's keywords as from a script's --resume.
+    more = hvd_abs.fit(model=TinyNet, data=digits, resume=str(tmp_path / "a"), epochs=4, echo=False)
+    assert more["resumed_from"].endswith(f"ckpt-{summary['updates']:06d}.pt") and more["updates"] > summary["updates"]
+    cfg, _ = hvd_abs.parse_train_args(["--resume", str(tmp_path / "a"), "--epochs", "5"])
+    hvd_abs.fit(cfg, model=TinyNet, data=digits, echo=False)
+    epochs, _ = read_metrics(tmp_path / "a")
+    assert [e["epoch"] for e in epochs] == [1, 2, 3, 4, 5] and {e["global_batch"] for e in epochs} == {32, 64, 128}
+    with pytest.raises(hvd_abs.UserError, match="--method sgd .the run has abs."):
+        hvd_abs.fit(model=TinyNet, data=digits, resume=str(tmp_path / "a"), epochs=6, method="sgd")
+
+
+def test_fit_refuses_what_it_cannot_train(digits, tmp_path):
+    out = str(tmp_path / "x")
+    shifted = hvd_abs.splits_from_tensors(digits.train_x - 0.5, digits.train_y, digits.test_x, digits.test_y)
+    with pytest.raises(hvd_abs.UserError, match=r"absa needs inputs in \[0, 1\].*hvd_abs.models.Normalize"):
+        hvd_abs.fit(model=TinyNet, data=shifted, method="absa", out=out)
+    with pytest.raises(hvd_abs.UserError, match="splits_from_tensors"):
+        hvd_abs.fit(model=TinyNet, data=(digits.train_x, digits.train_y), out=out)
+    flat = hvd_abs.splits_from_tensors(digits.train_x.flatten(1), digits.train_y, digits.test_x.flatten(1), digits.test_y)
+    with pytest.raises(hvd_abs.UserError, match=r"pass your own model \(fit\(model=...\)\)"):
+        hvd_abs.fit(data=flat, method="sgd", out=out)
+    with pytest.raises(hvd_abs.UserError, match="a function returning one"):
+        hvd_abs.fit(model="resnet20", data=digits, out=out)
+    with pytest.raises(hvd_abs.UserError, match="model= made a str, not a torch.nn.Module"):
+        hvd_abs.fit(model=lambda: "resnet20", data=digits, out=out)
+    # Options that pick built-in models and data, given with your own: one of them must go.
+    for argv, says in ((["--model", "mlp"], "--model mlp names a built-in model"),
+                       (["--dataset", "cifar10"], "--dataset cifar10 picks a built-in data set"),
+                       (["--download"], "--dataset digits --download picks a built-in data set")):
+        cfg, _ = hvd_abs.parse_train_args([*argv, "--out", out])
+        with pytest.raises(hvd_abs.UserError, match=says):
+            hvd_abs.fit(cfg, model=TinyNet, data=digits)
+    with pytest.raises(TypeError, match="unknown options"):
+        hvd_abs.fit(model=TinyNet, data=digits, out=out, epoch=3)
+    with pytest.raises(hvd_abs.UserError, match="--epochs must be a positive integer"):
+        hvd_abs.fit(model=TinyNet, data=digits, out=out, epochs=0)
+    assert not Path(out).exists()  # nothing written for a refused run
+
+
+def test_parse_train_args_reads_train_options_and_returns_the_rest(tmp_path, capsys):
+    cfg, rest = hvd_abs.parse_train_args(["--method", "sgd", "--width", "8", "--elastic", "--max-np", "2",
+                                          "--out", str(tmp_path), "--flag"])
+    assert (cfg.method, cfg.elastic, cfg.max_np, cfg.out) == ("sgd", True, 2, str(tmp_path))
+    assert rest == ["--width", "8", "--flag"]
+    with pytest.raises(SystemExit) as exc:
+        hvd_abs.parse_train_args(["--epochs", "many"])
+    assert exc.value.code == 2 and "'many' is not a valid integer" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        hvd_abs.parse_train_args(["--resume", str(tmp_path / "none")])
+    assert exc.value.code == 2 and capsys.readouterr().err.startswith("Error: --resume")
+    # A near miss of a train option would reach the script's parser (argparse even takes
+    # abbreviations) while the train option kept its default.
+    with pytest.raises(SystemExit) as exc:
+        hvd_abs.parse_train_args(["--epoch", "3", "--width", "4"])
+    assert exc.value.code == 2 and "--epoch is not an option of hvd-abs train: did you mean --epochs?" in \
+        capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        hvd_abs.parse_train_args(["--help"], prog="mine.py")
+    assert exc.value.code == 0 and "Usage: mine.py [OPTIONS]" in capsys.readouterr().out
+
+
+def test_the_example_script_runs_alone_and_refuses_bad_input_in_one_line(tmp_path):
+    out = tmp_path / "run"
+    proc = run_checked([sys.executable, str(EXAMPLE), "--method", "absa", "--epochs", "2", "--base-batch", "64",
+                        "--eig-samples", "128", "--threads", "1", "--quiet", "--width", "4", "--out", str(out)], timeout=120)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"] == "SmallNet" and summary["dataset"] == "digits-custom" and summary["epochs"] == 2
+    assert "method absa on digits-custom (SmallNet)" in proc.stdout
+    import subprocess
+
+    for bad, says in ((["--epochs", "0"], "Error: --epochs must be a positive integer"),
+                      (["--width", "x"], "argument --width: invalid int value"),
+                      (["--out", str(out)], f"Error: --out {out} already holds a run")):
+        p = subprocess.run([sys.executable, str(EXAMPLE), *bad], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2 and says in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_launch_horovod_runs_a_script_as_the_workers(tmp_path):
+    cmd = build_command(["--out", str(tmp_path), "--width", "4"], min_np=1, max_np=3, script="examples/custom_model.py")
+    worker = cmd[cmd.index("--blacklist-cooldown-range") + 3:]
+    assert worker == [sys.executable, str(Path("examples/custom_model.py").resolve()), "--elastic", "--max-np", "3",
+                      "--out", str(tmp_path), "--width", "4"]
+    runner = CliRunner()
+    ok = runner.invoke(cli, ["launch", "horovod", "--dry-run", "--script", str(EXAMPLE), "--",
+                             "--out", str(tmp_path / "r"), "--width", "4"])
+    assert ok.exit_code == 0 and f"{EXAMPLE} --elastic --max-np 4 --out" in ok.output, ok.output
+    for args, says in (
+            (["--warm", "1", "--script", str(EXAMPLE)], "cannot pre-start a --script"),
+            (["--script", str(REPO / "README.md")], "give a Python file (.py)"),
+            (["--script", str(tmp_path / "missing.py")], "does not exist"),
+            (["--script", str(EXAMPLE), "--", "--epochs", "0"], "--epochs must be a positive integer"),
+            (["--script", str(EXAMPLE), "--", "--max-np", "2"], "--max-np among the train options"),
+            (["--script", str(EXAMPLE), "--", "--seeds", "2"], "did you mean --seed?"),
+            (["--script", str(EXAMPLE), "--", "--width", "4", "--"], "a second `--` among the train options")):
+        if "--" not in args:
+            args = [*args, "--"]
+        bad = runner.invoke(cli, ["launch", "horovod", "--dry-run", *args, "--out", str(tmp_path / "r")])
+        assert bad.exit_code == 2 and says in bad.output and "Traceback" not in bad.output, bad.output
+
+
+def test_launch_ray_runs_a_script_in_the_actors(tmp_path, monkeypatch):
+    seen: dict = {}
+
+    class Recorder:  # stands in for the executor: this test is about what the actors are given
+        def __init__(self, **kwargs: object) -> None: ...
+
+        def start(self) -> None: ...
+
+        def run(self, fn: object, args: tuple, *, warmup: object) -> list:
+            seen["fn"], seen["args"], seen["warmup"] = fn, args, warmup
+            return []
+
+        def shutdown(self) -> None: ...
+
+    monkeypatch.setattr(ray_executor, "RayElasticExecutor", Recorder)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "job.py").write_text("")
+    result = CliRunner().invoke(cli, ["launch", "ray", "--address", "local", "--max-workers", "2", "--script", "job.py",
+                                      "--", "--out=runs/x", "--width", "4"])
+    assert result.exit_code == 0, result.output
+    assert seen["fn"] is ray_executor.script_worker and seen["warmup"] is ray_executor.warm_script_worker
+    assert seen["args"] == (str(tmp_path / "job.py"), str(tmp_path),
+                            ["--elastic", "--max-np", "2", f"--out={tmp_path / 'runs' / 'x'}", "--width", "4"])
+
+
+def test_script_worker_runs_the_script_as_main_from_the_launch_directory(tmp_path):
+    script = tmp_path / "code" / "job.py"
+    script.parent.mkdir()
+    (script.parent / "helper.py").write_text("VALUE = 7\n")
+    script.write_text("import json, os, sys\nimport helper\nif __name__ == '__main__':\n"
+                      "    json.dump({'argv': sys.argv[1:], 'cwd': os.getcwd(), 'value': helper.VALUE},"
+                      " open('seen.json', 'w'))\n    sys.exit(int(sys.argv[1]))\n")
+    argv, cwd, path = list(sys.argv), os.getcwd(), list(sys.path)
+    ray_executor.script_worker(str(script), str(tmp_path), ["0", "--out", "x"])
+    assert json.loads((tmp_path / "seen.json").read_text()) == {"argv": ["0", "--out", "x"], "cwd": str(tmp_path),
+                                                               "value": 7}
+    with pytest.raises(RuntimeError, match="exited with 3"):
+        ray_executor.script_worker(str(script), str(tmp_path), ["3"])
+    assert (sys.argv, os.getcwd(), sys.path) == (argv, cwd, path)
+    sys.modules.pop("helper", None)
