@@ -3,7 +3,8 @@
     import hvd_abs
 
     cfg, rest = hvd_abs.parse_train_args()       # every `hvd-abs train` option, from sys.argv
-    data = hvd_abs.splits_from_tensors(train_x, train_y, test_x, test_y)   # or splits_from_datasets
+    data = hvd_abs.splits_from_tensors(train_x, train_y, test_x, test_y)   # or splits_from_datasets,
+                                                                          # or hvd_abs.load_dataset
     summary = hvd_abs.fit(cfg, model=MyNet, data=data)   # MyNet() is built on every worker
 
 The same script runs as one process, under `horovodrun -np N` (a fixed world), and as every worker

@@ -17,7 +17,6 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 import hvd_abs
 from conftest import REPO, run_checked
 from hvd_abs.cli import main as cli
-from hvd_abs.data import load_dataset
 from hvd_abs.elastic import ray_executor
 from hvd_abs.launch_horovod import build_command
 from hvd_abs.metrics import read_metrics
@@ -29,7 +28,7 @@ EXAMPLE = REPO / "examples" / "custom_model.py"
 @pytest.fixture(scope="module")
 def digits() -> hvd_abs.Splits:
     """Real digits, as a user would hand them over: uint8-scaled tensors of their own."""
-    d = load_dataset("digits")
+    d = hvd_abs.load_dataset("digits")
     to_u8 = lambda x: (x * 255).round().to(torch.uint8)  # noqa: E731
     return hvd_abs.splits_from_tensors(to_u8(d.train_x), d.train_y, to_u8(d.test_x), d.test_y, name="mine")
 
