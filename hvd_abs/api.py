@@ -16,6 +16,7 @@ the script's main turns it into one line and exit code 2, as the CLI does.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import sys
@@ -41,8 +42,12 @@ def parse_train_args(argv: Sequence[str] | None = None, prog: str | None = None)
 
     args = list(sys.argv[1:] if argv is None else argv)
     name = prog or Path(sys.argv[0]).name or "train"
+    script_command = copy.copy(command)  # hvd-abs train's options, with a script's own --help text
+    script_command.help = (f"Train with hvd_abs.fit (fixed batch sgd, adaptive abs/absa): {name} takes every option of "
+                           f"`hvd-abs train`, listed here, and its own.")
+    script_command.epilog = "The script's own options are not listed here (a script that parses them with argparse lists them with -h)."
     try:
-        ctx = command.make_context(name, args, ignore_unknown_options=True, allow_extra_args=True)
+        ctx = script_command.make_context(name, args, ignore_unknown_options=True, allow_extra_args=True)
         check_script_extras(ctx.args)
         cfg = config_from_options(ctx.params, ctx)
         cfg.validate()  # (again when training starts) a bad value is said before the script loads its data
@@ -181,7 +186,7 @@ def fit(cfg: TrainConfig | None = None, *, model: nn.Module | Callable[[], nn.Mo
     to stderr and stdout as the CLI does. Returns the summary (complete on rank 0)."""
     import click
 
-    from hvd_abs.commands.train import _row, format_summary
+    from hvd_abs.commands.train import epoch_line, format_summary
     from hvd_abs.train import train
 
     from hvd_abs.train import resumed_options
@@ -206,7 +211,7 @@ def fit(cfg: TrainConfig | None = None, *, model: nn.Module | Callable[[], nn.Mo
         _check_data(data, cfg, own_model=model is not None)
     if model is not None and not (isinstance(model, nn.Module) or callable(model)):
         raise UserError(f"model must be a torch.nn.Module or a function returning one, got {type(model).__name__}")
-    on_epoch = (lambda r: click.echo(_row(r), err=True)) if echo and not cfg.quiet else None
+    on_epoch = (lambda r: click.echo(epoch_line(r), err=True)) if echo and not cfg.quiet else None
     summary = train(cfg, on_epoch=on_epoch, model=model, data=data)
     if echo and summary is not None and "plot" in summary:  # rank 0's final summary
         click.echo(format_summary(summary))

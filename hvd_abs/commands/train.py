@@ -93,7 +93,7 @@ def command(**options) -> None:
 
     def on_epoch(r: dict) -> None:
         if not quiet:
-            click.echo(_row(r), err=True)
+            click.echo(epoch_line(r), err=True)
 
     summary = train(cfg, on_epoch=on_epoch)
     if summary is None or "plot" not in summary:  # ranks other than 0 print nothing
@@ -200,7 +200,8 @@ def _acc(v) -> str:
     return "-" if v is None else f"{v:.4f}"  # 1.0000, not "1"
 
 
-def _row(r: dict) -> str:
+def epoch_line(r: dict) -> str:
+    """An epoch's metrics as the one line `hvd-abs train` (and hvd_abs.fit) prints per epoch."""
     return "  ".join(f"{c}={_fmt(r.get(c))}" for c in _COLUMNS)
 
 
