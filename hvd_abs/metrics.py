@@ -47,6 +47,7 @@ class MetricsWriter:
         self.epochs: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []
         self._fh = None
+        self._closed = False
         # A rolled-back elastic job, or a resumed one, redoes epochs whose lines are already in
         # the file: such a line (and its growth/checkpoint events) is written once, not again.
         self._last_epoch = 0
@@ -65,9 +66,12 @@ class MetricsWriter:
                     elif line["event"] in _ONCE_EVENTS:
                         self._seen_events.add((line["event"], line.get("updates")))
                 _end_last_line(path)
-            self._fh = open(path, "a", encoding="utf-8")
 
     def _write(self, record: dict[str, Any]) -> None:
+        if self.enabled and self._fh is None and not self._closed:
+            # Opened at the first line, not before: a run that fails before it has anything to
+            # record leaves no metrics.jsonl, which would mark its --out as holding a run.
+            self._fh = open(self.out_dir / METRICS_FILE, "a", encoding="utf-8")
         if self._fh is not None:
             self._fh.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
             self._fh.flush()
@@ -106,7 +110,8 @@ class MetricsWriter:
         os.replace(tmp, self.out_dir / SUMMARY_FILE)
 
     def close(self) -> None:
-        """Close the file (idempotent)."""
+        """Close the file (idempotent); later lines are not written."""
+        self._closed = True
         if self._fh is not None:
             self._fh.close()
             self._fh = None

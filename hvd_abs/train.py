@@ -353,6 +353,33 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
+def _check_model_fits(model: nn.Module, data: Any, device: torch.device) -> None:
+    """A caller's own model, run once in eval mode without gradients on two training samples: one
+    that fails on the data's inputs, or gives other than one logit per class, is refused here,
+    before anything is written (and lazy modules take their shapes before the optimizer is made).
+    Raises UserError naming the shapes."""
+    x = data.train_x[:2].to(device)
+    want = (len(x), int(data.num_classes))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except Exception as exc:  # the model's own error, told with the shapes that caused it
+        hint = ""
+        if x.dim() == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
+            hint = " The inputs look channels-last (N, H, W, C): give x.permute(0, 3, 1, 2)."
+        raise UserError(f"the model fails on a batch of inputs shaped {tuple(x.shape)} ({type(exc).__name__}: "
+                        f"{' '.join(str(exc).split())[:240]}): make the model take the data's (N, C, H, W) "
+                        f"inputs.{hint}") from None
+    finally:
+        model.train(was_training)
+    shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    if shape != want:
+        raise UserError(f"the model gives {shape} for a batch of {want[0]}: it must give {want} logits, one per "
+                        f"class of the data ({want[1]} classes)")
+
+
 class Trainer:
     """One training job (see the module docstring). `comm` defaults to one process."""
 
@@ -382,6 +409,7 @@ class Trainer:
             # Only full batches are taken: this run would make no update at all.
             raise UserError(f"--batch {cfg.initial_batch} exceeds the {n_train} training samples: pass a "
                             f"smaller --batch (or a larger --train-subset)")
+        own_model = model is not None
         if model is None:
             from hvd_abs.models import build_model
 
@@ -399,6 +427,8 @@ class Trainer:
                 model = made
             self.model_name = type(model).__name__
         self.model = model.to(self.device)
+        if own_model:
+            _check_model_fits(self.model, self.data, self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.SGD(self.params, lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)

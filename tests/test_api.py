@@ -184,11 +184,40 @@ def test_fit_refuses_what_it_cannot_train(digits, tmp_path):
         cfg, _ = hvd_abs.parse_train_args([*argv, "--out", out])
         with pytest.raises(hvd_abs.UserError, match=says):
             hvd_abs.fit(cfg, model=TinyNet, data=digits)
+    # A model that does not fit the data is refused before the run starts, with the shapes.
+    hwc = hvd_abs.splits_from_tensors(digits.train_x.repeat(1, 3, 1, 1).permute(0, 2, 3, 1), digits.train_y,
+                                      digits.test_x.repeat(1, 3, 1, 1).permute(0, 2, 3, 1), digits.test_y)
+    conv = lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(10))  # noqa: E731
+    with pytest.raises(hvd_abs.UserError, match=r"shaped \(2, 8, 8, 3\).*channels-last.*permute\(0, 3, 1, 2\)"):
+        hvd_abs.fit(model=conv, data=hwc, out=out)
+    with pytest.raises(hvd_abs.UserError, match=r"gives \(2, 5\) for a batch of 2: it must give \(2, 10\) logits"):
+        hvd_abs.fit(model=lambda: nn.Sequential(nn.Flatten(), nn.Linear(64, 5)), data=digits, out=out)
     with pytest.raises(TypeError, match="unknown options"):
         hvd_abs.fit(model=TinyNet, data=digits, out=out, epoch=3)
     with pytest.raises(hvd_abs.UserError, match="--epochs must be a positive integer"):
         hvd_abs.fit(model=TinyNet, data=digits, out=out, epochs=0)
     assert not Path(out).exists()  # nothing written for a refused run
+
+
+def test_a_lazy_model_trains_and_a_run_that_fails_early_leaves_no_run_behind(digits, tmp_path):
+    # Lazy modules take their shapes from the check's forward (before the optimizer and any
+    # broadcast of the weights).
+    lazy = hvd_abs.fit(model=lambda: nn.Sequential(nn.Flatten(), nn.LazyLinear(10)), data=digits, method="sgd",
+                       epochs=1, base_batch=64, out=str(tmp_path / "lazy"), quiet=True, echo=False)
+    assert lazy["final_test_acc"] > 0.5
+
+    class BreaksInTraining(TinyNet):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.training:
+                raise RuntimeError("a bug in training mode")
+            return super().forward(x)
+
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="a bug in training mode"):
+        hvd_abs.fit(model=BreaksInTraining, data=digits, method="sgd", epochs=1, out=str(out), echo=False)
+    assert not (out / "metrics.jsonl").exists()  # nothing recorded: the fixed rerun needs no --overwrite
+    again = hvd_abs.fit(model=TinyNet, data=digits, method="sgd", epochs=1, out=str(out), quiet=True, echo=False)
+    assert again["epochs"] == 1
 
 
 def test_parse_train_args_reads_train_options_and_returns_the_rest(tmp_path, capsys):
