@@ -6,7 +6,8 @@
     hvd-abs launch ray --address local --max-workers 2 --script examples/custom_model.py -- --out runs/custom4
 
 Every `hvd-abs train` option works (--method, --epochs, --batch, --max-batch, --lr, --resume, ...);
-the script's own options (here --width) come back from parse_train_args for its own parser.
+the script's own options (here --width) are parsed by its own argparse parser, handed to
+parse_train_args, which refuses a clash with a train option and lists both in --help.
 The data: scikit-learn's bundled 8x8 handwritten digits (offline), standing in for yours.
 """
 import argparse
@@ -48,12 +49,10 @@ def load_digits() -> hvd_abs.Splits:
 
 @hvd_abs.user_errors_exit_2
 def main() -> None:
-    cfg, rest = hvd_abs.parse_train_args()
     # allow_abbrev=False: an abbreviation must not pass for one of these options.
-    parser = argparse.ArgumentParser(description="the script's own options (the rest are hvd-abs train's)",
-                                     allow_abbrev=False)
-    parser.add_argument("--width", type=int, default=16)
-    own = parser.parse_args(rest)
+    parser = argparse.ArgumentParser(allow_abbrev=False)
+    parser.add_argument("--width", type=int, default=16, help="channels of each convolution")
+    cfg, own = hvd_abs.parse_train_args(parser=parser)  # every `hvd-abs train` option, and --width
     data = load_digits()
     hvd_abs.fit(cfg, model=lambda: SmallNet(data.mean, data.std, own.width, data.num_classes), data=data)
 

@@ -16,6 +16,7 @@ the script's main turns it into one line and exit code 2, as the CLI does.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import math
@@ -31,11 +32,14 @@ from hvd_abs.errors import UserError
 from hvd_abs.train import TrainConfig
 
 
-def parse_train_args(argv: Sequence[str] | None = None, prog: str | None = None) -> tuple[TrainConfig, list[str]]:
-    """(TrainConfig, the arguments it did not know) from `hvd-abs train`'s options in `argv`
-    (default: sys.argv[1:]), defaults and `--resume`'s saved options filled in, and validated, as
-    the CLI does. A bad value prints click's one-line message and exits 2; `--help` prints the options and
-    exits 0: this is a script's command line, not a library call."""
+def parse_train_args(argv: Sequence[str] | None = None, prog: str | None = None,
+                     parser: argparse.ArgumentParser | None = None) -> tuple[TrainConfig, Any]:
+    """(TrainConfig, the rest) from `hvd-abs train`'s options in `argv` (default sys.argv[1:]),
+    defaults and `--resume`'s saved options filled in, and validated, as the CLI does. The rest:
+    the arguments it did not know (a list), or with `parser` (the script's own argparse parser)
+    their parse (a Namespace): then an option of that parser that is also a train option is
+    refused, and `--help` lists both. A bad value prints one line and exits 2; `--help` exits 0:
+    this is a script's command line, not a library call."""
     import click
 
     from hvd_abs.commands.train import check_script_extras, command, config_from_options
@@ -45,14 +49,23 @@ def parse_train_args(argv: Sequence[str] | None = None, prog: str | None = None)
     script_command = copy.copy(command)  # hvd-abs train's options, with a script's own --help text
     script_command.help = (f"Train with hvd_abs.fit (fixed batch sgd, adaptive abs/absa): {name} takes every option of "
                            f"`hvd-abs train`, listed here, and its own.")
-    script_command.epilog = "The script's own options are not listed here (a script that parses them with argparse lists them with -h)."
+    if parser is None:
+        script_command.epilog = ("The script's own options are not listed here (a script that parses them with "
+                                 "argparse lists them with -h).")
+    train_names = {o for p in command.params for o in p.opts}
+    own = set(parser._option_string_actions) - {"-h", "--help"} if parser is not None else set()
     try:
+        clash = sorted(own & train_names)
+        if clash:
+            raise UserError(f"the script's own option {clash[0]} is also an option of hvd-abs train (the script "
+                            f"reads it as cfg.{clash[0].lstrip('-').replace('-', '_')}): rename its own")
         ctx = script_command.make_context(name, args, ignore_unknown_options=True, allow_extra_args=True)
-        check_script_extras(ctx.args)
+        check_script_extras([a for a in ctx.args if a.split("=", 1)[0] not in own])
         cfg = config_from_options(ctx.params, ctx)
         cfg.validate()  # (again when training starts) a bad value is said before the script loads its data
-        return cfg, list(ctx.args)
-    except click.exceptions.Exit as exc:  # --help
+    except click.exceptions.Exit as exc:  # --help: then the script's own options
+        if parser is not None:
+            click.echo(f"\nOptions of {name} itself:\n" + parser.format_help().split("\n", 1)[1].lstrip("\n"))
         raise SystemExit(exc.exit_code) from None
     except click.ClickException as exc:
         exc.show()
@@ -60,6 +73,7 @@ def parse_train_args(argv: Sequence[str] | None = None, prog: str | None = None)
     except UserError as exc:
         click.echo(f"Error: {' '.join(str(exc).split())}", err=True)
         raise SystemExit(2) from None
+    return cfg, (list(ctx.args) if parser is None else parser.parse_args(ctx.args))
 
 
 def splits_from_tensors(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,

@@ -237,6 +237,22 @@ def test_parse_train_args_reads_train_options_and_returns_the_rest(tmp_path, cap
         hvd_abs.parse_train_args(["--epoch", "3", "--width", "4"])
     assert exc.value.code == 2 and "--epoch is not an option of hvd-abs train: did you mean --epochs?" in \
         capsys.readouterr().err
+    # With the script's own parser: its parse comes back; a clash with a train option is refused
+    # (the train option would take the value); a near miss that is its own option is its own.
+    import argparse
+
+    own = argparse.ArgumentParser(allow_abbrev=False)
+    own.add_argument("--width", type=int, default=16, help="conv channels")
+    own.add_argument("--seeds", type=int, default=1)
+    cfg, ns = hvd_abs.parse_train_args(["--width", "8", "--seeds", "3", "--lr", "0.5"], parser=own)
+    assert (ns.width, ns.seeds, cfg.lr) == (8, 3, 0.5)
+    own.add_argument("--lr", type=float)
+    with pytest.raises(SystemExit) as exc:
+        hvd_abs.parse_train_args(["--lr", "0.5"], parser=own)
+    assert exc.value.code == 2 and "own option --lr is also an option of hvd-abs train" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        hvd_abs.parse_train_args(["--help"], prog="mine.py", parser=argparse.ArgumentParser(add_help=False))
+    assert exc.value.code == 0 and "Options of mine.py itself" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exc:
         hvd_abs.parse_train_args(["--help"], prog="mine.py")
     text = " ".join(capsys.readouterr().out.split())  # (click wraps the lines)
