@@ -42,6 +42,7 @@ def parse_train_args(argv: Sequence[str] | None = None, prog: str | None = None,
     this is a script's command line, not a library call."""
     import click
 
+    from hvd_abs.commands._errors import exit_2
     from hvd_abs.commands.train import check_script_extras, command, config_from_options
 
     args = list(sys.argv[1:] if argv is None else argv)
@@ -68,11 +69,9 @@ def parse_train_args(argv: Sequence[str] | None = None, prog: str | None = None,
             click.echo(f"\nOptions of {name} itself:\n" + parser.format_help().split("\n", 1)[1].lstrip("\n"))
         raise SystemExit(exc.exit_code) from None
     except click.ClickException as exc:
-        exc.show()
-        raise SystemExit(exc.exit_code) from None
+        exit_2(exc.format_message())
     except UserError as exc:
-        click.echo(f"Error: {' '.join(str(exc).split())}", err=True)
-        raise SystemExit(2) from None
+        exit_2(str(exc))
     return cfg, (list(ctx.args) if parser is None else parser.parse_args(ctx.args))
 
 
@@ -147,6 +146,9 @@ def _read_dataset(split: str, ds: Any, batch_size: int, num_workers: int) -> lis
     batches and their concatenation: that would hold the data set twice)."""
     from torch.utils.data import DataLoader, default_collate
 
+    if isinstance(ds, DataLoader):
+        raise UserError(f"the {split} data set is a DataLoader: pass its Dataset (loader.dataset); the samples are "
+                        f"read once, in order")
     try:
         n = len(ds)
     except TypeError:

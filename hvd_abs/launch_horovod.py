@@ -68,9 +68,10 @@ def build_command(train_args: list[str], *, min_np: int, max_np: int, hostfile: 
 # optional timestamp (horovodrun --prefix-output-with-timestamp).
 _WORKER_LINE = re.compile(rb"^[^\[\n]*\[\d+\]<std(?:out|err)>:")
 _TRACEBACK = b"Traceback (most recent call last):"
+_WORKER_REFUSAL = re.compile(rb"^[^\[\n]*\[\d+\]<stderr>:(Error: .*)")  # hvd_abs.commands._errors.exit_2
 
 
-def run_horovodrun(cmd: list[str], held: list[str] | None = None) -> int:
+def run_horovodrun(cmd: list[str], held: list[str] | None = None, refusals: list[str] | None = None) -> int:
     """Run horovodrun `cmd`; returns its exit code. Its stderr passes through this process line
     by line (a carriage return ends a line too, for progress bars), except horovodrun's own
     traceback: from an unprefixed `Traceback (most recent call last):` on, its unprefixed lines
@@ -78,7 +79,8 @@ def run_horovodrun(cmd: list[str], held: list[str] | None = None) -> int:
     (`[RANK]<stderr>:`) still pass. (A driver thread's traceback earlier on only delays the
     driver's later lines to the end, where the caller prints them.) Its stdout is not touched.
     horovodrun ends with that traceback whenever a worker process exited non-zero, also when the
-    job itself finished (see commands/launch.py `job_outcome`)."""
+    job itself finished (see commands/launch.py `job_outcome`). refusals: gets each worker line
+    `Error: ...` (a worker refusing its input, exit 2), without the prefix."""
     import os
     import subprocess
 
@@ -97,6 +99,9 @@ def run_horovodrun(cmd: list[str], held: list[str] | None = None) -> int:
                 for line in lines:
                     if not line:
                         continue
+                    refusal = _WORKER_REFUSAL.match(line)
+                    if refusal and refusals is not None:
+                        refusals.append(refusal.group(1).decode(errors="replace").strip())
                     holding = holding or line.startswith(_TRACEBACK)
                     if holding and not _WORKER_LINE.match(line):
                         held.append(line.decode(errors="replace"))
@@ -118,10 +123,11 @@ def run_horovodrun(cmd: list[str], held: list[str] | None = None) -> int:
 
 
 def run_with_standbys(cmd: list[str], train_args: list[str], max_np: int, keep: int,
-                      python: str | None = None, held: list[str] | None = None) -> int:
+                      python: str | None = None, held: list[str] | None = None,
+                      refusals: list[str] | None = None) -> int:
     """Run horovodrun `cmd` while keeping `keep` warm standbys ready on this host (replacing each
     one a joining slot claims, up to max_np standbys in all); returns horovodrun's exit code.
-    held: as for run_horovodrun."""
+    held, refusals: as for run_horovodrun."""
     import subprocess
     import threading
 
@@ -145,7 +151,7 @@ def run_with_standbys(cmd: list[str], train_args: list[str], max_np: int, keep: 
     thread = threading.Thread(target=supervise, daemon=True, name="hvd_abs-standbys")
     thread.start()
     try:
-        return run_horovodrun(cmd, held)
+        return run_horovodrun(cmd, held, refusals)
     finally:
         done.set()
         thread.join()

@@ -353,6 +353,19 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
+def _check_no_arguments_needed(factory: Callable[..., Any]) -> None:
+    """Refuse a model factory that cannot be called as factory() (UserError naming the fix)."""
+    import inspect
+
+    try:
+        inspect.signature(factory).bind()
+    except TypeError as exc:
+        raise UserError(f"model= is called with no arguments, but {getattr(factory, '__name__', 'it')} needs some "
+                        f"({exc}): pass e.g. model=lambda: MyNet(width=16)") from None
+    except ValueError:  # no signature to read (some builtins): calling it will tell
+        pass
+
+
 def _check_model_fits(model: nn.Module, data: Any, device: torch.device) -> None:
     """A caller's own model, run once in eval mode without gradients on two training samples: one
     that fails on the data's inputs, or gives other than one logit per class, is refused here,
@@ -419,6 +432,7 @@ class Trainer:
             self.model_name = name
         else:
             if not isinstance(model, nn.Module):  # a factory: seeded like the built-in models
+                _check_no_arguments_needed(model)
                 torch.manual_seed(cfg.seed)
                 made = model()
                 if not isinstance(made, nn.Module):

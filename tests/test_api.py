@@ -12,7 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from torch import nn
-from torch.utils.data import Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 import hvd_abs
 from conftest import REPO, run_checked
@@ -118,6 +118,8 @@ def test_splits_from_datasets_refuses_samples_it_cannot_use(samples, message):
         hvd_abs.splits_from_datasets(Samples(*samples), good)
     with pytest.raises(hvd_abs.UserError, match="map-style"):
         hvd_abs.splits_from_datasets(iter([]), good)
+    with pytest.raises(hvd_abs.UserError, match=r"a DataLoader: pass its Dataset \(loader.dataset\)"):
+        hvd_abs.splits_from_datasets(DataLoader(good), good)
     with pytest.raises(hvd_abs.UserError, match="empty"):
         hvd_abs.splits_from_datasets(Samples(), good)
 
@@ -175,6 +177,12 @@ def test_fit_refuses_what_it_cannot_train(digits, tmp_path):
         hvd_abs.fit(data=flat, method="sgd", out=out)
     with pytest.raises(hvd_abs.UserError, match="a function returning one"):
         hvd_abs.fit(model="resnet20", data=digits, out=out)
+    class Needs(TinyNet):
+        def __init__(self, width: int) -> None:
+            super().__init__()
+
+    with pytest.raises(hvd_abs.UserError, match=r"Needs needs some .*model=lambda: MyNet\(width=16\)"):
+        hvd_abs.fit(model=Needs, data=digits, out=out)
     with pytest.raises(hvd_abs.UserError, match="model= made a str, not a torch.nn.Module"):
         hvd_abs.fit(model=lambda: "resnet20", data=digits, out=out)
     # Options that pick built-in models and data, given with your own: one of them must go.
@@ -276,6 +284,15 @@ def test_the_example_script_runs_alone_and_refuses_bad_input_in_one_line(tmp_pat
         assert p.returncode == 2 and says in p.stderr and "Traceback" not in p.stderr, p.stderr
 
 
+def test_ctrl_c_in_a_script_is_one_line_not_a_traceback(tmp_path):
+    import subprocess
+
+    script = tmp_path / "stop.py"
+    script.write_text("import hvd_abs\n@hvd_abs.user_errors_exit_2\ndef main():\n    raise KeyboardInterrupt\nmain()\n")
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert (p.returncode, p.stderr) == (130, "Aborted!\n")
+
+
 def test_launch_horovod_runs_a_script_as_the_workers(tmp_path):
     cmd = build_command(["--out", str(tmp_path), "--width", "4"], min_np=1, max_np=3, script="examples/custom_model.py")
     worker = cmd[cmd.index("--blacklist-cooldown-range") + 3:]
@@ -339,3 +356,32 @@ def test_script_worker_runs_the_script_as_main_from_the_launch_directory(tmp_pat
         ray_executor.script_worker(str(script), str(tmp_path), ["3"])
     assert (sys.argv, os.getcwd(), sys.path) == (argv, cwd, path)
     sys.modules.pop("helper", None)
+
+
+BAD_LABELS = """
+import torch, hvd_abs
+@hvd_abs.user_errors_exit_2
+def main():
+    cfg, rest = hvd_abs.parse_train_args()
+    hvd_abs.splits_from_tensors(torch.zeros(4, 1, 2, 2), torch.tensor([0.0, 1, 0, 1]),
+                                torch.zeros(2, 1, 2, 2), torch.tensor([0, 1]))
+main()
+"""
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("launcher", [["horovod", "--max-np", "2"], ["ray", "--address", "local", "--max-workers", "1"]])
+def test_a_worker_refusing_its_input_ends_the_launch_with_its_line(tmp_path, launcher):
+    """A --script worker that refuses its data (one Error: line, exit 2) is the launch's outcome:
+    that line, exit 2, horovodrun's traceback kept out of sight, no advice to rerun or resume."""
+    import subprocess
+
+    script = tmp_path / "bad.py"
+    script.write_text(BAD_LABELS)
+    proc = subprocess.run([sys.executable, "-m", "hvd_abs", "launch", *launcher, "--script", str(script), "--",
+                           "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=240,
+                          stdin=subprocess.DEVNULL)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert last == "Error: a worker refused its input: train_y is torch.float32: give integer class indices (y.long())"
+    assert "Traceback" not in proc.stderr and "--resume" not in proc.stderr, proc.stderr[-3000:]

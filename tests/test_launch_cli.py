@@ -71,6 +71,16 @@ def finished_run(tmp_path_factory) -> tuple[Path, list[str], float]:
     return out, args, started
 
 
+def test_launch_resume_continues_in_the_runs_own_folder(finished_run):
+    """`launch ... -- --resume DIR` without --out: like `hvd-abs train`, the run continues in DIR,
+    which the launcher and every worker are then told."""
+    out, _, _ = finished_run
+    result = CliRunner().invoke(main, ["launch", "horovod", "--dry-run", "--", "--resume", str(out), "--epochs", "3"])
+    assert result.exit_code == 0, result.output
+    assert f"--resume {out} --epochs 3 --out {out}" in result.output
+    assert f"--run-dir {out} " in result.output  # the discovery script watches that folder too
+
+
 def test_a_run_that_finished_is_not_reported_as_failed(finished_run):
     """horovodrun exited 1 (a worker's wrapper died) but the run wrote its final summary for all
     its epochs: exit 0 and a warning naming the results, not `--resume` advice (a resume of a
@@ -121,6 +131,7 @@ w("[0]<stderr>:epoch 1\n")
 w("[0]<stderr>:progress 10%\r[0]<stderr>:progress 20%\r")
 w("Traceback (most recent call last):\n  File \"horovodrun\", line 8\nRuntimeError: Horovod detected...\n")
 w("[1]<stderr>:a worker line after it\n")
+w("Mon Nov 30 10:00:00 2026[1]<stderr>:Error: --out x is not writable: pass a writable --out\n")
 w("Exit code: 137")
 sys.stdout.write("[0]<stdout>:summary\n")
 sys.exit(1)
@@ -130,15 +141,20 @@ sys.exit(1)
 def test_horovodrun_traceback_is_held_back_and_everything_else_passes(capfd):
     """run_horovodrun relays a real child's stderr (here a stand-in for horovodrun's output
     format, not Horovod): lines pass through at once, horovodrun's own unprefixed traceback is
-    held for the caller, workers' `[RANK]<stderr>:` lines pass even after it."""
+    held for the caller, workers' `[RANK]<stderr>:` lines pass even after it, and their `Error:`
+    lines are noted."""
     from hvd_abs.launch_horovod import run_horovodrun
 
     held: list[str] = []
-    code = run_horovodrun([sys.executable, "-c", RELAYED], held)
+    refusals: list[str] = []
+    code = run_horovodrun([sys.executable, "-c", RELAYED], held, refusals)
     captured = capfd.readouterr()
     assert code == 1
     assert captured.err == ("driver: starting\n[0]<stderr>:epoch 1\n[0]<stderr>:progress 10%\r"
-                            "[0]<stderr>:progress 20%\r[1]<stderr>:a worker line after it\n")
+                            "[0]<stderr>:progress 20%\r[1]<stderr>:a worker line after it\n"
+                            "Mon Nov 30 10:00:00 2026[1]<stderr>:Error: --out x is not writable: pass a writable --out\n")
+    # A worker's refusal of its input (one `Error:` line, exit 2) is noted for the launcher.
+    assert refusals == ["Error: --out x is not writable: pass a writable --out"]
     assert "".join(held) == ("Traceback (most recent call last):\n  File \"horovodrun\", line 8\n"
                              "RuntimeError: Horovod detected...\nExit code: 137")
     assert captured.out == "[0]<stdout>:summary\n"  # stdout is not touched

@@ -51,6 +51,7 @@ def horovod(min_np: int, max_np: int, hostfile: str | None, network_interface: s
 
     if max_np < min_np:
         raise click.BadParameter(f"--max-np ({max_np}) must be at least --min-np ({min_np})", param_hint="--max-np")
+    train_args = out_of_resume(train_args)
     refuse_launcher_options(list(train_args), "hvd-abs launch horovod", max_np_option="--max-np")
     if script and warm:
         raise click.UsageError("--warm pre-starts `hvd-abs train` workers and cannot pre-start a --script: "
@@ -73,10 +74,14 @@ def horovod(min_np: int, max_np: int, hostfile: str | None, network_interface: s
     started = time.time()
     start_job(run_dir_of(list(train_args)), min_np)
     held: list[str] = []  # horovodrun's own traceback, kept out of the output until the outcome is known
+    refusals: list[str] = []  # workers' "Error: ..." lines (a refused input, exit 2)
     if warm:
-        code = run_with_standbys(cmd, list(train_args), max_np=max_np, keep=warm, held=held)
+        code = run_with_standbys(cmd, list(train_args), max_np=max_np, keep=warm, held=held, refusals=refusals)
     else:
-        code = run_horovodrun(cmd, held)
+        code = run_horovodrun(cmd, held, refusals)
+    if code != 0 and refusals and finished_epochs(list(train_args), started) is None:
+        _keep_report(list(train_args), "".join(held))
+        _refused(refusals[-1])
     if code != 0:
         code = _report_failure(list(train_args), f"horovodrun exited {code}", started, "".join(held))
     elif held:  # (a traceback and exit 0: never seen; show it rather than drop it)
@@ -120,6 +125,18 @@ def _check_train(train_args: list[str], load_data: bool, script: str | None = No
         raise click.UsageError("a second `--` among the train options of a --script: drop it (the script's own "
                                "options go among the train options)")
     check_train_args(train_args, load_data=load_data, script=script is not None)
+
+
+def out_of_resume(train_args: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """The train options with `--out DIR` added when only `--resume DIR` is given: `hvd-abs train`
+    continues a run in its own folder then, and the launcher and every worker must name it."""
+    from hvd_abs.launch_horovod import option_value
+
+    args = tuple(train_args)
+    resume = option_value(list(args), "--resume")
+    if resume and not option_value(list(args), "--out") and "--" not in args:
+        return (*args, "--out", resume)
+    return args
 
 
 # Options of `hvd-abs train` that a launcher sets on every worker's command line itself
@@ -210,23 +227,42 @@ def job_outcome(train_args: list[str], why: str, started: float, report: str | N
     return 1, f"Error: the elastic job failed ({why}); {hint}"
 
 
-def _report_failure(train_args: list[str], why: str, started: float, traceback: str = "") -> int:
-    """Print the outcome of a failed-looking job (job_outcome) and return the exit code. A run that
-    finished keeps horovodrun's traceback in OUT/elastic/FAILURE_REPORT instead of printing it."""
-    import sys
+def _refused(message: str) -> None:
+    """A worker refused its input (bad options or data, said in one line, exit 2): that is the
+    job's outcome too, not a failure a rerun or --resume would get past. Exits 2."""
+    from hvd_abs.commands._errors import exit_2
+
+    exit_2(f"a worker refused its input: {message.removeprefix('Error: ')}")
+
+
+def _keep_report(train_args: list[str], traceback: str) -> str | None:
+    """Keep horovodrun's traceback in OUT/elastic/FAILURE_REPORT instead of printing it; returns
+    the file's path, or None when it could not be written."""
     from pathlib import Path
 
     from hvd_abs.launch_horovod import option_value
 
+    if not traceback:
+        return None
+    path = Path(option_value(train_args, "--out")).expanduser() / "elastic" / FAILURE_REPORT
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(traceback)
+        return str(path)
+    except OSError:
+        return None
+
+
+def _report_failure(train_args: list[str], why: str, started: float, traceback: str = "") -> int:
+    """Print the outcome of a failed-looking job (job_outcome) and return the exit code. A run that
+    finished keeps horovodrun's traceback in OUT/elastic/FAILURE_REPORT instead of printing it."""
+    import sys
+
     report = None
     if traceback and finished_epochs(train_args, started) is not None:
-        path = Path(option_value(train_args, "--out")).expanduser() / "elastic" / FAILURE_REPORT
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(traceback)
-            report, traceback = str(path), ""
-        except OSError:
-            pass  # printed below instead
+        report = _keep_report(train_args, traceback)
+        if report is not None:
+            traceback = ""  # (else printed below instead)
     if traceback:
         sys.stderr.write(traceback)
         sys.stderr.flush()
@@ -310,6 +346,7 @@ def ray(address: str, min_workers: int, max_workers: int, cpus_per_worker: float
     from hvd_abs.launch_horovod import option_value
 
     address = ray_address(address)
+    train_args = out_of_resume(train_args)
     refuse_launcher_options(list(train_args), "hvd-abs launch ray", max_np_option="--max-workers")
     probe_ray_head(address)
     if max_workers < min_workers:
@@ -352,6 +389,8 @@ def ray(address: str, min_workers: int, max_workers: int, cpus_per_worker: float
         # Warm joins: a joining worker imports (and loads the data) before the job waits for it.
         executor.run(work, work_args, warmup=warmup)
     except RayExecutorError as exc:
+        if exc.input_error is not None and finished_epochs(args, started) is None:
+            _refused(exc.input_error)
         raise SystemExit(_report_failure(args, " ".join(str(exc).split())[:300], started)) from None
     finally:
         executor.shutdown()

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from hvd_abs.elastic.discovery import select_hosts
+from hvd_abs.errors import UserError
 from hvd_abs.elastic.world_signal import SignalError, read_wanted
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,16 @@ _POLL_S = 0.2
 
 
 class RayExecutorError(RuntimeError):
-    """The elastic job on Ray failed (a worker's error, or the driver gave up)."""
+    """The elastic job on Ray failed (a worker's error, or the driver gave up). input_error: the
+    message when a worker refused its input (a UserError, or a script's "Error:" exit 2)."""
+
+    def __init__(self, message: str, input_error: str | None = None) -> None:
+        super().__init__(message)
+        self.input_error = input_error
+
+
+class ScriptRefused(RuntimeError):
+    """A --script worker exited 2 after saying why (hvd_abs.commands._errors.exit_2)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -468,6 +478,7 @@ class RayElasticExecutor:
         remote_worker = ray.remote(_Worker)
         results: dict[int, Any] = {}
         errors: list[str] = []
+        refused: list[str] = []  # what workers that refused their input said (RayExecutorError.input_error)
         lock = threading.Lock()
 
         def new_actor(node_id: str) -> Any:
@@ -518,6 +529,9 @@ class RayElasticExecutor:
                                 # RayTaskError wraps fn's own exception as .cause: name that, not the wrapper.
                                 cause = getattr(exc, "cause", None) or exc
                                 brief = f"{type(cause).__name__}: {cause}".splitlines()[0]
+                                if isinstance(cause, (UserError, ScriptRefused)):
+                                    with lock:
+                                        refused.append(" ".join(str(cause).split()))
                                 if not driver.has_rank_assignment(slot_info.hostname, slot_info.local_rank):
                                     # A shrink dropped its slot: Horovod ends such a worker at re-init.
                                     log.info("worker on node %s (local rank %d) left the job: %s",
@@ -525,8 +539,9 @@ class RayElasticExecutor:
                                 else:
                                     log.warning("worker on node %s (local rank %d) failed: %s", slot_info.hostname[:12],
                                                 slot_info.local_rank, brief)
+                                    log.debug("worker error in full: %s", exc)
                                     with lock:
-                                        errors.append(f"{brief}\n{exc}")
+                                        errors.append(brief)
                             else:
                                 with lock:
                                     results[rank] = value
@@ -555,7 +570,8 @@ class RayElasticExecutor:
         failed = sorted(name for name, (code, _) in res.worker_results.items() if code != 0)
         if failed or not results:
             detail = errors[-1] if errors else "no worker finished"
-            raise RayExecutorError(f"the elastic job failed ({', '.join(failed) or 'no results'}): {detail}")
+            raise RayExecutorError(f"worker {', '.join(failed) or '(none finished)'} failed: {detail}",
+                                   input_error=refused[-1] if refused else None)
         return [results[r] for r in sorted(results)]
 
     def shutdown(self) -> None:
@@ -581,10 +597,18 @@ def warm_train_worker(train_args: Sequence[str]) -> None:
 
 
 def train_worker(train_args: Sequence[str]) -> Any:
-    """The worker function of `hvd-abs launch ray`: `hvd-abs train TRAIN_ARGS` in this actor."""
+    """The worker function of `hvd-abs launch ray`: `hvd-abs train TRAIN_ARGS` in this actor. A
+    refused input (its one line said, exit 2) is raised as ScriptRefused, for the launcher."""
+    from hvd_abs.commands import _errors
     from hvd_abs.commands.train import command
 
-    return command.main(args=list(train_args), standalone_mode=False)
+    _errors.last_refusal = None
+    try:
+        return command.main(args=list(train_args), standalone_mode=False)
+    except SystemExit as exc:
+        if exc.code == 2 and _errors.last_refusal is not None:
+            raise ScriptRefused(_errors.last_refusal) from None
+        raise
 
 
 def warm_script_worker() -> None:
@@ -600,6 +624,9 @@ def script_worker(script: str, cwd: str, argv: Sequence[str]) -> None:
     then mean what they meant there). A non-zero exit is this worker's failure."""
     import runpy
 
+    from hvd_abs.commands import _errors
+
+    _errors.last_refusal = None
     saved_argv, saved_path, saved_cwd = sys.argv, list(sys.path), os.getcwd()
     sys.argv = [script, *argv]
     sys.path.insert(0, os.path.dirname(script))  # as `python SCRIPT` does: its own modules import
@@ -608,6 +635,8 @@ def script_worker(script: str, cwd: str, argv: Sequence[str]) -> None:
             os.chdir(cwd)
         runpy.run_path(script, run_name="__main__")
     except SystemExit as exc:
+        if exc.code == 2 and _errors.last_refusal is not None:  # it said why: a refused input
+            raise ScriptRefused(_errors.last_refusal) from None
         if exc.code not in (None, 0):
             raise RuntimeError(f"{script} exited with {exc.code}") from None
     finally:
