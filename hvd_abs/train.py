@@ -353,17 +353,32 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
+def data_id(data: Any) -> dict[str, Any]:
+    """What tells the training data a run trains on from other data, cheaply and bit-exactly (any
+    thread count, any machine): size, sample shape, classes, and crc32s of all training labels and
+    of 64 evenly spaced training inputs. Kept in checkpoints; a resume on other data is refused.
+    (The test split may change on a resume, as --test-subset may.)"""
+    import zlib
+
+    n = len(data.train_y)
+    picks = torch.linspace(0, n - 1, steps=min(64, n)).long()
+    crc = lambda t: zlib.crc32(t.detach().cpu().contiguous().numpy().tobytes())  # noqa: E731
+    return {"train samples": n, "sample shape": list(data.train_x.shape[1:]), "classes": int(data.num_classes),
+            "label crc32": crc(data.train_y), "input crc32": crc(data.train_x[picks])}
+
+
 def _check_no_arguments_needed(factory: Callable[..., Any]) -> None:
     """Refuse a model factory that cannot be called as factory() (UserError naming the fix)."""
     import inspect
 
     try:
-        inspect.signature(factory).bind()
-    except TypeError as exc:
-        raise UserError(f"model= is called with no arguments, but {getattr(factory, '__name__', 'it')} needs some "
-                        f"({exc}): pass e.g. model=lambda: MyNet(width=16)") from None
-    except ValueError:  # no signature to read (some builtins): calling it will tell
-        pass
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (some builtins): calling it will tell
+        return
+    needed = [p.name for p in params if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if needed:
+        raise UserError(f"model= is called with no arguments, but {getattr(factory, '__name__', 'it')} needs "
+                        f"{', '.join(needed)}: pass e.g. model=lambda: MyNet(width=16)")
 
 
 def _check_model_fits(model: nn.Module, data: Any, device: torch.device) -> None:
@@ -455,6 +470,7 @@ class Trainer:
         self.adv = AdversarialSchedule(cfg.adv_ratio if cfg.method == "absa" else 0.0, cfg.adv_eps, cfg.epochs,
                                        at_max=self.controller.at_max)
         self.sampler = EpochSampler(int(self.data.train_y.shape[0]), cfg.seed)
+        self.data_id = data_id(self.data)
         self.updates = 0
         self.samples_seen = 0
         self.elapsed_s = 0.0
@@ -741,7 +757,8 @@ class Trainer:
         from hvd_abs.elastic.checkpoint import save_checkpoint, to_host
 
         t0 = time.perf_counter()
-        state = to_host({**self.state_dict(), "rng": torch.get_rng_state(), "config": run_config(self.cfg)})
+        state = to_host({**self.state_dict(), "rng": torch.get_rng_state(), "config": run_config(self.cfg),
+                         "data": self.data_id})
         path = save_checkpoint(Path(self.cfg.out).expanduser() / CHECKPOINT_DIR, state, self.updates)
         writer.event("checkpoint", epoch=self.epoch, updates=self.updates, path=str(path),
                      seconds=time.perf_counter() - t0)
@@ -759,6 +776,13 @@ class Trainer:
         error = resume_mismatch_error(run_dir, self.cfg, saved) if saved is not None else None
         if error:
             raise error
+        saved_data = state.pop("data", None)  # (None: from before data were identified)
+        differ = [f"{k} {self.data_id.get(k)} (the run had {v})" for k, v in (saved_data or {}).items()
+                  if self.data_id.get(k) != v]
+        if differ:
+            raise UserError(f"--resume {run_dir}: the run trained on other data: {'; '.join(differ)}: give it the "
+                            f"data it was started with (the options that choose them), or start a new run "
+                            f"without --resume")
         before = (copy.deepcopy(self.state_dict()), torch.get_rng_state())
         try:
             torch.set_rng_state(state.pop("rng"))

@@ -163,6 +163,13 @@ def test_fit_trains_your_model_on_your_data_and_resumes(digits, tmp_path, capsys
     assert [e["epoch"] for e in epochs] == [1, 2, 3, 4, 5] and {e["global_batch"] for e in epochs} == {32, 64, 128}
     with pytest.raises(hvd_abs.UserError, match="--method sgd .the run has abs."):
         hvd_abs.fit(model=TinyNet, data=digits, resume=str(tmp_path / "a"), epochs=6, method="sgd")
+    # Other data, of another size or the same size: refused, naming what differs.
+    fewer = hvd_abs.splits_from_tensors(digits.train_x[:1000], digits.train_y[:1000], digits.test_x, digits.test_y)
+    with pytest.raises(hvd_abs.UserError, match=r"trained on other data: train samples 1000 \(the run had 1437\)"):
+        hvd_abs.fit(model=TinyNet, data=fewer, resume=str(tmp_path / "a"), epochs=6)
+    flipped = hvd_abs.splits_from_tensors(digits.train_x.flip(-1), digits.train_y, digits.test_x, digits.test_y)
+    with pytest.raises(hvd_abs.UserError, match=r"trained on other data: input crc32 \d+ \(the run had \d+\)"):
+        hvd_abs.fit(model=TinyNet, data=flipped, resume=str(tmp_path / "a"), epochs=6)
 
 
 def test_fit_refuses_what_it_cannot_train(digits, tmp_path):
@@ -181,7 +188,7 @@ def test_fit_refuses_what_it_cannot_train(digits, tmp_path):
         def __init__(self, width: int) -> None:
             super().__init__()
 
-    with pytest.raises(hvd_abs.UserError, match=r"Needs needs some .*model=lambda: MyNet\(width=16\)"):
+    with pytest.raises(hvd_abs.UserError, match=r"Needs needs width: pass e.g. model=lambda: MyNet\(width=16\)"):
         hvd_abs.fit(model=Needs, data=digits, out=out)
     with pytest.raises(hvd_abs.UserError, match="model= made a str, not a torch.nn.Module"):
         hvd_abs.fit(model=lambda: "resnet20", data=digits, out=out)
