@@ -431,6 +431,11 @@ class Trainer:
             from hvd_abs.data import load_dataset
 
             data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download)
+        for asked, have, flag, split in ((cfg.train_subset, len(data.train_y), "--train-subset", "training"),
+                                         (cfg.test_subset, len(data.test_y), "--test-subset", "test")):
+            if asked is not None and asked > have:  # (it would silently be all of them)
+                raise UserError(f"{flag} {asked} exceeds the {have} {split} samples: pass at most {have}, or leave "
+                                f"{flag} out")
         self.data = _subset(data, cfg.train_subset, cfg.test_subset)
         n_train = int(self.data.train_y.shape[0])
         if cfg.initial_batch > n_train:

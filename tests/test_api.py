@@ -207,6 +207,8 @@ def test_fit_refuses_what_it_cannot_train(digits, tmp_path):
         hvd_abs.fit(model=conv, data=hwc, out=out)
     with pytest.raises(hvd_abs.UserError, match=r"gives \(2, 5\) for a batch of 2: it must give \(2, 10\) logits"):
         hvd_abs.fit(model=lambda: nn.Sequential(nn.Flatten(), nn.Linear(64, 5)), data=digits, out=out)
+    with pytest.raises(hvd_abs.UserError, match="--test-subset 5000 exceeds the 360 test samples: pass at most 360"):
+        hvd_abs.fit(model=TinyNet, data=digits, out=out, test_subset=5000)
     with pytest.raises(TypeError, match="unknown options"):
         hvd_abs.fit(model=TinyNet, data=digits, out=out, epoch=3)
     with pytest.raises(hvd_abs.UserError, match="--epochs must be a positive integer"):

@@ -31,7 +31,8 @@ def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> 
               help="Initial global batch (sgd: the fixed one, reached by accumulation). Default: --base-batch.")
 @click.option("--max-batch", type=int, default=16384, show_default=True, help="Cap of the global batch.")
 @click.option("--duration", type=int, default=10, show_default=True,
-              help="Grow anyway after this many eigenvalue checks without growth.")
+              help="Grow anyway after this many eigenvalue checks without growth (the first check only sets "
+                   "the reference: with 1, the first growth comes after epoch 2).")
 @click.option("--lr", type=float, default=0.1, show_default=True, help="LR at the initial batch.")
 @click.option("--lr-decay", type=float, default=0.2, show_default=True, help="Step-decay factor.")
 @click.option("--lr-decay-epochs", callback=_int_list, default=None,
