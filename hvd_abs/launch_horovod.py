@@ -124,10 +124,11 @@ def run_horovodrun(cmd: list[str], held: list[str] | None = None, refusals: list
 
 def run_with_standbys(cmd: list[str], train_args: list[str], max_np: int, keep: int,
                       python: str | None = None, held: list[str] | None = None,
-                      refusals: list[str] | None = None) -> int:
+                      refusals: list[str] | None = None, script: bool = False) -> int:
     """Run horovodrun `cmd` while keeping `keep` warm standbys ready on this host (replacing each
     one a joining slot claims, up to max_np standbys in all); returns horovodrun's exit code.
-    held, refusals: as for run_horovodrun."""
+    held, refusals: as for run_horovodrun. script: the workers run a --script (the standbys
+    import ahead but do not load its data)."""
     import subprocess
     import threading
 
@@ -138,6 +139,8 @@ def run_with_standbys(cmd: list[str], train_args: list[str], max_np: int, keep: 
     directory.mkdir(parents=True, exist_ok=True)
     standby_cmd = [py, "-m", "hvd_abs.elastic.standby", "--dir", str(directory), "--",
                    "train", "--elastic", "--max-np", str(max_np), *train_args]
+    if script:  # the claimant names the script and its arguments; the standby only imports ahead
+        standby_cmd = [py, "-m", "hvd_abs.elastic.standby", "--dir", str(directory), "--script", "--"]
     spawned: list[subprocess.Popen] = []
     done = threading.Event()
 

@@ -312,7 +312,6 @@ def test_launch_horovod_runs_a_script_as_the_workers(tmp_path):
                              "--out", str(tmp_path / "r"), "--width", "4"])
     assert ok.exit_code == 0 and f"{EXAMPLE} --elastic --max-np 4 --out" in ok.output, ok.output
     for args, says in (
-            (["--warm", "1", "--script", str(EXAMPLE)], "cannot pre-start a --script"),
             (["--script", str(REPO / "README.md")], "give a Python file (.py)"),
             (["--script", str(tmp_path / "missing.py")], "does not exist"),
             (["--script", str(EXAMPLE), "--", "--epochs", "0"], "--epochs must be a positive integer"),

@@ -143,17 +143,19 @@ def test_shrink_when_a_slot_leaves_the_pool(tmp_path):
 
 @pytest.mark.multiprocess
 def test_a_script_with_its_own_model_and_data_grows_in_place(tmp_path):
-    """`launch horovod --script`: examples/custom_model.py (its own model class, data and --width
-    option) as the workers of an elastic job: the batch doubles after epoch 2 and a second worker
-    joins (the job held after update 90 until it has), on the one-process schedule."""
+    """`launch horovod --script --warm 1`: examples/custom_model.py (its own model class, data and
+    --width option) as the workers of an elastic job: the batch doubles after epoch 2 and a second
+    worker joins through a standby that imported ahead (the job held after update 90 until it
+    has), on the one-process schedule."""
     script = Path(__file__).resolve().parents[1] / "examples" / "custom_model.py"
     args = ["--method", "abs", "--base-batch", "32", "--batch", "32", "--max-batch", "64", "--duration", "1",
             "--epochs", "4", "--eig-samples", "256", "--threads", "1", "--quiet", "--width", "4"]
     elastic, single = tmp_path / "elastic", tmp_path / "single"
     (elastic / "ledger").mkdir(parents=True)
     (elastic / "ledger" / "hold-90-world-2").touch()
-    run_checked([str(BIN / "hvd-abs"), "launch", "horovod", "--min-np", "1", "--max-np", "2", "--script", str(script),
-                 "--", *args, "--ledger", "--commit-every", "2", "--out", str(elastic)], timeout=300)
+    run_checked([str(BIN / "hvd-abs"), "launch", "horovod", "--min-np", "1", "--max-np", "2", "--warm", "1",
+                 "--script", str(script), "--", *args, "--ledger", "--commit-every", "2", "--out", str(elastic)],
+                timeout=300)
     run_checked([str(BIN / "python"), str(script), *args, "--out", str(single)], timeout=120)
 
     ep_e, ev_e = read_metrics(elastic)
@@ -166,3 +168,4 @@ def test_a_script_with_its_own_model_and_data_grows_in_place(tmp_path):
     assert (summary["model"], summary["dataset"], summary["world_size"]) == ("SmallNet", "digits-custom", 2)
     check_every_sample_once(elastic)
     assert check_ranks_identical_after_sync(elastic) >= 1  # the joiner's sync: equal to rank 0
+    assert len(list((elastic / "elastic" / "standby").glob("*.claimed.*"))) == 1  # it joined warm

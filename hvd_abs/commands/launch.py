@@ -28,7 +28,8 @@ def command() -> None:
               help="Seconds MIN,MAX before a host whose worker failed may be used again ('' = never).")
 @click.option("--warm", type=click.IntRange(min=0), default=0, show_default=True,
               help="Keep this many pre-started, pre-imported standby workers ready on this host; "
-                   "growth adds slots only as standbys are ready, so joins skip the cold start.")
+                   "growth adds slots only as standbys are ready, so joins skip the cold start "
+                   "(with --script, the imports: the script still loads its data at the join).")
 @click.option("--warm-timeout", type=click.FloatRange(min=0), default=HOROVOD_WARM_TIMEOUT_S, show_default=True,
               help="With --warm: seconds growth waits for ready standbys before adding the slots cold.")
 @click.option("--script", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -53,9 +54,6 @@ def horovod(min_np: int, max_np: int, hostfile: str | None, network_interface: s
         raise click.BadParameter(f"--max-np ({max_np}) must be at least --min-np ({min_np})", param_hint="--max-np")
     train_args = out_of_resume(train_args)
     refuse_launcher_options(list(train_args), "hvd-abs launch horovod", max_np_option="--max-np")
-    if script and warm:
-        raise click.UsageError("--warm pre-starts `hvd-abs train` workers and cannot pre-start a --script: "
-                               "drop --warm (joins are then cold)")
     if hostfile:
         _check_hostfile(hostfile, min_np)
     _check_train(list(train_args), load_data=hostfile is None, script=script)  # (else the data lives on the hosts)
@@ -76,7 +74,8 @@ def horovod(min_np: int, max_np: int, hostfile: str | None, network_interface: s
     held: list[str] = []  # horovodrun's own traceback, kept out of the output until the outcome is known
     refusals: list[str] = []  # workers' "Error: ..." lines (a refused input, exit 2)
     if warm:
-        code = run_with_standbys(cmd, list(train_args), max_np=max_np, keep=warm, held=held, refusals=refusals)
+        code = run_with_standbys(cmd, list(train_args), max_np=max_np, keep=warm, held=held, refusals=refusals,
+                                 script=script is not None)
     else:
         code = run_horovodrun(cmd, held, refusals)
     if code != 0 and refusals and finished_epochs(list(train_args), started) is None:

@@ -622,23 +622,19 @@ def script_worker(script: str, cwd: str, argv: Sequence[str]) -> None:
     """The worker function of `launch ray --script`: run SCRIPT as __main__ in this actor with
     ARGV, from `cwd` when this node has it (the launcher's directory: the script's relative paths
     then mean what they meant there). A non-zero exit is this worker's failure."""
-    import runpy
-
     from hvd_abs.commands import _errors
+    from hvd_abs.elastic.standby import run_as_main
 
     _errors.last_refusal = None
-    saved_argv, saved_path, saved_cwd = sys.argv, list(sys.path), os.getcwd()
-    sys.argv = [script, *argv]
-    sys.path.insert(0, os.path.dirname(script))  # as `python SCRIPT` does: its own modules import
+    saved_cwd = os.getcwd()
     try:
         if os.path.isdir(cwd):
             os.chdir(cwd)
-        runpy.run_path(script, run_name="__main__")
+        run_as_main(script, list(argv))
     except SystemExit as exc:
         if exc.code == 2 and _errors.last_refusal is not None:  # it said why: a refused input
             raise ScriptRefused(_errors.last_refusal) from None
         if exc.code not in (None, 0):
             raise RuntimeError(f"{script} exited with {exc.code}") from None
     finally:
-        sys.argv, sys.path[:] = saved_argv, saved_path
         os.chdir(saved_cwd)

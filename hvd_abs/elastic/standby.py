@@ -229,20 +229,43 @@ def get_warm(train_args: list[str] | None) -> None:
     opt.step()
 
 
+def run_as_main(script: str, argv: list[str]) -> None:
+    """Run SCRIPT as __main__ with sys.argv = [SCRIPT, *argv] and its folder first on sys.path,
+    as `python SCRIPT ARGV` would (a --script worker in a standby or a Ray actor); both are
+    restored after. Its SystemExit passes to the caller."""
+    import runpy
+
+    saved_argv, saved_path = sys.argv, list(sys.path)
+    sys.argv = [script, *argv]
+    sys.path.insert(0, os.path.dirname(script))  # its own modules import, as under `python SCRIPT`
+    try:
+        runpy.run_path(script, run_name="__main__")
+    finally:
+        sys.argv, sys.path[:] = saved_argv, saved_path
+
+
 def _main(argv: list[str]) -> int:
-    """`python -m hvd_abs.elastic.standby --dir D -- TRAIN_ARGS`: get warm, then serve."""
+    """`python -m hvd_abs.elastic.standby --dir D -- TRAIN_ARGS`: get warm (imports, the data
+    set), then serve as `hvd-abs train`. `--dir D --script --`: get warm (imports: a script loads
+    its own data), then serve as the script the claimant names (`python SCRIPT ARGS`)."""
+    script = argv[2:3] == ["--script"]
+    if script:
+        argv = argv[:2] + argv[3:]
     if len(argv) < 3 or argv[0] != "--dir" or argv[2] != "--":
-        print("usage: python -m hvd_abs.elastic.standby --dir DIR -- TRAIN_ARGS...", file=sys.stderr)
+        print("usage: python -m hvd_abs.elastic.standby --dir DIR [--script] -- TRAIN_ARGS...", file=sys.stderr)
         return 2
     directory, train_args = argv[1], argv[3:]
-    get_warm(train_args)
+    get_warm(None if script else train_args)
     from hvd_abs.cli import main as cli
 
     # Terminated while waiting (the job ended): leave through `finally`, removing our files.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 
     def run_worker(args: list[str]) -> int:
-        cli.main(args=args, prog_name="hvd-abs", standalone_mode=True)
+        if script:  # args: SCRIPT and its arguments (warm_exec's argv after the interpreter)
+            run_as_main(args[0], args[1:])
+        else:
+            cli.main(args=args, prog_name="hvd-abs", standalone_mode=True)
         return 0
 
     return serve(directory, run_worker)
