@@ -72,7 +72,15 @@ def parse_train_args(argv: Sequence[str] | None = None, prog: str | None = None,
         exit_2(exc.format_message())
     except UserError as exc:
         exit_2(str(exc))
-    return cfg, (list(ctx.args) if parser is None else parser.parse_args(ctx.args))
+    if parser is None:
+        return cfg, list(ctx.args)
+    # The script's own bad option is a refusal too (one line, exit 2; a launcher reports it so).
+    saved_error = parser.error
+    parser.error = lambda message: exit_2(f"{parser.prog}: {message}")  # type: ignore[method-assign]
+    try:
+        return cfg, parser.parse_args(ctx.args)
+    finally:
+        parser.error = saved_error  # type: ignore[method-assign]
 
 
 def splits_from_tensors(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,

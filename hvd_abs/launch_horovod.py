@@ -5,6 +5,7 @@ import re
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 from hvd_abs.elastic.discovery import WARM_TIMEOUT_S
 
@@ -68,10 +69,47 @@ def build_command(train_args: list[str], *, min_np: int, max_np: int, hostfile: 
 # optional timestamp (horovodrun --prefix-output-with-timestamp).
 _WORKER_LINE = re.compile(rb"^[^\[\n]*\[\d+\]<std(?:out|err)>:")
 _TRACEBACK = b"Traceback (most recent call last):"
-_WORKER_REFUSAL = re.compile(rb"^[^\[\n]*\[\d+\]<stderr>:(Error: .*)")  # hvd_abs.commands._errors.exit_2
+_WORKER_REFUSAL = re.compile(rb"^[^\[\n]*\[(\d+)\]<stderr>:(Error: .*)")  # hvd_abs.commands._errors.exit_2
+_PROCESS_EXIT = re.compile(rb"^Process (\d+) exit with status code (-?\d+)\.")  # horovod/runner/gloo_run.py
 
 
-def run_horovodrun(cmd: list[str], held: list[str] | None = None, refusals: list[str] | None = None) -> int:
+def _copy_stdout(stream: Any, refusals: Refusals) -> None:
+    """Pass horovodrun's stdout through line by line, noting its workers' exit codes."""
+    out = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else None
+    for line in iter(stream.readline, b""):
+        exited = _PROCESS_EXIT.match(line)
+        if exited:
+            refusals.exits[int(exited.group(1))] = int(exited.group(2))
+        try:
+            if out is not None:
+                out.write(line)
+                out.flush()
+            else:
+                sys.stdout.write(line.decode(errors="replace"))
+        except OSError:  # our stdout is gone: the job goes on regardless
+            pass
+
+
+class Refusals:
+    """What horovodrun says of its worker processes (by its index N of each): the `Error: ...`
+    line a worker printed on refusing its input (hvd_abs.commands._errors.exit_2, exit 2), and
+    each process's exit code (`Process N exit with status code C.`, on horovodrun's stdout)."""
+
+    def __init__(self) -> None:
+        self.said: dict[int, str] = {}
+        self.exits: dict[int, int] = {}
+
+    def outcome(self) -> str | None:
+        """The refusal that ended the job (its line, without `Error: `), or None: only when every
+        worker process that failed exited 2 after such a line. A failure of another kind (a
+        crash, a killed worker) is not hidden behind a refusal printed on the way."""
+        failed = {i: c for i, c in self.exits.items() if c != 0}
+        if not failed or any(c != 2 or i not in self.said for i, c in failed.items()):
+            return None
+        return self.said[max(failed)].removeprefix("Error: ")
+
+
+def run_horovodrun(cmd: list[str], held: list[str] | None = None, refusals: Refusals | None = None) -> int:
     """Run horovodrun `cmd`; returns its exit code. Its stderr passes through this process line
     by line (a carriage return ends a line too, for progress bars), except horovodrun's own
     traceback: from an unprefixed `Traceback (most recent call last):` on, its unprefixed lines
@@ -79,14 +117,20 @@ def run_horovodrun(cmd: list[str], held: list[str] | None = None, refusals: list
     (`[RANK]<stderr>:`) still pass. (A driver thread's traceback earlier on only delays the
     driver's later lines to the end, where the caller prints them.) Its stdout is not touched.
     horovodrun ends with that traceback whenever a worker process exited non-zero, also when the
-    job itself finished (see commands/launch.py `job_outcome`). refusals: gets each worker line
-    `Error: ...` (a worker refusing its input, exit 2), without the prefix."""
+    job itself finished (see commands/launch.py `job_outcome`). refusals: gets the workers'
+    refusals and exit codes (its stdout then passes through this process line by line)."""
     import os
     import subprocess
+    import threading
 
     if held is None:
         return subprocess.call(cmd)
-    with subprocess.Popen(cmd, stderr=subprocess.PIPE) as proc:
+    with subprocess.Popen(cmd, stderr=subprocess.PIPE,
+                          stdout=subprocess.PIPE if refusals is not None else None) as proc:
+        if refusals is not None:
+            copier = threading.Thread(target=_copy_stdout, args=(proc.stdout, refusals), daemon=True,
+                                      name="hvd_abs-horovodrun-stdout")
+            copier.start()
         try:
             out = sys.stderr.buffer if hasattr(sys.stderr, "buffer") else None
             holding, pending = False, b""
@@ -101,7 +145,7 @@ def run_horovodrun(cmd: list[str], held: list[str] | None = None, refusals: list
                         continue
                     refusal = _WORKER_REFUSAL.match(line)
                     if refusal and refusals is not None:
-                        refusals.append(refusal.group(1).decode(errors="replace").strip())
+                        refusals.said[int(refusal.group(1))] = refusal.group(2).decode(errors="replace").strip()
                     holding = holding or line.startswith(_TRACEBACK)
                     if holding and not _WORKER_LINE.match(line):
                         held.append(line.decode(errors="replace"))
@@ -116,7 +160,10 @@ def run_horovodrun(cmd: list[str], held: list[str] | None = None, refusals: list
                         pass
                 if not chunk:
                     break
-            return proc.wait()
+            code = proc.wait()
+            if refusals is not None:
+                copier.join()
+            return code
         except BaseException:  # as subprocess.call does (e.g. Ctrl-C): do not leave it running
             proc.kill()
             raise
@@ -124,7 +171,7 @@ def run_horovodrun(cmd: list[str], held: list[str] | None = None, refusals: list
 
 def run_with_standbys(cmd: list[str], train_args: list[str], max_np: int, keep: int,
                       python: str | None = None, held: list[str] | None = None,
-                      refusals: list[str] | None = None, script: bool = False) -> int:
+                      refusals: Refusals | None = None, script: bool = False) -> int:
     """Run horovodrun `cmd` while keeping `keep` warm standbys ready on this host (replacing each
     one a joining slot claims, up to max_np standbys in all); returns horovodrun's exit code.
     held, refusals: as for run_horovodrun. script: the workers run a --script (the standbys

@@ -363,8 +363,9 @@ def data_id(data: Any) -> dict[str, Any]:
     n = len(data.train_y)
     picks = torch.linspace(0, n - 1, steps=min(64, n)).long()
     crc = lambda t: zlib.crc32(t.detach().cpu().contiguous().numpy().tobytes())  # noqa: E731
+    # (In canonical dtypes: int32 and int64 copies of the same labels are the same data.)
     return {"train samples": n, "sample shape": list(data.train_x.shape[1:]), "classes": int(data.num_classes),
-            "label crc32": crc(data.train_y), "input crc32": crc(data.train_x[picks])}
+            "label crc32": crc(data.train_y.long()), "input crc32": crc(data.train_x[picks].float())}
 
 
 def _check_no_arguments_needed(factory: Callable[..., Any]) -> None:
@@ -433,7 +434,9 @@ class Trainer:
             data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download)
         for asked, have, flag, split in ((cfg.train_subset, len(data.train_y), "--train-subset", "training"),
                                          (cfg.test_subset, len(data.test_y), "--test-subset", "test")):
-            if asked is not None and asked > have:  # (it would silently be all of them)
+            # (It would silently be all of them. A resumed run's own value, from before this was
+            # refused, keeps that meaning.)
+            if asked is not None and asked > have and cfg.resume is None:
                 raise UserError(f"{flag} {asked} exceeds the {have} {split} samples: pass at most {have}, or leave "
                                 f"{flag} out")
         self.data = _subset(data, cfg.train_subset, cfg.test_subset)

@@ -133,7 +133,7 @@ w("Traceback (most recent call last):\n  File \"horovodrun\", line 8\nRuntimeErr
 w("[1]<stderr>:a worker line after it\n")
 w("Mon Nov 30 10:00:00 2026[1]<stderr>:Error: --out x is not writable: pass a writable --out\n")
 w("Exit code: 137")
-sys.stdout.write("[0]<stdout>:summary\n")
+sys.stdout.write("[0]<stdout>:summary\nProcess 1 exit with status code 2.\nProcess 0 exit with status code 0.\n")
 sys.exit(1)
 """
 
@@ -143,18 +143,36 @@ def test_horovodrun_traceback_is_held_back_and_everything_else_passes(capfd):
     format, not Horovod): lines pass through at once, horovodrun's own unprefixed traceback is
     held for the caller, workers' `[RANK]<stderr>:` lines pass even after it, and their `Error:`
     lines are noted."""
-    from hvd_abs.launch_horovod import run_horovodrun
+    from hvd_abs.launch_horovod import Refusals, run_horovodrun
 
     held: list[str] = []
-    refusals: list[str] = []
+    refusals = Refusals()
     code = run_horovodrun([sys.executable, "-c", RELAYED], held, refusals)
     captured = capfd.readouterr()
     assert code == 1
     assert captured.err == ("driver: starting\n[0]<stderr>:epoch 1\n[0]<stderr>:progress 10%\r"
                             "[0]<stderr>:progress 20%\r[1]<stderr>:a worker line after it\n"
                             "Mon Nov 30 10:00:00 2026[1]<stderr>:Error: --out x is not writable: pass a writable --out\n")
-    # A worker's refusal of its input (one `Error:` line, exit 2) is noted for the launcher.
-    assert refusals == ["Error: --out x is not writable: pass a writable --out"]
+    # A worker's refusal of its input (one `Error:` line, exit 2) is noted for the launcher, with
+    # the exit codes horovodrun prints on its stdout (which still passes through).
+    assert refusals.said == {1: "Error: --out x is not writable: pass a writable --out"}
+    assert refusals.exits == {1: 2, 0: 0}
+    assert refusals.outcome() == "--out x is not writable: pass a writable --out"
     assert "".join(held) == ("Traceback (most recent call last):\n  File \"horovodrun\", line 8\n"
                              "RuntimeError: Horovod detected...\nExit code: 137")
-    assert captured.out == "[0]<stdout>:summary\n"  # stdout is not touched
+    assert captured.out == "[0]<stdout>:summary\nProcess 1 exit with status code 2.\nProcess 0 exit with status code 0.\n"
+
+
+def test_a_refusal_is_the_outcome_only_when_every_failed_worker_refused():
+    from hvd_abs.launch_horovod import Refusals
+
+    r = Refusals()
+    r.said = {2: "Error: bad labels"}
+    r.exits = {2: 2, 0: 0}
+    assert r.outcome() == "bad labels"
+    r.exits = {2: 2, 0: 1}  # another worker crashed: a real failure (resume advice), not a refusal
+    assert r.outcome() is None
+    r.exits = {2: 1}  # an "Error:" line, then a crash
+    assert r.outcome() is None
+    r.exits = {}  # no exit codes seen
+    assert r.outcome() is None

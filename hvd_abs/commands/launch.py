@@ -48,7 +48,7 @@ def horovod(min_np: int, max_np: int, hostfile: str | None, network_interface: s
     import sys
     import time
 
-    from hvd_abs.launch_horovod import build_command, run_with_standbys
+    from hvd_abs.launch_horovod import Refusals, build_command, run_with_standbys
 
     if max_np < min_np:
         raise click.BadParameter(f"--max-np ({max_np}) must be at least --min-np ({min_np})", param_hint="--max-np")
@@ -72,15 +72,16 @@ def horovod(min_np: int, max_np: int, hostfile: str | None, network_interface: s
     started = time.time()
     start_job(run_dir_of(list(train_args)), min_np)
     held: list[str] = []  # horovodrun's own traceback, kept out of the output until the outcome is known
-    refusals: list[str] = []  # workers' "Error: ..." lines (a refused input, exit 2)
+    refusals = Refusals()  # workers' "Error: ..." lines (a refused input, exit 2) and exit codes
     if warm:
         code = run_with_standbys(cmd, list(train_args), max_np=max_np, keep=warm, held=held, refusals=refusals,
                                  script=script is not None)
     else:
         code = run_horovodrun(cmd, held, refusals)
-    if code != 0 and refusals and finished_epochs(list(train_args), started) is None:
+    refused = refusals.outcome() if code != 0 else None
+    if refused is not None and finished_epochs(list(train_args), started) is None:
         _keep_report(list(train_args), "".join(held))
-        _refused(refusals[-1])
+        _refused(refused)
     if code != 0:
         code = _report_failure(list(train_args), f"horovodrun exited {code}", started, "".join(held))
     elif held:  # (a traceback and exit 0: never seen; show it rather than drop it)
@@ -231,7 +232,7 @@ def _refused(message: str) -> None:
     job's outcome too, not a failure a rerun or --resume would get past. Exits 2."""
     from hvd_abs.commands._errors import exit_2
 
-    exit_2(f"a worker refused its input: {message.removeprefix('Error: ')}")
+    exit_2(f"a worker refused its input: {message}")
 
 
 def _keep_report(train_args: list[str], traceback: str) -> str | None:

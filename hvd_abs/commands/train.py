@@ -156,7 +156,8 @@ def check_train_args(train_args: list[str], load_data: bool = False, script: boo
     from hvd_abs.errors import UserError
 
     ctx = train_context(train_args, extras=script)
-    check_script_extras(ctx.args)
+    if not script:  # (a script's workers check, knowing its own options: hvd_abs.parse_train_args)
+        check_script_extras(ctx.args)
     cfg = config_from_options(ctx.params, ctx)
     dataclasses.replace(cfg, elastic=False).validate()
     if script:

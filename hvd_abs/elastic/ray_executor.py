@@ -529,9 +529,6 @@ class RayElasticExecutor:
                                 # RayTaskError wraps fn's own exception as .cause: name that, not the wrapper.
                                 cause = getattr(exc, "cause", None) or exc
                                 brief = f"{type(cause).__name__}: {cause}".splitlines()[0]
-                                if isinstance(cause, (UserError, ScriptRefused)):
-                                    with lock:
-                                        refused.append(" ".join(str(cause).split()))
                                 if not driver.has_rank_assignment(slot_info.hostname, slot_info.local_rank):
                                     # A shrink dropped its slot: Horovod ends such a worker at re-init.
                                     log.info("worker on node %s (local rank %d) left the job: %s",
@@ -542,6 +539,8 @@ class RayElasticExecutor:
                                     log.debug("worker error in full: %s", exc)
                                     with lock:
                                         errors.append(brief)
+                                        if isinstance(cause, (UserError, ScriptRefused)):
+                                            refused.append(" ".join(str(cause).split()))
                             else:
                                 with lock:
                                     results[rank] = value
@@ -570,8 +569,9 @@ class RayElasticExecutor:
         failed = sorted(name for name, (code, _) in res.worker_results.items() if code != 0)
         if failed or not results:
             detail = errors[-1] if errors else "no worker finished"
+            # A refusal is the job's outcome only when every worker that failed refused its input.
             raise RayExecutorError(f"worker {', '.join(failed) or '(none finished)'} failed: {detail}",
-                                   input_error=refused[-1] if refused else None)
+                                   input_error=refused[-1] if refused and len(refused) == len(errors) else None)
         return [results[r] for r in sorted(results)]
 
     def shutdown(self) -> None:
