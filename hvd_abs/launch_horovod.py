@@ -75,19 +75,24 @@ _PROCESS_EXIT = re.compile(rb"^Process (\d+) exit with status code (-?\d+)\.")  
 
 def _copy_stdout(stream: Any, refusals: Refusals) -> None:
     """Pass horovodrun's stdout through line by line, noting its workers' exit codes."""
-    out = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else None
     for line in iter(stream.readline, b""):
         exited = _PROCESS_EXIT.match(line)
         if exited:
             refusals.exits[int(exited.group(1))] = int(exited.group(2))
-        try:
-            if out is not None:
-                out.write(line)
-                out.flush()
-            else:
-                sys.stdout.write(line.decode(errors="replace"))
-        except OSError:  # our stdout is gone: the job goes on regardless
-            pass
+        _relay(line, sys.stdout)
+
+
+def _relay(line: bytes, stream: Any) -> None:
+    """Write `line` to the text stream `stream` (to its bytes buffer when it has one), flushed.
+    A stream that is gone (a closed pipe) is ignored: the job goes on regardless."""
+    try:
+        if hasattr(stream, "buffer"):
+            stream.buffer.write(line)
+            stream.buffer.flush()
+        else:
+            stream.write(line.decode(errors="replace"))
+    except OSError:
+        pass
 
 
 class Refusals:
@@ -132,7 +137,6 @@ def run_horovodrun(cmd: list[str], held: list[str] | None = None, refusals: Refu
                                       name="hvd_abs-horovodrun-stdout")
             copier.start()
         try:
-            out = sys.stderr.buffer if hasattr(sys.stderr, "buffer") else None
             holding, pending = False, b""
             fd = proc.stderr.fileno()
             while True:
@@ -150,14 +154,7 @@ def run_horovodrun(cmd: list[str], held: list[str] | None = None, refusals: Refu
                     if holding and not _WORKER_LINE.match(line):
                         held.append(line.decode(errors="replace"))
                         continue
-                    try:
-                        if out is not None:
-                            out.write(line)
-                            out.flush()
-                        else:
-                            sys.stderr.write(line.decode(errors="replace"))
-                    except OSError:  # our stderr is gone (a closed pipe): the job goes on regardless
-                        pass
+                    _relay(line, sys.stderr)
                 if not chunk:
                     break
             code = proc.wait()
