@@ -2,7 +2,7 @@
 
     import hvd_abs
 
-    cfg, rest = hvd_abs.parse_train_args()       # every `hvd-abs train` option, from sys.argv
+    cfg, own = hvd_abs.parse_train_args(parser=my_argparse_parser)   # every `hvd-abs train` option
     data = hvd_abs.splits_from_tensors(train_x, train_y, test_x, test_y)   # or splits_from_datasets,
                                                                           # or hvd_abs.load_dataset
     summary = hvd_abs.fit(cfg, model=MyNet, data=data)   # MyNet() is built on every worker
@@ -10,9 +10,9 @@
 The same script runs as one process, under `horovodrun -np N` (a fixed world), and as every worker
 of an elastic job: `hvd-abs launch horovod --script my_train.py -- --out runs/x ...` (or `launch
 ray --script`) starts it with `--elastic --max-np N` among its arguments, which parse_train_args
-reads like any other train option. `rest` holds the arguments it does not know, for the script's
-own parser. Bad input raises `hvd_abs.UserError` naming the fix; `user_errors_exit_2` around
-the script's main turns it into one line and exit code 2, as the CLI does.
+reads like any other train option; the script's own options go to its parser. Bad input raises
+`hvd_abs.UserError` naming the fix; `user_errors_exit_2` around the script's main turns it into
+one line and exit code 2, as the CLI does (and a launcher then reports it so).
 """
 from __future__ import annotations
 
