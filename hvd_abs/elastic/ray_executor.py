@@ -210,7 +210,9 @@ class _Worker:
         # Before fn runs: Horovod's init and notification manager read these from os.environ.
         os.environ.update({k: str(v) for k, v in env.items()})
         value = fn(*args, **kwargs)
-        return _final_rank(int(env["HOROVOD_RANK"])), value
+        rank = _final_rank(int(env["HOROVOD_RANK"]))
+        _shut_down_horovod()
+        return rank, value
 
 
 @dataclass
@@ -312,6 +314,20 @@ class WarmPool:
                     self._kill(sb.actor)
             self._standby.clear()
             self.advertised = {}
+
+
+def _shut_down_horovod() -> None:
+    """End this worker's Horovod after its function returned: a coordinated shutdown of the
+    background loops, before the executor kills the actors (a killed peer's closed connections
+    made the other workers log `Horovod background loop uncaught exception: ... Connection
+    reset by peer` after every successful job). The function's last collective is behind every
+    worker by then, and a rank still finishing up (rank 0 writing the summary) needs no more."""
+    hvd = sys.modules.get("horovod.torch")
+    try:
+        if hvd is not None and hvd.is_initialized():
+            hvd.shutdown()
+    except Exception as exc:  # noqa: BLE001 - the job is done: a failed shutdown must not fail it
+        log.debug("horovod shutdown: %s", exc)
 
 
 def _final_rank(start_rank: int) -> int:
