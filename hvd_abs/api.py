@@ -219,12 +219,15 @@ def fit(cfg: TrainConfig | None = None, *, model: nn.Module | Callable[[], nn.Mo
     unknown = sorted(set(options) - {f.name for f in dataclasses.fields(TrainConfig)})
     if unknown:
         raise TypeError(f"fit() got unknown options {unknown}: see hvd_abs.TrainConfig for the fields")
-    if options.get("resume") is not None:
+    merged = {**dataclasses.asdict(cfg), **options}
+    if merged["resume"] is not None:
         # fit(resume=DIR, epochs=...) continues the run as `hvd-abs train --resume DIR` does: in
-        # DIR, with the run's own options where these do not give them.
-        cfg = TrainConfig(**resumed_options({**dataclasses.asdict(cfg), **options}, lambda name: name in options))
+        # DIR, with the run's own options where these do not give them. (A config's field counts
+        # as given when it is not the default: parse_train_args's configs have them filled.)
+        base = TrainConfig()
+        cfg = TrainConfig(**resumed_options(merged, lambda name: name in options or merged[name] != getattr(base, name)))
     else:
-        cfg = dataclasses.replace(cfg, **options)
+        cfg = TrainConfig(**merged)
     defaults = TrainConfig()
     if model is not None and cfg.model != defaults.model:
         raise UserError(f"--model {cfg.model} names a built-in model, but fit got model=: drop one of them")

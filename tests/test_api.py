@@ -159,8 +159,11 @@ def test_fit_trains_your_model_on_your_data_and_resumes(digits, tmp_path, capsys
     assert more["resumed_from"].endswith(f"ckpt-{summary['updates']:06d}.pt") and more["updates"] > summary["updates"]
     cfg, _ = hvd_abs.parse_train_args(["--resume", str(tmp_path / "a"), "--epochs", "5"])
     hvd_abs.fit(cfg, model=TinyNet, data=digits, echo=False)
+    # A config made by hand: its non-default fields count as given, the rest come from the run.
+    hvd_abs.fit(hvd_abs.TrainConfig(resume=str(tmp_path / "a"), epochs=6, quiet=True), model=TinyNet, data=digits,
+                echo=False)
     epochs, _ = read_metrics(tmp_path / "a")
-    assert [e["epoch"] for e in epochs] == [1, 2, 3, 4, 5] and {e["global_batch"] for e in epochs} == {32, 64, 128}
+    assert [e["epoch"] for e in epochs] == [1, 2, 3, 4, 5, 6] and {e["global_batch"] for e in epochs} == {32, 64, 128}
     with pytest.raises(hvd_abs.UserError, match="--method sgd .the run has abs."):
         hvd_abs.fit(model=TinyNet, data=digits, resume=str(tmp_path / "a"), epochs=6, method="sgd")
     # Other data, of another size or the same size: refused, naming what differs.
