@@ -29,7 +29,7 @@ from torch import nn
 
 from hvd_abs.data import Splits
 from hvd_abs.errors import UserError
-from hvd_abs.train import TrainConfig
+from hvd_abs.train import TrainConfig, resumed_options, train
 
 
 def parse_train_args(argv: Sequence[str] | None = None, prog: str | None = None,
@@ -54,6 +54,7 @@ def parse_train_args(argv: Sequence[str] | None = None, prog: str | None = None,
         script_command.epilog = ("The script's own options are not listed here (a script that parses them with "
                                  "argparse lists them with -h).")
     train_names = {o for p in command.params for o in p.opts}
+    # (argparse keeps its option strings only in this attribute; -h/--help are its own help.)
     own = set(parser._option_string_actions) - {"-h", "--help"} if parser is not None else set()
     try:
         clash = sorted(own & train_names)
@@ -211,11 +212,9 @@ def fit(cfg: TrainConfig | None = None, *, model: nn.Module | Callable[[], nn.Mo
     import click
 
     from hvd_abs.commands.train import epoch_line, format_summary
-    from hvd_abs.train import train
 
-    from hvd_abs.train import resumed_options
-
-    cfg = TrainConfig() if cfg is None else cfg
+    defaults = TrainConfig()
+    cfg = defaults if cfg is None else cfg
     unknown = sorted(set(options) - {f.name for f in dataclasses.fields(TrainConfig)})
     if unknown:
         raise TypeError(f"fit() got unknown options {unknown}: see hvd_abs.TrainConfig for the fields")
@@ -224,11 +223,10 @@ def fit(cfg: TrainConfig | None = None, *, model: nn.Module | Callable[[], nn.Mo
         # fit(resume=DIR, epochs=...) continues the run as `hvd-abs train --resume DIR` does: in
         # DIR, with the run's own options where these do not give them. (A config's field counts
         # as given when it is not the default: parse_train_args's configs have them filled.)
-        base = TrainConfig()
-        cfg = TrainConfig(**resumed_options(merged, lambda name: name in options or merged[name] != getattr(base, name)))
+        given = lambda name: name in options or merged[name] != getattr(defaults, name)  # noqa: E731
+        cfg = TrainConfig(**resumed_options(merged, given))
     else:
         cfg = TrainConfig(**merged)
-    defaults = TrainConfig()
     if model is not None and cfg.model != defaults.model:
         raise UserError(f"--model {cfg.model} names a built-in model, but fit got model=: drop one of them")
     if data is not None and (cfg.dataset != defaults.dataset or cfg.download):
