@@ -65,7 +65,16 @@ class RayExecutorError(RuntimeError):
 
 
 class ScriptRefused(RuntimeError):
-    """A --script worker exited 2 after saying why (hvd_abs.commands._errors.exit_2)."""
+    """A worker (`hvd-abs train` or a --script) exited 2 after saying why in one line
+    (hvd_abs.commands._errors.exit_2): it refused its input."""
+
+
+def _refusal(exc: SystemExit) -> ScriptRefused | None:
+    """The refusal a worker's SystemExit stands for: exit 2 after exit_2 said why (its message is
+    hvd_abs.commands._errors.last_refusal, reset by the worker functions before they run)."""
+    from hvd_abs.commands import _errors
+
+    return ScriptRefused(_errors.last_refusal) if exc.code == 2 and _errors.last_refusal is not None else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -622,8 +631,9 @@ def train_worker(train_args: Sequence[str]) -> Any:
     try:
         return command.main(args=list(train_args), standalone_mode=False)
     except SystemExit as exc:
-        if exc.code == 2 and _errors.last_refusal is not None:
-            raise ScriptRefused(_errors.last_refusal) from None
+        refusal = _refusal(exc)
+        if refusal is not None:
+            raise refusal from None
         raise
 
 
@@ -648,8 +658,9 @@ def script_worker(script: str, cwd: str, argv: Sequence[str]) -> None:
             os.chdir(cwd)
         run_as_main(script, list(argv))
     except SystemExit as exc:
-        if exc.code == 2 and _errors.last_refusal is not None:  # it said why: a refused input
-            raise ScriptRefused(_errors.last_refusal) from None
+        refusal = _refusal(exc)
+        if refusal is not None:
+            raise refusal from None
         if exc.code not in (None, 0):
             raise RuntimeError(f"{script} exited with {exc.code}") from None
     finally:
