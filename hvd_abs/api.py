@@ -6,6 +6,7 @@
     data = hvd_abs.splits_from_tensors(train_x, train_y, test_x, test_y)   # or splits_from_datasets,
                                                                           # or hvd_abs.load_dataset
     summary = hvd_abs.fit(cfg, model=MyNet, data=data)   # MyNet() is built on every worker
+    net = hvd_abs.load_model(cfg.out, model=MyNet)       # the trained weights (OUT/model.pt)
 
 The same script runs as one process, under `horovodrun -np N` (a fixed world), and as every worker
 of an elastic job: `hvd-abs launch horovod --script my_train.py -- --out runs/x ...` (or `launch
@@ -29,7 +30,8 @@ from torch import nn
 
 from hvd_abs.data import Splits
 from hvd_abs.errors import UserError
-from hvd_abs.train import TrainConfig, resumed_options, train
+from hvd_abs.metrics import SUMMARY_FILE
+from hvd_abs.train import CHECKPOINT_DIR, WEIGHTS_FILE, TrainConfig, resumed_options, train
 
 
 def parse_train_args(argv: Sequence[str] | None = None, prog: str | None = None,
@@ -258,3 +260,48 @@ def _check_data(data: Any, cfg: TrainConfig, own_model: bool) -> None:
             raise UserError(f"absa needs inputs in [0, 1] (FGSM's --adv-eps is on that scale), but they run from "
                             f"{low:.4g} to {high:.4g}: scale them to [0, 1] and normalise inside the model "
                             f"(hvd_abs.models.Normalize), or use --method abs")
+
+
+def load_model(run_dir: str | Path, model: nn.Module | Callable[[], nn.Module] | None = None) -> nn.Module:
+    """The trained model of a run: its model.pt (the weights where the run ended) loaded into
+    `model`, the module (or class or function making it) the run trained; without one, into the
+    run's built-in --model, rebuilt from its summary.json. On the CPU, in eval() mode."""
+    run = Path(run_dir).expanduser()
+    weights = run / WEIGHTS_FILE
+    if not weights.is_file():
+        why = (f"the run has not finished: continue it with --resume {run}" if (run / CHECKPOINT_DIR).is_dir()
+               else "no run ended there: pass the --out folder of a finished run")
+        raise UserError(f"{weights} does not exist ({why})")
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated or foreign: pickle, zip and torch each raise their own
+        raise UserError(f"{weights} is not a readable state dict ({type(exc).__name__}): train the run again, or "
+                        f"load its newest checkpoint with --resume {run}") from None
+    if model is None:
+        model = _built_in_model_of(run)
+    elif not isinstance(model, nn.Module):
+        model = model()
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = " ".join(str(exc).split())[:200]
+        raise UserError(f"{weights} does not fit {type(model).__name__} ({first}): pass the model the run "
+                        f"trained") from None
+    return model.eval()
+
+
+def _built_in_model_of(run: Path) -> nn.Module:
+    import json
+
+    from hvd_abs.models import build_model
+
+    try:
+        summary = json.loads((run / SUMMARY_FILE).read_text())
+        name, classes, shape = summary["model"], int(summary["num_classes"]), tuple(summary["in_shape"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{run / SUMMARY_FILE} does not say which model the run trained (missing, damaged, or "
+                        f"from before hvd_abs kept it): pass load_model(..., model=) the model") from None
+    if summary.get("own_model"):
+        raise UserError(f"the run in {run} trained your own model ({name}): pass it, load_model(..., model={name})")
+    # The input statistics are buffers of the state dict: placeholders here, the run's once loaded.
+    return build_model(name, classes, shape, mean=[0.0] * shape[0], std=[1.0] * shape[0])

@@ -9,6 +9,7 @@ The loop, with its events (E = epochs, G = global batch, b = micro-batch, W = wo
         while sampler has a full global batch G:     # short last batch skipped
             lr = lr_schedule.at(controller, epoch, epoch fraction after this batch)
             for micro-batch m of this rank (layout(G, b, W)):   # accumulation steps
+                crop/flip m's images (--augment; drawn per sample from seed, epoch, index)
                 replace the first round(adv_ratio * |m|) samples of m by FGSM inputs (eval mode)
                 (sum of losses over m / G).backward()      # grads accumulate locally
             grads + [loss_sum, correct, count] -> comm.allreduce_sum (one fused call)
@@ -47,7 +48,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hvd_abs.adversarial import AdversarialSchedule
-from hvd_abs.atomic import can_create_in, unwritable_reason
+from hvd_abs.atomic import can_create_in, unwritable_reason, write_atomic
+from hvd_abs.augment import AUGMENTS, Augmenter
 from hvd_abs.batching.controller import BatchController
 from hvd_abs.batching.layout import layout
 from hvd_abs.batching.lr import SCALINGS, LRSchedule
@@ -62,7 +64,8 @@ METHODS = ("sgd", "abs", "absa")
 EIG_METHODS = ("stochastic", "lanczos", "power")
 DEFAULT_MODELS = {"digits": "cnn", "cifar10": "resnet20", "cifar100": "resnet20", "svhn": "resnet20",
                   "imagefolder": "tv:resnet18"}
-RUN_FILES = (METRICS_FILE, SUMMARY_FILE, "plots.png")  # files whose presence marks a run dir
+WEIGHTS_FILE = "model.pt"  # the model's state_dict at the run's end: torch.load(..., weights_only=True)
+RUN_FILES = (METRICS_FILE, SUMMARY_FILE, "plots.png", WEIGHTS_FILE)  # files whose presence marks a run dir
 CHECKPOINT_DIR = "checkpoints"
 RUN_DIRS = (CHECKPOINT_DIR, "ledger")  # folders of a run's own, cleared with its files by --overwrite
 REPLACED_DIR = ".replaced-run"  # where --overwrite keeps the old run until the new one finishes
@@ -100,6 +103,7 @@ class TrainConfig:
     lr_cap: float | None = None
     momentum: float = 0.9
     weight_decay: float = 0.0
+    augment: str = "none"  # none (the reference), flip, crop, crop-flip: see hvd_abs/augment.py
     adv_eps: float = 0.005
     adv_ratio: float = 0.2
     eig_samples: int = DEFAULT_EIG_SAMPLES
@@ -175,6 +179,8 @@ class TrainConfig:
             raise UserError(f"--momentum must be in [0, 1), got {self.momentum}")
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             raise UserError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
+        if self.augment not in AUGMENTS:
+            raise UserError(f"--augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}")
         if not (self.adv_eps >= 0 and math.isfinite(self.adv_eps)):
             raise UserError(f"--adv-eps must be >= 0 (on the [0, 1] pixel scale), got {self.adv_eps}")
         if not 0 <= self.adv_ratio <= 1:
@@ -445,7 +451,7 @@ class Trainer:
             # Only full batches are taken: this run would make no update at all.
             raise UserError(f"--batch {cfg.initial_batch} exceeds the {n_train} training samples: pass a "
                             f"smaller --batch (or a larger --train-subset)")
-        own_model = model is not None
+        own_model = self.own_model = model is not None
         if model is None:
             from hvd_abs.models import build_model
 
@@ -478,6 +484,7 @@ class Trainer:
         self.adv = AdversarialSchedule(cfg.adv_ratio if cfg.method == "absa" else 0.0, cfg.adv_eps, cfg.epochs,
                                        at_max=self.controller.at_max)
         self.sampler = EpochSampler(int(self.data.train_y.shape[0]), cfg.seed)
+        self.augment = Augmenter(cfg.augment, cfg.seed, n_train, tuple(self.data.train_x.shape[1:]))
         self.data_id = data_id(self.data)
         self.updates = 0
         self.samples_seen = 0
@@ -590,6 +597,7 @@ class Trainer:
         for micro in micros:
             x = self.data.train_x[micro].to(self.device, non_blocking=True)  # (m, C, H, W)
             y = self.data.train_y[micro].to(self.device, non_blocking=True)  # (m,)
+            x = self.augment(x, micro, self.epoch)  # (the same crops on any world size)
             if self.adv.initial_ratio > 0:
                 x, _ = self.adv.apply(self.model, F.cross_entropy, x, y, self.epoch)
             logits = self.model(x)  # (m, classes)
@@ -816,6 +824,8 @@ class Trainer:
         last = self.history[-1] if self.history else {}
         return {
             "method": self.cfg.method, "dataset": self.dataset_name, "model": self.model_name,
+            "own_model": self.own_model, "num_classes": int(self.data.num_classes),
+            "in_shape": list(self.data.train_x.shape[1:]),
             "epochs": len(self.history), "updates": self.updates, "samples_seen": self.samples_seen,
             "initial_batch": self.controller.initial_batch, "final_batch": self.controller.global_batch,
             "max_batch": self.controller.max_batch, "num_growths": self.controller.num_growths,
@@ -898,6 +908,15 @@ def train(cfg: TrainConfig, comm: Any = None, eigen_fn: EigenFn | None = None,
     return finish(trainer, summary, writer, out, plot)
 
 
+def save_weights(model: nn.Module, path: Path) -> Path:
+    """The model's state_dict, on the host, as a plain torch file written atomically: loadable
+    without hvd_abs (torch.load(path, weights_only=True)), unlike the checksummed checkpoints."""
+    from hvd_abs.elastic.checkpoint import to_host
+
+    state = to_host(model.state_dict())
+    return write_atomic(path, lambda fh: torch.save(state, fh))
+
+
 def read_newest_checkpoint(run_dir: str | os.PathLike) -> tuple[str, dict[str, Any]]:
     """(path, state) of the newest checkpoint of `run_dir` that verifies; UserError if none."""
     from hvd_abs.elastic.checkpoint import load_latest
@@ -928,14 +947,17 @@ def checkpoint_if_due(trainer: Trainer, writer: MetricsWriter) -> None:
 
 
 def finish(trainer: Trainer, summary: dict[str, Any], writer: MetricsWriter, out: Path, plot: bool) -> dict[str, Any]:
-    """Rank 0: plots.png and the final summary.json."""
+    """Rank 0: model.pt, plots.png and the final summary.json."""
     comm = trainer.comm
+    if comm.rank == 0:
+        summary["weights"] = str(save_weights(trainer.model, out / WEIGHTS_FILE))
     if comm.rank == 0 and plot:
         if trainer.history:  # a run stopped before its first epoch end has nothing to draw
             from hvd_abs.plotting import plot_run
 
             summary["plot"] = str(plot_run(out))
         summary["metrics"] = str(out / METRICS_FILE)
+    if comm.rank == 0:
         writer.summary(**summary)
     if comm.rank == 0:  # the new run is whole: the one it replaced (--overwrite) can go
         shutil.rmtree(out / REPLACED_DIR, ignore_errors=True)

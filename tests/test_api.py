@@ -175,6 +175,44 @@ def test_fit_trains_your_model_on_your_data_and_resumes(digits, tmp_path, capsys
         hvd_abs.fit(model=TinyNet, data=flipped, resume=str(tmp_path / "a"), epochs=6)
 
 
+def _accuracy(model: nn.Module, data: hvd_abs.Splits) -> float:
+    with torch.no_grad():
+        return (model(data.test_x).argmax(1) == data.test_y).double().mean().item()
+
+
+def test_a_run_leaves_its_trained_model_for_load_model_and_torch_load(digits, tmp_path):
+    """OUT/model.pt holds the weights where the run ended: the final test accuracy comes back
+    from it, through load_model (built-in and own models) and through plain torch.load."""
+    common = dict(method="sgd", epochs=2, base_batch=32, seed=1, quiet=True, echo=False)
+    own = hvd_abs.fit(model=TinyNet, data=digits, out=str(tmp_path / "own"), **common)
+    net = hvd_abs.load_model(tmp_path / "own", model=TinyNet)
+    assert not net.training and _accuracy(net, digits) == own["final_test_acc"]
+    assert own["weights"] == str(tmp_path / "own" / "model.pt")
+    own_model_named = r"trained your own model \(TinyNet\): pass it, load_model\(\.\.\., model=TinyNet\)"
+    with pytest.raises(hvd_abs.UserError, match=own_model_named):
+        hvd_abs.load_model(tmp_path / "own")
+    plain = TinyNet()
+    plain.load_state_dict(torch.load(tmp_path / "own" / "model.pt", weights_only=True))  # no hvd_abs needed
+    assert _accuracy(plain.eval(), digits) == own["final_test_acc"]
+
+    built = hvd_abs.fit(model=None, data=digits, out=str(tmp_path / "cnn"), **common)
+    cnn = hvd_abs.load_model(tmp_path / "cnn")  # rebuilt from summary.json: cnn, 10 classes, (1, 8, 8)
+    assert built["model"] == "cnn" and _accuracy(cnn, digits) == built["final_test_acc"]
+    # Its input statistics come from the weights file, not from the placeholders it was built with.
+    assert torch.allclose(cnn.normalize.mean.flatten(), torch.tensor(digits.mean))
+
+    with pytest.raises(hvd_abs.UserError, match=r"does not fit TinyNet .*pass the model the run trained"):
+        hvd_abs.load_model(tmp_path / "cnn", model=TinyNet())
+    with pytest.raises(hvd_abs.UserError, match=r"model.pt does not exist \(no run ended there"):
+        hvd_abs.load_model(tmp_path / "nowhere")
+    (tmp_path / "own" / "model.pt").rename(tmp_path / "kept.pt")  # as a run that crashed would leave it
+    with pytest.raises(hvd_abs.UserError, match=r"the run has not finished: continue it with --resume"):
+        hvd_abs.load_model(tmp_path / "own", model=TinyNet)
+    (tmp_path / "own" / "model.pt").write_bytes((tmp_path / "kept.pt").read_bytes()[:500])
+    with pytest.raises(hvd_abs.UserError, match=r"is not a readable state dict"):
+        hvd_abs.load_model(tmp_path / "own", model=TinyNet)
+
+
 def test_fit_refuses_what_it_cannot_train(digits, tmp_path):
     out = str(tmp_path / "x")
     shifted = hvd_abs.splits_from_tensors(digits.train_x - 0.5, digits.train_y, digits.test_x, digits.test_y)

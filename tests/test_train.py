@@ -261,13 +261,14 @@ def test_train_and_test_subsets_are_fixed_and_used(tmp_path):
 
 def test_stop_then_resume_equals_an_uninterrupted_run(tmp_path):
     """A run stopped mid-epoch (checkpoint at --stop-at-update) and continued with --resume has
-    the same controller, LR, sampler and metrics as one that never stopped."""
+    the same controller, LR, sampler and metrics as one that never stopped (crops and flips
+    included: they are drawn from the epoch, not from the process's RNG)."""
     from hvd_abs.elastic.checkpoint import load_latest
     from hvd_abs.metrics import read_metrics
     from hvd_abs.train import TrainConfig, train
 
     common = dict(method="absa", dataset="digits", model="mlp", epochs=4, base_batch=32, batch=32,
-                  max_batch=128, duration=1, eig_samples=128, quiet=True, threads=1)
+                  max_batch=128, duration=1, eig_samples=128, augment="crop-flip", quiet=True, threads=1)
     full = train(TrainConfig(**common, out=str(tmp_path / "full")), plot=False)
     train(TrainConfig(**common, out=str(tmp_path / "cut"), stop_at_update=60), plot=False)
     path, state = load_latest(tmp_path / "cut" / "checkpoints")

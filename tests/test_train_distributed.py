@@ -14,7 +14,9 @@ from hvd_abs.metrics import read_metrics
 # then 1 and 2 micro-batches per rank; 1 process accumulates 1, 1, 2, 4.
 ARGS = ["-m", "hvd_abs", "train", "--dataset", "digits", "--model", "mlp", "--method", "abs",
         "--epochs", "4", "--base-batch", "64", "--batch", "64", "--max-batch", "256", "--duration", "1",
-        "--eig-samples", "256", "--lr", "0.05", "--quiet", "--threads", "1"]
+        "--eig-samples", "256", "--lr", "0.05", "--quiet", "--threads", "1",
+        # Crops and flips drawn per sample, not per rank: the 2 workers still follow the 1 process.
+        "--augment", "crop-flip"]
 
 
 @pytest.mark.multiprocess

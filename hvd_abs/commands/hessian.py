@@ -31,7 +31,8 @@ def _positive(example: str) -> Any:
               help="How many of the largest eigenvalues.")
 @click.option("--trace", "with_trace", is_flag=True, help="Also estimate the trace (Hutchinson).")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
-              help="Model weights: an hvd-abs checkpoint or a torch state dict (default: random init).")
+              help="Model weights: an hvd-abs checkpoint, a run's model.pt or another torch state dict "
+                   "(default: random init).")
 @click.option("--method", type=click.Choice(["lanczos", "power"]), default="lanczos", show_default=True,
               help="Eigen solver: thick-restart Lanczos or power iteration with deflation.")
 @click.option("--tol", default=1e-3, show_default=True, type=float, help="Relative tolerance.")

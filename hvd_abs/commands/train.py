@@ -44,6 +44,11 @@ def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @click.option("--lr-cap", type=float, default=None, help="Upper bound of the LR (default: none).")
 @click.option("--momentum", type=float, default=0.9, show_default=True)
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--augment", type=click.Choice(["none", "flip", "crop", "crop-flip"]), default="none",
+              show_default=True,
+              help="Training images randomly cropped (zero padding of 1/8 the side: 4 px at 32) and/or mirrored "
+                   "left-right, per sample from (seed, epoch, index): the same on any number of workers. "
+                   "crop-flip is the usual Cifar recipe; none is the paper's.")
 @click.option("--adv-eps", type=float, default=0.005, show_default=True, help="FGSM step on the [0,1] pixel scale.")
 @click.option("--adv-ratio", type=float, default=0.2, show_default=True,
               help="Share of each micro-batch replaced by FGSM inputs (absa), halved at each growth.")
@@ -244,5 +249,6 @@ def format_summary(summary: dict) -> str:
               *_resets(events),
               f"time {summary['total_s']:.1f}s, second-order {summary['second_order_s']:.1f}s",
               f"metrics: {summary['metrics']}",
-              f"plot: {summary['plot']}"]
+              f"plot: {summary['plot']}",
+              f"weights: {summary['weights']}"]
     return "\n".join(lines)
