@@ -544,6 +544,11 @@ class Trainer:
         self.controller.load_state_dict(state["controller"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.adv.load_state_dict(state["adversarial"])
+        # What follows --epochs follows this run's --epochs, which a resume may change: the
+        # default decay epochs (E/3, 2E/3) and ABSA's stop at E/2. (The other options that shape
+        # them define the run: a resume must keep them.)
+        self.lr_schedule.decay_epochs = self.cfg.decay_epochs()
+        self.adv.total_epochs = self.cfg.epochs
         self.sampler.load_state_dict(state["sampler"])
         self.updates = int(state["updates"])
         self.samples_seen = int(state["samples_seen"])

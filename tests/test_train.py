@@ -307,6 +307,29 @@ def test_extending_a_finished_run_equals_a_run_planned_that_long(tmp_path):
     assert extended["growths"] == full["growths"] and extended["updates"] == full["updates"]
 
 
+def test_a_resume_with_other_epochs_follows_their_plan(tmp_path):
+    """--epochs may change on --resume; what follows it follows the new value: a 6-epoch run
+    stopped after 2 epochs and resumed with --epochs 9 decays its LR at 3 and 6 (E/3, 2E/3) and
+    stops ABSA at 4.5, as a run planned for 9 epochs does."""
+    from hvd_abs.metrics import read_metrics
+    from hvd_abs.train import TrainConfig, Trainer, train
+
+    common = dict(method="sgd", dataset="digits", model="mlp", lr_decay=0.5, quiet=True, threads=1)
+    train(TrainConfig(**common, epochs=9, out=str(tmp_path / "planned")), plot=False)
+    train(TrainConfig(**common, epochs=6, stop_at_update=22, out=str(tmp_path / "cut")), plot=False)  # 11 a epoch
+    train(TrainConfig(**common, epochs=9, out=str(tmp_path / "cut"), resume=str(tmp_path / "cut")), plot=False)
+    lrs = lambda run: [e["lr"] for e in read_metrics(tmp_path / run)[0]]  # noqa: E731
+    assert lrs("planned") == [0.1] * 3 + [0.05] * 3 + [0.025] * 3
+    assert lrs("cut") == lrs("planned")  # (the 6-epoch plan decays at 2 and 4)
+
+    absa = dict(method="absa", dataset="digits", model="mlp", quiet=True, threads=1)
+    short = Trainer(TrainConfig(**absa, epochs=6, out=str(tmp_path / "a")))
+    longer = Trainer(TrainConfig(**absa, epochs=9, out=str(tmp_path / "b")))
+    longer.load_state_dict(short.state_dict())
+    assert [longer.adv.ratio(e) > 0 for e in range(9)] == [True] * 5 + [False] * 4
+    assert [short.adv.ratio(e) > 0 for e in range(6)] == [True] * 3 + [False] * 3
+
+
 def test_overwrite_keeps_the_old_run_until_the_new_one_finishes(digits, tmp_path: Path) -> None:
     from hvd_abs.train import REPLACED_DIR, train
 
