@@ -52,7 +52,7 @@ from hvd_abs.atomic import can_create_in, unwritable_reason, write_atomic
 from hvd_abs.augment import AUGMENTS, Augmenter
 from hvd_abs.batching.controller import BatchController
 from hvd_abs.batching.layout import layout
-from hvd_abs.batching.lr import SCALINGS, LRSchedule
+from hvd_abs.batching.lr import SCALINGS, SCHEDULES, LRSchedule
 from hvd_abs.comm import LocalComm, worker_device
 from hvd_abs.errors import UserError
 from hvd_abs.metrics import METRICS_FILE, SUMMARY_FILE, MetricsWriter
@@ -98,6 +98,7 @@ class TrainConfig:
     lr: float = 0.1
     lr_decay: float = 0.2
     lr_decay_epochs: Sequence[int] | None = None  # None: at E/3 and 2E/3 (30, 60 for 90 epochs)
+    lr_schedule: str = "step"  # step (the reference: --lr-decay at --lr-decay-epochs) or cosine
     lr_scaling: str = "linear"
     warmup_epochs: float = 0.0
     lr_cap: float | None = None
@@ -133,7 +134,9 @@ class TrainConfig:
         return self.base_batch if self.batch is None else self.batch
 
     def decay_epochs(self) -> list[int]:
-        """The step-decay epochs (explicit, or E/3 and 2E/3 when not given)."""
+        """The step-decay epochs (explicit, or E/3 and 2E/3 when not given; none for cosine)."""
+        if self.lr_schedule == "cosine":
+            return []
         if self.lr_decay_epochs is None:
             return sorted({d for d in (self.epochs // 3, 2 * self.epochs // 3) if 0 < d < self.epochs})
         return sorted(int(d) for d in self.lr_decay_epochs)
@@ -169,6 +172,11 @@ class TrainConfig:
                 inside = (f"give epochs from 1 to {self.epochs - 1}" if self.epochs > 1 else
                           "a 1-epoch run has no epoch to decay at: leave --lr-decay-epochs out")
                 raise UserError(f"--lr-decay-epochs entry {d} is not inside the run (--epochs {self.epochs}): {inside}")
+        if self.lr_schedule not in SCHEDULES:
+            raise UserError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.lr_schedule == "cosine" and (self.lr_decay_epochs is not None or self.lr_decay != TrainConfig.lr_decay):
+            flag = "--lr-decay-epochs" if self.lr_decay_epochs is not None else "--lr-decay"
+            raise UserError(f"{flag} belongs to the step schedule, but --lr-schedule is cosine: drop one of them")
         if self.lr_scaling not in SCALINGS:
             raise UserError(f"--lr-scaling must be one of {', '.join(SCALINGS)}, got {self.lr_scaling!r}")
         if not (self.warmup_epochs >= 0 and math.isfinite(self.warmup_epochs)):
@@ -480,7 +488,7 @@ class Trainer:
         self.controller = BatchController(cfg.initial_batch, cfg.max_batch if adaptive else cfg.initial_batch,
                                           cfg.duration)
         self.lr_schedule = LRSchedule(cfg.lr, cfg.lr_decay, cfg.decay_epochs(), cfg.lr_scaling,
-                                      cfg.warmup_epochs, cfg.lr_cap)
+                                      cfg.warmup_epochs, cfg.lr_cap, cfg.lr_schedule, cfg.epochs)
         self.adv = AdversarialSchedule(cfg.adv_ratio if cfg.method == "absa" else 0.0, cfg.adv_eps, cfg.epochs,
                                        at_max=self.controller.at_max)
         self.sampler = EpochSampler(int(self.data.train_y.shape[0]), cfg.seed)
@@ -545,9 +553,10 @@ class Trainer:
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.adv.load_state_dict(state["adversarial"])
         # What follows --epochs follows this run's --epochs, which a resume may change: the
-        # default decay epochs (E/3, 2E/3) and ABSA's stop at E/2. (The other options that shape
+        # default decay epochs (E/3, 2E/3), the cosine's length and ABSA's stop at E/2. (The other options that shape
         # them define the run: a resume must keep them.)
         self.lr_schedule.decay_epochs = self.cfg.decay_epochs()
+        self.lr_schedule.total_epochs = self.cfg.epochs
         self.adv.total_epochs = self.cfg.epochs
         self.sampler.load_state_dict(state["sampler"])
         self.updates = int(state["updates"])

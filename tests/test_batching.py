@@ -92,6 +92,24 @@ def test_lr_warmup_ramps_from_previous_lr_after_growth() -> None:
     assert s.lr(7, 0.5, 2.0, 1.0, 5) == pytest.approx(0.2)
 
 
+def test_lr_cosine_runs_from_the_lr_to_zero_over_the_run_within_epochs() -> None:
+    import math
+
+    s = LRSchedule(0.1, schedule="cosine", total_epochs=10, decay_epochs=[], warmup_epochs=1)
+    assert s.lr(0, 0.5) == pytest.approx(0.05 * (1 + math.cos(math.pi * 0.05)) / 2)  # warm-up times cosine
+    assert s.lr(5, 0.0) == pytest.approx(0.05) and s.lr(5, 0.0, batch_ratio=4) == pytest.approx(0.2)
+    assert s.lr(7, 0.5) == pytest.approx(0.1 * (1 + math.cos(math.pi * 0.75)) / 2)  # smooth inside an epoch
+    assert s.lr(9, 1.0) == pytest.approx(0.0, abs=1e-12) and s.lr(12) == pytest.approx(0.0, abs=1e-12)
+    again = LRSchedule()
+    again.load_state_dict(s.state_dict())
+    assert again.lr(7, 0.5) == s.lr(7, 0.5)
+    old = {k: v for k, v in LRSchedule(0.1, 0.5, [2]).state_dict().items() if k not in ("schedule", "total_epochs")}
+    again.load_state_dict(old)  # a checkpoint from before the cosine schedule: step decay
+    assert again.lr(2) == pytest.approx(0.05)
+    with pytest.raises(UserError, match="--lr-schedule must be one of step, cosine"):
+        LRSchedule(schedule="linear")
+
+
 def test_lr_follows_controller_state_after_round_trip() -> None:
     s = LRSchedule(0.1, 0.2, [3], "linear")
     c = BatchController(128, 1024, duration=1)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from pathlib import Path
 
@@ -321,6 +322,14 @@ def test_a_resume_with_other_epochs_follows_their_plan(tmp_path):
     lrs = lambda run: [e["lr"] for e in read_metrics(tmp_path / run)[0]]  # noqa: E731
     assert lrs("planned") == [0.1] * 3 + [0.05] * 3 + [0.025] * 3
     assert lrs("cut") == lrs("planned")  # (the 6-epoch plan decays at 2 and 4)
+
+    # The cosine's length, too: each epoch's LR is that of its last update, at t = its end.
+    cosine = dict(common, lr_decay=TrainConfig.lr_decay, lr_schedule="cosine")
+    train(TrainConfig(**cosine, epochs=6, stop_at_update=16, out=str(tmp_path / "cos")), plot=False)  # in epoch 2
+    train(TrainConfig(**cosine, epochs=9, out=str(tmp_path / "cos"), resume=str(tmp_path / "cos")), plot=False)
+    ends = [e + 11 * 128 / 1437 for e in range(9)]  # 11 updates of 128 in an epoch of 1437 samples
+    assert lrs("cos")[:1] == pytest.approx([0.05 * (1 + math.cos(math.pi * t / 6)) for t in ends[:1]])
+    assert lrs("cos")[1:] == pytest.approx([0.05 * (1 + math.cos(math.pi * t / 9)) for t in ends[1:]])
 
     absa = dict(method="absa", dataset="digits", model="mlp", quiet=True, threads=1)
     short = Trainer(TrainConfig(**absa, epochs=6, out=str(tmp_path / "a")))

@@ -1,9 +1,11 @@
 """The learning rate as a pure function of (epoch, progress in the epoch, controller state).
 
-    lr = min(cap, base_lr * decay ** (#decay epochs <= epoch) * growth_scale * warm-up)
+    lr = min(cap, base_lr * decay factor * growth_scale * warm-up)
 
-- Step decay: epochs are counted from 0; the factor `decay` applies from epoch index d on for each
-  d in `decay_epochs` (d = 30 means "after 30 full epochs").
+- Step decay (`schedule="step"`, the reference): epochs are counted from 0; the factor `decay`
+  applies from epoch index d on for each d in `decay_epochs` (d = 30 means "after 30 full epochs").
+- Cosine (`schedule="cosine"`): the factor is (1 + cos(pi t / E)) / 2 at t = epoch + fraction of
+  `total_epochs` E, from 1 at the start to 0 at the end, smooth within epochs.
 - Growth scaling per doubling (ratio r = global_batch / initial_batch): linear -> r (x2 per
   doubling, the reference's default), sqrt -> sqrt(r), none -> 1.
 - Warm-up (`warmup_epochs` w > 0; 0 = off, the reference): a linear ramp over w epochs, measured in
@@ -26,13 +28,16 @@ if TYPE_CHECKING:  # pragma: no cover
     from hvd_abs.batching.controller import BatchController
 
 SCALINGS = ("linear", "sqrt", "none")
+SCHEDULES = ("step", "cosine")
 
 
 class LRSchedule:
-    """LR schedule (defaults: lr 0.1, decay 0.2 at `decay_epochs`, linear scaling, no warm-up/cap)."""
+    """LR schedule (defaults: lr 0.1, step decay 0.2 at `decay_epochs`, linear scaling, no
+    warm-up/cap; `total_epochs` is used by the cosine schedule only)."""
 
     def __init__(self, base_lr: float = 0.1, decay: float = 0.2, decay_epochs: Sequence[int] = (30, 60),
-                 scaling: str = "linear", warmup_epochs: float = 0.0, cap: float | None = None) -> None:
+                 scaling: str = "linear", warmup_epochs: float = 0.0, cap: float | None = None,
+                 schedule: str = "step", total_epochs: int = 90) -> None:
         if not (base_lr > 0 and math.isfinite(base_lr)):
             raise UserError(f"--lr must be a positive number, got {base_lr}")
         if not (0 < decay <= 1):
@@ -43,12 +48,18 @@ class LRSchedule:
             raise UserError(f"--warmup-epochs must be >= 0, got {warmup_epochs}")
         if cap is not None and not cap > 0:
             raise UserError(f"--lr-cap must be > 0, got {cap}")
+        if schedule not in SCHEDULES:
+            raise UserError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+        if not total_epochs >= 1:
+            raise UserError(f"--epochs must be >= 1, got {total_epochs}")
         self.base_lr = float(base_lr)
         self.decay = float(decay)
         self.decay_epochs = sorted(int(e) for e in decay_epochs)
         self.scaling = scaling
         self.warmup_epochs = float(warmup_epochs)
         self.cap = cap
+        self.schedule = schedule
+        self.total_epochs = int(total_epochs)
 
     def growth_scale(self, ratio: float) -> float:
         """LR multiplier for a global batch `ratio` times the initial one."""
@@ -58,8 +69,12 @@ class LRSchedule:
             return math.sqrt(ratio)
         return 1.0
 
-    def decay_factor(self, epoch: int) -> float:
-        """Product of the step decays that apply at (0-based) `epoch`."""
+    def decay_factor(self, epoch: int, epoch_fraction: float = 0.0) -> float:
+        """The schedule's factor at (0-based) `epoch` + `epoch_fraction`: the product of the step
+        decays that apply, or the cosine's value."""
+        if self.schedule == "cosine":
+            t = min(max(epoch + epoch_fraction, 0.0), self.total_epochs)
+            return 0.5 * (1.0 + math.cos(math.pi * t / self.total_epochs))
         return self.decay ** sum(1 for d in self.decay_epochs if epoch >= d)
 
     def lr(self, epoch: int, epoch_fraction: float = 0.0, batch_ratio: float = 1.0,
@@ -79,18 +94,21 @@ class LRSchedule:
             if progress < 1:
                 start = 0.0 if prev_batch_ratio is None else self.base_lr * self.growth_scale(prev_batch_ratio)
                 target = start + (target - start) * max(progress, 0.0)
-        lr = target * self.decay_factor(epoch)
+        lr = target * self.decay_factor(epoch, epoch_fraction)
         return min(lr, self.cap) if self.cap is not None else lr
 
     def state_dict(self) -> dict:
         """Configuration only (the LR itself is derived)."""
         return {"base_lr": self.base_lr, "decay": self.decay, "decay_epochs": list(self.decay_epochs),
-                "scaling": self.scaling, "warmup_epochs": self.warmup_epochs, "cap": self.cap}
+                "scaling": self.scaling, "warmup_epochs": self.warmup_epochs, "cap": self.cap,
+                "schedule": self.schedule, "total_epochs": self.total_epochs}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore the configuration."""
+        # (Checkpoints from before the cosine schedule: step decay.)
         self.__init__(state["base_lr"], state["decay"], state["decay_epochs"], state["scaling"],
-                      state["warmup_epochs"], state["cap"])
+                      state["warmup_epochs"], state["cap"], state.get("schedule", "step"),
+                      state.get("total_epochs", self.total_epochs))
 
     def at(self, controller: "BatchController", epoch: int, epoch_fraction: float = 0.0) -> float:
         """The LR for a controller's current state (the usual call in the training loop)."""

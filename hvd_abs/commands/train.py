@@ -37,6 +37,9 @@ def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @click.option("--lr-decay", type=float, default=0.2, show_default=True, help="Step-decay factor.")
 @click.option("--lr-decay-epochs", callback=_int_list, default=None,
               help="Comma-separated epochs of step decay (default: E/3 and 2E/3, i.e. 30,60 for 90 epochs).")
+@click.option("--lr-schedule", type=click.Choice(["step", "cosine"]), default="step", show_default=True,
+              help="step: x --lr-decay at --lr-decay-epochs (the paper's); cosine: (1 + cos(pi t / E)) / 2 over "
+                   "the run, updated every step. Both multiply the growth scaling and warm-up.")
 @click.option("--lr-scaling", type=click.Choice(["linear", "sqrt", "none"]), default="linear", show_default=True,
               help="LR change per doubling of the batch: x2, x sqrt(2), or none.")
 @click.option("--warmup-epochs", type=float, default=0.0, show_default=True,
