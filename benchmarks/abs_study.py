@@ -123,7 +123,7 @@ def make_protocol(args: argparse.Namespace) -> dict[str, Any]:
         shortened.append(f"per-epoch test accuracy on a fixed {eval_subset}-image test subset "
                          f"(final accuracy on all 10000)")
     return {
-        "name": args.protocol, "dataset": "cifar10 (real JPEG images, /work/shared/data/cifar10)",
+        "name": args.protocol, "dataset": f"cifar10 (real JPEG images, {Path(args.data_dir).resolve()})",
         "epochs": epochs, "train_samples": n_train, "eval_subset": eval_subset or None,
         "base_batch": BASE_BATCH, "max_batch": max_batch, "large_batch": large, "duration": duration,
         "models": models, "methods": list(args.methods), "seeds": list(args.seeds),
