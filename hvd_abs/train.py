@@ -230,6 +230,11 @@ class TrainConfig:
         return self.resume is not None and (Path(self.resume).expanduser().resolve()
                                             == Path(self.out).expanduser().resolve())
 
+    @property
+    def replaces_out(self) -> bool:
+        """--overwrite that applies: the run in --out is replaced, unless it is the one resumed."""
+        return self.overwrite and not self.resumes_in_place
+
 
 def check_out_dir(out: str | os.PathLike, overwrite: bool) -> None:
     """Refuse an unusable out dir without touching anything in it."""
@@ -271,10 +276,27 @@ def saved_run_config(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     return found[1].get("config") if found is not None else None
 
 
+def saved_config(cfg: TrainConfig) -> dict[str, Any]:
+    """What a checkpoint keeps of `cfg`: the run-defining options, and the planned --epochs, which
+    a resume takes unless given (it may change: it is not compared)."""
+    return {**run_config(cfg), "epochs": cfg.epochs}
+
+
+def _effective(config: dict[str, Any]) -> dict[str, Any]:
+    """Run-defining values as they take effect: --model auto is the data set's default model, and
+    no --batch is --base-batch (so giving either of those on a resume is no change)."""
+    c = dict(config)
+    if c.get("model") == "auto" and "dataset" in c:
+        c["model"] = DEFAULT_MODELS.get(c["dataset"], "cnn")
+    if "batch" in c and c["batch"] is None and "base_batch" in c:
+        c["batch"] = c["base_batch"]
+    return c
+
+
 def resume_mismatch_error(run_dir: str | os.PathLike, cfg: TrainConfig, saved: dict[str, Any]) -> UserError | None:
     """The error naming each run-defining option of `cfg` that differs from the resumed run's."""
-    ours = run_config(cfg)
-    differ = [f"--{k.replace('_', '-')} {ours[k]} (the run has {v})" for k, v in saved.items()
+    ours, theirs = _effective(run_config(cfg)), _effective(saved)
+    differ = [f"--{k.replace('_', '-')} {ours[k]} (the run has {v})" for k, v in theirs.items()
               if k in ours and ours[k] != v]
     if not differ:
         return None
@@ -284,8 +306,9 @@ def resume_mismatch_error(run_dir: str | os.PathLike, cfg: TrainConfig, saved: d
 
 def resumed_options(options: dict[str, Any], given: Callable[[str], bool]) -> dict[str, Any]:
     """TrainConfig fields `options` for a run resumed from options["resume"] (unchanged without
-    one): out defaults to the run's folder; what defines the run comes from its checkpoint unless
-    given (`given(name)`), and a given value that differs is refused here, before the data loads
+    one): out defaults to the run's folder; what defines the run, and its planned --epochs, come
+    from its checkpoint unless given (`given(name)`), and a given value that differs (--epochs may)
+    is refused here, before the data loads
     (Trainer.resume says the same to callers that skip this). The checkpoint is read again when
     it loads: the cost of saying it early."""
     options = dict(options)
@@ -397,30 +420,51 @@ def _check_no_arguments_needed(factory: Callable[..., Any]) -> None:
 
 
 def _check_model_fits(model: nn.Module, data: Any, device: torch.device) -> None:
-    """A caller's own model, run once in eval mode without gradients on two training samples: one
-    that fails on the data's inputs, or gives other than one logit per class, is refused here,
-    before anything is written (and lazy modules take their shapes before the optimizer is made).
-    Raises UserError naming the shapes."""
+    """A caller's own model, run once in eval mode and once in training mode, without gradients,
+    on two training samples: one that fails on the data's inputs, or gives other than one logit
+    per class (say, auxiliary heads in training mode), is refused here, before anything is
+    written (and lazy modules take their shapes before the optimizer is made). The model's
+    buffers (BatchNorm statistics) and torch's RNG (dropout) are left as they were. Raises
+    UserError naming the shapes."""
     x = data.train_x[:2].to(device)
     want = (len(x), int(data.num_classes))
+    for training in (False, True):
+        mode = " in training mode" if training else ""
+        try:
+            out = _forward_untouched(model, x, training)
+        except Exception as exc:  # the model's own error, told with the shapes that caused it
+            hint = ""
+            if x.dim() == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
+                hint = " The inputs look channels-last (N, H, W, C): give x.permute(0, 3, 1, 2)."
+            raise UserError(f"the model fails{mode} on a batch of inputs shaped {tuple(x.shape)} "
+                            f"({type(exc).__name__}: {' '.join(str(exc).split())[:240]}): make the model take the "
+                            f"data's (N, C, H, W) inputs.{hint}") from None
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        if shape != want:
+            raise UserError(f"the model gives {shape}{mode} for a batch of {want[0]}: it must give {want} logits, "
+                            f"one per class of the data ({want[1]} classes), in eval and training mode")
+
+
+def _forward_untouched(model: nn.Module, x: torch.Tensor, training: bool) -> Any:
+    """model(x) without gradients in training or eval mode; the model's mode, its buffers and
+    torch's RNG states as they were before."""
+    # (A lazy module's buffers get their shape in this call: eval mode leaves them as made.)
+    saved = [(b, b.detach().clone()) for b in model.buffers() if not nn.parameter.is_lazy(b)]
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state(x.device) if x.device.type == "cuda" else None
     was_training = model.training
-    model.eval()
+    model.train(training)
     try:
         with torch.no_grad():
-            out = model(x)
-    except Exception as exc:  # the model's own error, told with the shapes that caused it
-        hint = ""
-        if x.dim() == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
-            hint = " The inputs look channels-last (N, H, W, C): give x.permute(0, 3, 1, 2)."
-        raise UserError(f"the model fails on a batch of inputs shaped {tuple(x.shape)} ({type(exc).__name__}: "
-                        f"{' '.join(str(exc).split())[:240]}): make the model take the data's (N, C, H, W) "
-                        f"inputs.{hint}") from None
+            return model(x)
     finally:
         model.train(was_training)
-    shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-    if shape != want:
-        raise UserError(f"the model gives {shape} for a batch of {want[0]}: it must give {want} logits, one per "
-                        f"class of the data ({want[1]} classes)")
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng, x.device)
 
 
 class Trainer:
@@ -448,9 +492,9 @@ class Trainer:
             data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download)
         for asked, have, flag, split in ((cfg.train_subset, len(data.train_y), "--train-subset", "training"),
                                          (cfg.test_subset, len(data.test_y), "--test-subset", "test")):
-            # (It would silently be all of them. A resumed run's own value, from before this was
-            # refused, keeps that meaning.)
-            if asked is not None and asked > have and cfg.resume is None:
+            # (It would silently be all of them. A resumed run's own --train-subset, from before
+            # this was refused, keeps that meaning; --test-subset is never the run's own.)
+            if asked is not None and asked > have and (cfg.resume is None or flag == "--test-subset"):
                 raise UserError(f"{flag} {asked} exceeds the {have} {split} samples: pass at most {have}, or leave "
                                 f"{flag} out")
         self.data = _subset(data, cfg.train_subset, cfg.test_subset)
@@ -787,7 +831,7 @@ class Trainer:
         from hvd_abs.elastic.checkpoint import save_checkpoint, to_host
 
         t0 = time.perf_counter()
-        state = to_host({**self.state_dict(), "rng": torch.get_rng_state(), "config": run_config(self.cfg),
+        state = to_host({**self.state_dict(), "rng": torch.get_rng_state(), "config": saved_config(self.cfg),
                          "data": self.data_id})
         path = save_checkpoint(Path(self.cfg.out).expanduser() / CHECKPOINT_DIR, state, self.updates)
         writer.event("checkpoint", epoch=self.epoch, updates=self.updates, path=str(path),
@@ -907,7 +951,7 @@ def train(cfg: TrainConfig, comm: Any = None, eigen_fn: EigenFn | None = None,
                             f"--epochs above {trainer.epoch} to train it further")
     out = Path(cfg.out).expanduser()
     if comm.rank == 0:
-        prepare_out_dir(out, cfg.overwrite and not cfg.resumes_in_place)
+        prepare_out_dir(out, cfg.replaces_out)
     writer = MetricsWriter(out, enabled=comm.rank == 0)
     if resumed_from is not None and not cfg.resumes_in_place:
         record_history(trainer, writer)

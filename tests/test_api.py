@@ -248,6 +248,13 @@ def test_fit_refuses_what_it_cannot_train(digits, tmp_path):
         hvd_abs.fit(model=conv, data=hwc, out=out)
     with pytest.raises(hvd_abs.UserError, match=r"gives \(2, 5\) for a batch of 2: it must give \(2, 10\) logits"):
         hvd_abs.fit(model=lambda: nn.Sequential(nn.Flatten(), nn.Linear(64, 5)), data=digits, out=out)
+    class AuxHead(TinyNet):  # as torchvision's GoogLeNet: a second output in training mode only
+        def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+            out = self.body(x)
+            return (out, out) if self.training else out
+
+    with pytest.raises(hvd_abs.UserError, match=r"gives tuple in training mode for a batch of 2: it must give \(2, 10\)"):
+        hvd_abs.fit(model=AuxHead, data=digits, out=out)
     with pytest.raises(hvd_abs.UserError, match="--test-subset 5000 exceeds the 360 test samples: pass at most 360"):
         hvd_abs.fit(model=TinyNet, data=digits, out=out, test_subset=5000)
     with pytest.raises(TypeError, match="unknown options"):
@@ -255,6 +262,21 @@ def test_fit_refuses_what_it_cannot_train(digits, tmp_path):
     with pytest.raises(hvd_abs.UserError, match="--epochs must be a positive integer"):
         hvd_abs.fit(model=TinyNet, data=digits, out=out, epochs=0)
     assert not Path(out).exists()  # nothing written for a refused run
+
+
+def test_the_model_check_leaves_the_model_and_the_rng_as_they_were(digits, tmp_path):
+    from hvd_abs.train import _check_model_fits
+
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.Flatten(), nn.Linear(144, 10))
+    net.train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    rng = torch.get_rng_state()
+    _check_model_fits(net, digits, torch.device("cpu"))
+    assert net.training and torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())  # running stats, batch count
+    net.eval()
+    _check_model_fits(net, digits, torch.device("cpu"))
+    assert not net.training
 
 
 def test_a_lazy_model_trains_and_a_run_that_fails_early_leaves_no_run_behind(digits, tmp_path):
@@ -271,8 +293,18 @@ def test_a_lazy_model_trains_and_a_run_that_fails_early_leaves_no_run_behind(dig
             return super().forward(x)
 
     out = tmp_path / "run"
-    with pytest.raises(RuntimeError, match="a bug in training mode"):
+    with pytest.raises(hvd_abs.UserError, match=r"the model fails in training mode .*a bug in training mode"):
         hvd_abs.fit(model=BreaksInTraining, data=digits, method="sgd", epochs=1, out=str(out), echo=False)
+
+    class BreaksOnFullBatches(TinyNet):  # passes the 2-sample check, fails in the first update
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if len(x) > 2:
+                raise RuntimeError("a bug at batch size 64")
+            return super().forward(x)
+
+    with pytest.raises(RuntimeError, match="a bug at batch size 64"):
+        hvd_abs.fit(model=BreaksOnFullBatches, data=digits, method="sgd", epochs=1, base_batch=64, out=str(out),
+                    echo=False)
     assert not (out / "metrics.jsonl").exists()  # nothing recorded: the fixed rerun needs no --overwrite
     again = hvd_abs.fit(model=TinyNet, data=digits, method="sgd", epochs=1, out=str(out), quiet=True, echo=False)
     assert again["epochs"] == 1

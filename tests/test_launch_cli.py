@@ -93,6 +93,29 @@ def test_a_run_that_finished_is_not_reported_as_failed(finished_run):
     assert line.startswith("Warning: the run finished all 2 epochs; its results are in " + str(out)), line
     assert "horovodrun exited 1" in line and str(out / "elastic" / "x.txt") in line and "--resume" not in line
     assert "\n" not in line
+    # A --resume that gives no --epochs planned the run's own (2), not the default 90.
+    code, line = job_outcome([*QUICK, "--resume", str(out), "--out", str(out)], "horovodrun exited 1", started)
+    assert code == 0 and line.startswith("Warning: the run finished all 2 epochs"), line
+
+
+@pytest.mark.multiprocess
+def test_an_elastic_resume_into_another_folder_with_overwrite_replaces_its_run(finished_run, tmp_path):
+    """`launch horovod -- --resume A --out B --overwrite` replaces B's run as `hvd-abs train` does.
+    (The elastic path left B's old epochs and checkpoints there and appended A's last epoch.)"""
+    from hvd_abs.metrics import read_metrics
+
+    a, _, _ = finished_run
+    b = tmp_path / "b"
+    assert CliRunner().invoke(main, ["train", *QUICK, "--epochs", "1", "--seed", "5", "--out", str(b)]).exit_code == 0
+    result = CliRunner().invoke(main, ["launch", "horovod", "--min-np", "1", "--max-np", "1", "--",
+                                       *QUICK, "--resume", str(a), "--epochs", "3", "--out", str(b), "--overwrite"])
+    assert result.exit_code == 0, result.output
+    timing = {"epoch_s", "samples_per_s", "second_order_s"}
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
+    ours, theirs = read_metrics(b)[0], read_metrics(a)[0]
+    assert [e["epoch"] for e in ours] == [1, 2, 3] and strip(ours[:2]) == strip(theirs)  # A's epochs, then one more
+    assert sorted(p.name for p in (b / "checkpoints").iterdir()) == [f"ckpt-{ours[-1]['updates']:06d}.pt"]
+    assert not (b / ".replaced-run").exists()
 
 
 def test_a_run_that_did_not_finish_gets_resume_advice_only_with_a_checkpoint(finished_run, tmp_path):

@@ -202,6 +202,24 @@ def test_resume_continues_the_run_as_it_was_started(tmp_path: Path) -> None:
     assert (summary["method"], summary["config"]["base_batch"], summary["config"]["lr"]) == ("sgd", 32, 0.01)
     epochs, _ = read_metrics(tmp_path / "second")
     assert [(e["epoch"], e["global_batch"], e["accum_steps"], e["eig"]) for e in epochs] == [(1, 64, 2, None), (2, 64, 2, None)]
+    # --epochs too is the run's own unless given: a plain --resume of a run stopped early runs to
+    # its planned end (not to the default 90 epochs), and one of a finished run is refused.
+    stopped = tmp_path / "stopped"
+    assert CliRunner().invoke(main, [*start[:-4], "--epochs", "3", "--stop-at-update", "30", "--out", str(stopped)]
+                              ).exit_code == 0
+    result = CliRunner().invoke(main, ["train", "--quiet", "--resume", str(stopped)])
+    assert result.exit_code == 0, result.output
+    assert [e["epoch"] for e in read_metrics(stopped)[0]] == [1, 2, 3]
+    result = CliRunner().invoke(main, ["train", "--quiet", "--resume", str(stopped)])
+    assert result.exit_code == 2 and "already reached epoch 3; pass --epochs above 3" in result.output
+    # Options given with the value the run had in effect change nothing: a digits run with
+    # --model auto trained cnn, and without --batch its batch was --base-batch (128).
+    auto = tmp_path / "auto"
+    assert CliRunner().invoke(main, ["train", "--quiet", "--method", "sgd", "--epochs", "1", "--out", str(auto)]
+                              ).exit_code == 0
+    result = CliRunner().invoke(main, ["train", "--quiet", "--resume", str(auto), "--epochs", "2", "--model", "cnn",
+                                       "--batch", "128"])
+    assert result.exit_code == 0, result.output
     # The API says the same when a resumed config differs from the run's.
     cfg = TrainConfig(method="abs", base_batch=32, batch=64, lr=0.01, model="mlp", epochs=2, resume=str(first),
                       out=str(tmp_path / "third"), quiet=True)
@@ -220,6 +238,7 @@ def test_resume_refuses_what_would_lose_or_mix_runs(tmp_path: Path) -> None:
         ("--epochs", "2", "--resume", str(done), "--out", str(other)): ["already holds a run", "--overwrite"],
         ("--epochs", "1", "--resume", str(done)): ["already reached epoch 1", "--epochs above 1"],
         ("--epochs", "2", "--resume", str(done), "--model", "cnn"): ["--model cnn (the run has mlp)", "leave them out"],
+        ("--epochs", "2", "--resume", str(done), "--test-subset", "9999"): ["--test-subset 9999 exceeds the 360 test"],
         ("--epochs", "2", "--resume", str(done), "--method", "sgd", "--lr", "0.2"):
             ["--method sgd (the run has absa)", "--lr 0.2 (the run has 0.1)"],
     }

@@ -174,7 +174,8 @@ def finished_epochs(train_args: list[str], started: float) -> int | None:
     import os
     from pathlib import Path
 
-    from hvd_abs.commands.train import train_context
+    from hvd_abs.commands.train import config_from_options, train_context
+    from hvd_abs.errors import UserError
     from hvd_abs.launch_horovod import option_value
     from hvd_abs.metrics import SUMMARY_FILE
 
@@ -183,11 +184,12 @@ def finished_epochs(train_args: list[str], started: float) -> int | None:
         return None
     path = Path(out).expanduser() / SUMMARY_FILE
     try:
-        planned = train_context(list(train_args), extras=True, resilient=True).params["epochs"]
+        ctx = train_context(list(train_args), extras=True, resilient=True)
+        planned = config_from_options(dict(ctx.params), ctx).epochs  # (a resume's: the run's own unless given)
         if os.stat(path).st_mtime < started - 1.0:  # (1 s: coarse file-system clocks)
             return None
         summary = json.loads(path.read_text())
-    except (OSError, ValueError, KeyError, click.ClickException):
+    except (OSError, ValueError, KeyError, TypeError, click.ClickException, UserError):
         return None
     epochs = summary.get("epochs") if isinstance(summary, dict) else None
     if not isinstance(planned, int) or not isinstance(epochs, int) or "metrics" not in summary or epochs < planned:

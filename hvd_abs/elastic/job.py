@@ -75,7 +75,7 @@ def train_elastic(cfg: TrainConfig, eigen_fn: Any = None, on_epoch: Callable[[di
     if cfg.resume is not None:
         trainer.resume(cfg.resume, collective=False)
     if comm.rank == 0:
-        _prepare_once(out, cfg.overwrite and cfg.resume is None)
+        _prepare_once(out, cfg.replaces_out)
     state = CommittedState(trainer)
     timeline = _Timeline()
     ledger = _Ledger(out, trainer) if cfg.ledger else None
