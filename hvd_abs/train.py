@@ -103,7 +103,9 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     lr_cap: float | None = None
     momentum: float = 0.9
+    nesterov: bool = False
     weight_decay: float = 0.0
+    label_smoothing: float = 0.0  # of the training loss (and so of its Hessian); test loss plain
     augment: str = "none"  # none (the reference), flip, crop, crop-flip: see hvd_abs/augment.py
     adv_eps: float = 0.005
     adv_ratio: float = 0.2
@@ -185,6 +187,10 @@ class TrainConfig:
             raise UserError(f"--lr-cap must be > 0, got {self.lr_cap}")
         if not 0 <= self.momentum < 1:
             raise UserError(f"--momentum must be in [0, 1), got {self.momentum}")
+        if self.nesterov and self.momentum == 0:
+            raise UserError("--nesterov needs momentum: pass --momentum above 0 (e.g. 0.9), or drop --nesterov")
+        if not 0 <= self.label_smoothing < 1:
+            raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             raise UserError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
         if self.augment not in AUGMENTS:
@@ -525,7 +531,7 @@ class Trainer:
         if own_model:
             _check_model_fits(self.model, self.data, self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.SGD(self.params, lr=cfg.lr, momentum=cfg.momentum,
+        self.optimizer = torch.optim.SGD(self.params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                          weight_decay=cfg.weight_decay)
 
         adaptive = cfg.method != "sgd"
@@ -659,7 +665,7 @@ class Trainer:
             if self.adv.initial_ratio > 0:
                 x, _ = self.adv.apply(self.model, F.cross_entropy, x, y, self.epoch)
             logits = self.model(x)  # (m, classes)
-            loss_sum = F.cross_entropy(logits, y, reduction="sum")
+            loss_sum = F.cross_entropy(logits, y, reduction="sum", label_smoothing=self.cfg.label_smoothing)
             # Divide by the GLOBAL batch: summed over micro-batches and ranks this is the mean.
             (loss_sum / G).backward()
             stats[0] += loss_sum.detach()
@@ -707,7 +713,8 @@ class Trainer:
             self.eigen_fn = _default_eigen_fn()
         t0 = time.perf_counter()
         batches = self.eig_batches()
-        result = self.eigen_fn(self.model, nn.CrossEntropyLoss(), batches, tol=self.cfg.eig_tol,
+        criterion = nn.CrossEntropyLoss(label_smoothing=self.cfg.label_smoothing)  # the loss trained on
+        result = self.eigen_fn(self.model, criterion, batches, tol=self.cfg.eig_tol,
                                max_iter=self.cfg.eig_max_iter, method=self.cfg.eig_method,
                                seed=self.cfg.seed + self.epoch, comm=self.comm)
         eig = float(result.eigenvalues[0])

@@ -93,6 +93,29 @@ def test_an_update_dispatches_about_what_the_textbook_loop_does(digits, tmp_path
     assert ours.n <= 1.05 * plain.n, (ours.n, plain.n)
 
 
+def test_label_smoothing_and_nesterov_update_as_torch_does(digits, tmp_path: Path) -> None:
+    import torch.nn.functional as F
+
+    cfg = TrainConfig(method="sgd", model="mlp", epochs=2, batch=96, base_batch=32, lr=0.3, nesterov=True,
+                      label_smoothing=0.1, out=str(tmp_path / "t"), quiet=True)
+    trainer = Trainer(cfg, data=digits)
+    model = copy.deepcopy(trainer.model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9, nesterov=True)
+    perm = trainer.sampler.permutation()
+    for step in range(2):  # (the second update uses the momentum the first one left)
+        idx = perm[step * 96:(step + 1) * 96]
+        opt.zero_grad()
+        F.cross_entropy(model(digits.train_x[idx]), digits.train_y[idx], label_smoothing=0.1).backward()
+        opt.step()
+        assert trainer.step()
+    for a, b in zip(trainer.model.parameters(), model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(UserError, match="--nesterov needs momentum"):
+        TrainConfig(nesterov=True, momentum=0.0, out=str(tmp_path / "n")).validate()
+    with pytest.raises(UserError, match=r"--label-smoothing must be in \[0, 1\)"):
+        TrainConfig(label_smoothing=1.0, out=str(tmp_path / "n")).validate()
+
+
 def test_trainer_state_round_trip_continues_identically(digits, tmp_path: Path) -> None:
     import types
 

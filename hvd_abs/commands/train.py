@@ -46,7 +46,10 @@ def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> 
               help="Linear LR ramp over this many epochs at the start and after each growth (0: off).")
 @click.option("--lr-cap", type=float, default=None, help="Upper bound of the LR (default: none).")
 @click.option("--momentum", type=float, default=0.9, show_default=True)
+@click.option("--nesterov", is_flag=True, help="Nesterov momentum.")
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--label-smoothing", type=float, default=0.0, show_default=True,
+              help="Of the training loss (and of the Hessian the growth check estimates); the test loss is plain.")
 @click.option("--augment", type=click.Choice(["none", "flip", "crop", "crop-flip"]), default="none",
               show_default=True,
               help="Training images randomly cropped (zero padding of 1/8 the side: 4 px at 32) and/or mirrored "
