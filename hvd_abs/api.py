@@ -66,6 +66,10 @@ def parse_train_args(argv: Sequence[str] | None = None, prog: str | None = None,
         ctx = script_command.make_context(name, args, ignore_unknown_options=True, allow_extra_args=True)
         check_script_extras([a for a in ctx.args if a.split("=", 1)[0] not in own])
         cfg = config_from_options(ctx.params, ctx)
+        # Which options the command line gave: fit resolves a --resume with them (a value equal to
+        # the default, --epochs 90, is still given).
+        cfg._given_options = frozenset(  # type: ignore[attr-defined]
+            n for n in ctx.params if ctx.get_parameter_source(n) not in (None, click.core.ParameterSource.DEFAULT))
         cfg.validate()  # (again when training starts) a bad value is said before the script loads its data
     except click.exceptions.Exit as exc:  # --help: then the script's own options
         if parser is not None:
@@ -223,9 +227,11 @@ def fit(cfg: TrainConfig | None = None, *, model: nn.Module | Callable[[], nn.Mo
     merged = {**dataclasses.asdict(cfg), **options}
     if merged["resume"] is not None:
         # fit(resume=DIR, epochs=...) continues the run as `hvd-abs train --resume DIR` does: in
-        # DIR, with the run's own options where these do not give them. (A config's field counts
-        # as given when it is not the default: parse_train_args's configs have them filled.)
-        given = lambda name: name in options or merged[name] != getattr(defaults, name)  # noqa: E731
+        # DIR, with the run's own options where these do not give them. A config's field counts
+        # as given when its command line gave it (parse_train_args), else when it is not the default.
+        from_cli = getattr(cfg, "_given_options", None)
+        given = lambda name: name in options or (name in from_cli if from_cli is not None  # noqa: E731
+                                                 else merged[name] != getattr(defaults, name))
         cfg = TrainConfig(**resumed_options(merged, given))
     else:
         cfg = TrainConfig(**merged)
@@ -280,6 +286,9 @@ def load_model(run_dir: str | Path, model: nn.Module | Callable[[], nn.Module] |
     if model is None:
         model = _built_in_model_of(run)
     elif not isinstance(model, nn.Module):
+        from hvd_abs.train import _check_no_arguments_needed
+
+        _check_no_arguments_needed(model)
         model = model()
     try:
         model.load_state_dict(state)

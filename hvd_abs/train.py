@@ -279,7 +279,17 @@ def saved_run_config(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     from hvd_abs.elastic.checkpoint import load_latest
 
     found = load_latest(Path(run_dir).expanduser() / CHECKPOINT_DIR)
-    return found[1].get("config") if found is not None else None
+    return _with_planned_epochs(found[1]) if found is not None else None
+
+
+def _with_planned_epochs(state: dict[str, Any]) -> dict[str, Any] | None:
+    """A checkpoint's config with its planned --epochs: checkpoints from before they were kept
+    there have them as the adversarial schedule's length (kept for every method)."""
+    config = state.get("config")
+    planned = (state.get("adversarial") or {}).get("total_epochs")
+    if config is None or "epochs" in config or planned is None:
+        return config
+    return {**config, "epochs": int(planned)}
 
 
 def saved_config(cfg: TrainConfig) -> dict[str, Any]:
@@ -300,10 +310,14 @@ def _effective(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def resume_mismatch_error(run_dir: str | os.PathLike, cfg: TrainConfig, saved: dict[str, Any]) -> UserError | None:
-    """The error naming each run-defining option of `cfg` that differs from the resumed run's."""
-    ours, theirs = _effective(run_config(cfg)), _effective(saved)
+    """The error naming each run-defining option of `cfg` that differs from the resumed run's.
+    An option newer than the checkpoint had, there, its default: what the code did before it."""
+    raw_ours, raw_theirs = run_config(cfg), {**run_config(TrainConfig()), **saved}
+    ours, theirs = _effective(raw_ours), _effective(raw_theirs)
+    # (Compared as they take effect; named only when they differ as given too: a --batch left out
+    # differs with --base-batch, which is named itself.)
     differ = [f"--{k.replace('_', '-')} {ours[k]} (the run has {v})" for k, v in theirs.items()
-              if k in ours and ours[k] != v]
+              if k in ours and ours[k] != v and raw_ours[k] != raw_theirs[k]]
     if not differ:
         return None
     return UserError(f"--resume {run_dir}: {'; '.join(differ)}: these define the run; leave them out to "
@@ -452,11 +466,16 @@ def _check_model_fits(model: nn.Module, data: Any, device: torch.device) -> None
 
 
 def _forward_untouched(model: nn.Module, x: torch.Tensor, training: bool) -> Any:
-    """model(x) without gradients in training or eval mode; the model's mode, its buffers and
-    torch's RNG states as they were before."""
+    """model(x) without gradients in training or eval mode; the model's mode, its buffers (also one
+    that forward replaces) and the torch, Python and numpy RNG states as they were before."""
+    import random
+
+    import numpy as np
+
     # (A lazy module's buffers get their shape in this call: eval mode leaves them as made.)
-    saved = [(b, b.detach().clone()) for b in model.buffers() if not nn.parameter.is_lazy(b)]
-    rng = torch.get_rng_state()
+    saved = [(module, name, b, b.detach().clone()) for module in model.modules()
+             for name, b in module._buffers.items() if b is not None and not nn.parameter.is_lazy(b)]
+    rngs = torch.get_rng_state(), random.getstate(), np.random.get_state()
     cuda_rng = torch.cuda.get_rng_state(x.device) if x.device.type == "cuda" else None
     was_training = model.training
     model.train(training)
@@ -466,9 +485,12 @@ def _forward_untouched(model: nn.Module, x: torch.Tensor, training: bool) -> Any
     finally:
         model.train(was_training)
         with torch.no_grad():
-            for buffer, value in saved:
+            for module, name, buffer, value in saved:
                 buffer.copy_(value)
-        torch.set_rng_state(rng)
+                module._buffers[name] = buffer
+        torch.set_rng_state(rngs[0])
+        random.setstate(rngs[1])
+        np.random.set_state(rngs[2])
         if cuda_rng is not None:
             torch.cuda.set_rng_state(cuda_rng, x.device)
 
@@ -602,12 +624,6 @@ class Trainer:
         self.controller.load_state_dict(state["controller"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.adv.load_state_dict(state["adversarial"])
-        # What follows --epochs follows this run's --epochs, which a resume may change: the
-        # default decay epochs (E/3, 2E/3), the cosine's length and ABSA's stop at E/2. (The other options that shape
-        # them define the run: a resume must keep them.)
-        self.lr_schedule.decay_epochs = self.cfg.decay_epochs()
-        self.lr_schedule.total_epochs = self.cfg.epochs
-        self.adv.total_epochs = self.cfg.epochs
         self.sampler.load_state_dict(state["sampler"])
         self.updates = int(state["updates"])
         self.samples_seen = int(state["samples_seen"])
@@ -853,7 +869,8 @@ class Trainer:
         if collective:
             found = self.comm.broadcast_object(found)
         path, state = found
-        saved = state.pop("config", None)  # None: a checkpoint from before configs were kept
+        saved = _with_planned_epochs(state)  # None: a checkpoint from before configs were kept
+        state.pop("config", None)
         error = resume_mismatch_error(run_dir, self.cfg, saved) if saved is not None else None
         if error:
             raise error
@@ -877,6 +894,15 @@ class Trainer:
             raise UserError(f"--resume {run_dir}: checkpoint {Path(path).name} does not fit this run ({reason}); "
                             f"pass the --model, --dataset, --method and --train-subset the run was started "
                             f"with, or another --out for a new run") from None
+        if saved is not None:
+            # What follows --epochs follows this run's --epochs, which a resume may change: the
+            # default decay epochs (E/3, 2E/3), the cosine's length and ABSA's stop at E/2. (The
+            # options that shape them define the run: checked above to be the run's own. A
+            # checkpoint without them keeps its schedules as they were.)
+            self.lr_schedule.schedule = self.cfg.lr_schedule
+            self.lr_schedule.decay_epochs = self.cfg.decay_epochs()
+            self.lr_schedule.total_epochs = self.cfg.epochs
+            self.adv.total_epochs = self.cfg.epochs
         # A checkpoint taken mid-epoch (--stop-at-update) carries the epoch's start on the clock
         # of the process that wrote it: count the time until then as its training time only.
         if self._epoch_clock["start"] is not None:
@@ -906,11 +932,13 @@ class Trainer:
         }
 
 
-def prepare_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
+def prepare_out_dir(out: str | os.PathLike, overwrite: bool, continues: bool = False) -> Path:
     """Create the out dir. With --overwrite the previous run's files (only those) move into
     <out>/.replaced-run, removed when the new run finishes (`finish`): a run that fails on the way
     leaves the old one there. A .replaced-run already there (an earlier --overwrite that failed)
-    is the older run and stays; the failed run's own files are removed."""
+    is the older run and stays; the failed run's own files are removed. continues (the run in out
+    resumes in place): its model.pt goes, as those weights are no longer where the run ends (the
+    checkpoints keep them); finish writes the new one."""
     path = Path(out).expanduser()
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -930,6 +958,8 @@ def prepare_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
             keep.mkdir()
             for p in old:
                 os.replace(p, keep / p.name)
+    if continues:
+        (path / WEIGHTS_FILE).unlink(missing_ok=True)
     return path
 
 
@@ -958,7 +988,7 @@ def train(cfg: TrainConfig, comm: Any = None, eigen_fn: EigenFn | None = None,
                             f"--epochs above {trainer.epoch} to train it further")
     out = Path(cfg.out).expanduser()
     if comm.rank == 0:
-        prepare_out_dir(out, cfg.replaces_out)
+        prepare_out_dir(out, cfg.replaces_out, continues=cfg.resumes_in_place)
     writer = MetricsWriter(out, enabled=comm.rank == 0)
     if resumed_from is not None and not cfg.resumes_in_place:
         record_history(trainer, writer)

@@ -203,6 +203,14 @@ def test_a_run_leaves_its_trained_model_for_load_model_and_torch_load(digits, tm
 
     with pytest.raises(hvd_abs.UserError, match=r"does not fit TinyNet .*pass the model the run trained"):
         hvd_abs.load_model(tmp_path / "cnn", model=TinyNet())
+    with pytest.raises(hvd_abs.UserError, match=r"needs width: pass e.g. model=lambda"):
+        hvd_abs.load_model(tmp_path / "own", model=lambda width: TinyNet())
+    # A run that continues in its folder drops its model.pt until it ends again (the checkpoints
+    # keep the weights): a crash on the way leaves no stale model.pt for load_model to give.
+    from hvd_abs.train import prepare_out_dir
+
+    prepare_out_dir(tmp_path / "cnn", overwrite=False, continues=True)
+    assert not (tmp_path / "cnn" / "model.pt").exists() and (tmp_path / "cnn" / "summary.json").exists()
     with pytest.raises(hvd_abs.UserError, match=r"model.pt does not exist \(no run ended there"):
         hvd_abs.load_model(tmp_path / "nowhere")
     (tmp_path / "own" / "model.pt").rename(tmp_path / "kept.pt")  # as a run that crashed would leave it
@@ -278,6 +286,24 @@ def test_the_model_check_leaves_the_model_and_the_rng_as_they_were(digits, tmp_p
     _check_model_fits(net, digits, torch.device("cpu"))
     assert not net.training
 
+    class Counts(TinyNet):  # a buffer that forward replaces, and Python's RNG drawn from
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("seen", torch.zeros(()))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            import random
+
+            self.seen = self.seen + len(x) + random.random()
+            return super().forward(x)
+
+    import random
+
+    counts, state = Counts(), random.getstate()
+    _check_model_fits(counts, digits, torch.device("cpu"))
+    assert counts.seen.item() == 0 and random.getstate() == state
+    assert dict(counts.named_buffers())["seen"] is counts.seen
+
 
 def test_a_lazy_model_trains_and_a_run_that_fails_early_leaves_no_run_behind(digits, tmp_path):
     # Lazy modules take their shapes from the check's forward (before the optimizer and any
@@ -308,6 +334,15 @@ def test_a_lazy_model_trains_and_a_run_that_fails_early_leaves_no_run_behind(dig
     assert not (out / "metrics.jsonl").exists()  # nothing recorded: the fixed rerun needs no --overwrite
     again = hvd_abs.fit(model=TinyNet, data=digits, method="sgd", epochs=1, out=str(out), quiet=True, echo=False)
     assert again["epochs"] == 1
+
+
+def test_a_resumed_script_keeps_the_epochs_its_command_line_gave(digits, tmp_path):
+    """--epochs 90 given to a script resuming a run planned for 2 is the script's choice, though it
+    is the default (fit resolved the resume again and took the run's 2)."""
+    hvd_abs.fit(model=TinyNet, data=digits, method="sgd", epochs=2, out=str(tmp_path / "r"), quiet=True, echo=False)
+    cfg, _ = hvd_abs.parse_train_args(["--resume", str(tmp_path / "r"), "--epochs", "90", "--stop-at-update", "30"])
+    summary = hvd_abs.fit(cfg, model=TinyNet, data=digits, echo=False)
+    assert summary["config"]["epochs"] == 90 and summary["updates"] == 30
 
 
 def test_parse_train_args_reads_train_options_and_returns_the_rest(tmp_path, capsys):

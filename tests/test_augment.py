@@ -49,6 +49,15 @@ def test_a_sample_gets_the_same_crop_whatever_batch_or_worker_takes_it() -> None
     assert not torch.equal(Augmenter("crop-flip", 8, n, (3, 16, 16)).draws(5), a.draws(5))  # and the seed
 
 
+def test_the_draws_do_not_come_from_the_process_rng() -> None:
+    """A resume restores torch's RNG, so only this shows draws that a worker's RNG would change."""
+    torch.manual_seed(1)
+    first = Augmenter("crop-flip", seed=4, num_samples=500, image_shape=(3, 16, 16)).draws(2)
+    torch.manual_seed(2)
+    torch.rand(7)
+    assert torch.equal(Augmenter("crop-flip", seed=4, num_samples=500, image_shape=(3, 16, 16)).draws(2), first)
+
+
 def test_draws_cover_every_offset_and_flip_half_the_samples() -> None:
     d = Augmenter("crop-flip", seed=0, num_samples=20_000, image_shape=(3, 32, 32)).draws(0)
     for col in (0, 1):

@@ -240,6 +240,9 @@ def test_resume_continues_the_run_as_it_was_started(tmp_path: Path) -> None:
     auto = tmp_path / "auto"
     assert CliRunner().invoke(main, ["train", "--quiet", "--method", "sgd", "--epochs", "1", "--out", str(auto)]
                               ).exit_code == 0
+    # One that differs is named, not the ones that follow from it (--batch, left out, is --base-batch).
+    result = CliRunner().invoke(main, ["train", "--quiet", "--resume", str(auto), "--epochs", "3", "--base-batch", "64"])
+    assert result.exit_code == 2 and "--base-batch 64 (the run has 128): these define" in result.output, result.output
     result = CliRunner().invoke(main, ["train", "--quiet", "--resume", str(auto), "--epochs", "2", "--model", "cnn",
                                        "--batch", "128"])
     assert result.exit_code == 0, result.output
@@ -373,12 +376,35 @@ def test_a_resume_with_other_epochs_follows_their_plan(tmp_path):
     assert lrs("cos")[:1] == pytest.approx([0.05 * (1 + math.cos(math.pi * t / 6)) for t in ends[:1]])
     assert lrs("cos")[1:] == pytest.approx([0.05 * (1 + math.cos(math.pi * t / 9)) for t in ends[1:]])
 
-    absa = dict(method="absa", dataset="digits", model="mlp", quiet=True, threads=1)
-    short = Trainer(TrainConfig(**absa, epochs=6, out=str(tmp_path / "a")))
-    longer = Trainer(TrainConfig(**absa, epochs=9, out=str(tmp_path / "b")))
-    longer.load_state_dict(short.state_dict())
-    assert [longer.adv.ratio(e) > 0 for e in range(9)] == [True] * 5 + [False] * 4
-    assert [short.adv.ratio(e) > 0 for e in range(6)] == [True] * 3 + [False] * 3
+    absa = dict(common, method="absa", eig_samples=128)
+    train(TrainConfig(**absa, epochs=6, stop_at_update=16, out=str(tmp_path / "absa")), plot=False)
+    train(TrainConfig(**absa, epochs=9, out=str(tmp_path / "absa"), resume=str(tmp_path / "absa")), plot=False)
+    assert [e["adv_ratio"] > 0 for e in read_metrics(tmp_path / "absa")[0]] == [True] * 5 + [False] * 4
+
+
+def test_a_checkpoint_from_before_the_new_options_resumes_as_it_ran(tmp_path):
+    """Checkpoints written before --epochs, --lr-schedule, --augment, --nesterov and
+    --label-smoothing were kept: a plain --resume runs to the planned end (the adversarial
+    schedule's length) with the LR the run had, and a new option given is refused, not dropped."""
+    from hvd_abs.elastic.checkpoint import load_latest, save_checkpoint
+
+    common = dict(method="sgd", dataset="digits", model="mlp", lr_decay=0.5, quiet=True, threads=1)
+    train(TrainConfig(**common, epochs=6, out=str(tmp_path / "whole")), plot=False)
+    train(TrainConfig(**common, epochs=6, stop_at_update=25, out=str(tmp_path / "old")), plot=False)
+    path, state = load_latest(tmp_path / "old" / "checkpoints")
+    for key in ("epochs", "lr_schedule", "augment", "nesterov", "label_smoothing"):
+        state["config"].pop(key)
+    for key in ("schedule", "total_epochs"):
+        state["lr_schedule"].pop(key)
+    save_checkpoint(tmp_path / "old" / "checkpoints", state, state["updates"])  # (the same file, replaced)
+    for given, says in ((["--lr-schedule", "cosine"], "--lr-schedule cosine (the run has step)"),
+                        (["--augment", "crop-flip"], "--augment crop-flip (the run has none)")):
+        result = CliRunner().invoke(main, ["train", "--resume", str(tmp_path / "old"), *given])
+        assert result.exit_code == 2 and says in result.output, result.output
+    result = CliRunner().invoke(main, ["train", "--quiet", "--resume", str(tmp_path / "old")])
+    assert result.exit_code == 0, result.output
+    lrs = lambda run: [e["lr"] for e in read_metrics(tmp_path / run)[0]]  # noqa: E731
+    assert lrs("old") == lrs("whole") == [0.1, 0.1, 0.05, 0.05, 0.025, 0.025]
 
 
 def test_overwrite_keeps_the_old_run_until_the_new_one_finishes(digits, tmp_path: Path) -> None:

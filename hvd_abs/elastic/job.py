@@ -75,7 +75,7 @@ def train_elastic(cfg: TrainConfig, eigen_fn: Any = None, on_epoch: Callable[[di
     if cfg.resume is not None:
         trainer.resume(cfg.resume, collective=False)
     if comm.rank == 0:
-        _prepare_once(out, cfg.replaces_out)
+        _prepare_once(out, cfg.replaces_out, continues=cfg.resumes_in_place)
     state = CommittedState(trainer)
     timeline = _Timeline()
     ledger = _Ledger(out, trainer) if cfg.ledger else None
@@ -142,7 +142,7 @@ def train_elastic(cfg: TrainConfig, eigen_fn: Any = None, on_epoch: Callable[[di
             w.close()
 
 
-def _prepare_once(out: Path, overwrite: bool) -> None:
+def _prepare_once(out: Path, overwrite: bool, continues: bool) -> None:
     """Prepare the out dir (with --overwrite: clear the previous run) once per job: a worker that
     becomes rank 0 later in the same job (after a failure) must not clear what this job wrote.
     The job is told apart by its rendezvous endpoint, which horovodrun picks per launch."""
@@ -150,7 +150,7 @@ def _prepare_once(out: Path, overwrite: bool) -> None:
     marker = out / "elastic" / "job"
     if marker.exists() and marker.read_text() == job:
         return
-    prepare_out_dir(out, overwrite)
+    prepare_out_dir(out, overwrite, continues)
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(job)
 
