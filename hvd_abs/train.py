@@ -932,13 +932,11 @@ class Trainer:
         }
 
 
-def prepare_out_dir(out: str | os.PathLike, overwrite: bool, continues: bool = False) -> Path:
+def prepare_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
     """Create the out dir. With --overwrite the previous run's files (only those) move into
     <out>/.replaced-run, removed when the new run finishes (`finish`): a run that fails on the way
     leaves the old one there. A .replaced-run already there (an earlier --overwrite that failed)
-    is the older run and stays; the failed run's own files are removed. continues (the run in out
-    resumes in place): its model.pt goes, as those weights are no longer where the run ends (the
-    checkpoints keep them); finish writes the new one."""
+    is the older run and stays; the failed run's own files are removed."""
     path = Path(out).expanduser()
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -958,9 +956,17 @@ def prepare_out_dir(out: str | os.PathLike, overwrite: bool, continues: bool = F
             keep.mkdir()
             for p in old:
                 os.replace(p, keep / p.name)
-    if continues:
-        (path / WEIGHTS_FILE).unlink(missing_ok=True)
     return path
+
+
+def open_writer(out: Path, cfg: TrainConfig, rank: int) -> MetricsWriter:
+    """The run's metrics writer (it refuses a damaged metrics.jsonl before anything changes). A
+    run resumed in its folder then drops its model.pt, no longer the weights where the run ends
+    (the checkpoints keep them), so a crash on the way leaves none behind; finish writes anew."""
+    writer = MetricsWriter(out, enabled=rank == 0)
+    if rank == 0 and cfg.resumes_in_place:
+        (out / WEIGHTS_FILE).unlink(missing_ok=True)
+    return writer
 
 
 def train(cfg: TrainConfig, comm: Any = None, eigen_fn: EigenFn | None = None,
@@ -988,8 +994,8 @@ def train(cfg: TrainConfig, comm: Any = None, eigen_fn: EigenFn | None = None,
                             f"--epochs above {trainer.epoch} to train it further")
     out = Path(cfg.out).expanduser()
     if comm.rank == 0:
-        prepare_out_dir(out, cfg.replaces_out, continues=cfg.resumes_in_place)
-    writer = MetricsWriter(out, enabled=comm.rank == 0)
+        prepare_out_dir(out, cfg.replaces_out)
+    writer = open_writer(out, cfg, comm.rank)
     if resumed_from is not None and not cfg.resumes_in_place:
         record_history(trainer, writer)
     trainer.on_epoch_end = lambda grew: checkpoint_if_due(trainer, writer)

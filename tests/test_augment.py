@@ -117,3 +117,18 @@ def test_updates_train_on_the_augmented_images_and_nothing_else_does(tmp_path) -
     assert inputs["none"].shape == inputs["crop-flip"].shape and not torch.equal(inputs["none"], inputs["crop-flip"])
     assert (inputs["none"].flatten(1)[:, None, :] == raw[None]).all(-1).any(1).all()
     assert any(not torch.equal(a, b) for a, b in zip(weights["none"], weights["crop-flip"]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (scripts/gpu_checks.sh runs it on one)")
+def test_on_a_gpu_the_crops_are_the_cpus_and_a_run_trains(tmp_path) -> None:
+    from hvd_abs.data import load_dataset
+    from hvd_abs.train import TrainConfig, train
+
+    n = 300
+    x = torch.rand(n, 3, 32, 32)
+    aug = Augmenter("crop-flip", seed=1, num_samples=n, image_shape=(3, 32, 32))
+    idx = torch.randperm(n)[:128]
+    assert torch.equal(aug(x[idx].cuda(), idx, 3).cpu(), aug(x[idx], idx, 3))
+    summary = train(TrainConfig(method="absa", dataset="digits", model="cnn", epochs=2, augment="crop-flip",
+                                device="cuda", quiet=True, out=str(tmp_path / "run")), data=load_dataset("digits"))
+    assert summary["epochs"] == 2 and summary["final_test_acc"] > 0.2

@@ -27,7 +27,8 @@ from typing import Any, Callable
 from hvd_abs.batching.layout import wanted_world_size
 from hvd_abs.elastic.world_signal import write_wanted
 from hvd_abs.metrics import MetricsWriter
-from hvd_abs.train import Trainer, TrainConfig, checkpoint_if_due, finish, prepare_out_dir, record_history
+from hvd_abs.train import (Trainer, TrainConfig, checkpoint_if_due, finish, open_writer, prepare_out_dir,
+                           record_history)
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def train_elastic(cfg: TrainConfig, eigen_fn: Any = None, on_epoch: Callable[[di
     if cfg.resume is not None:
         trainer.resume(cfg.resume, collective=False)
     if comm.rank == 0:
-        _prepare_once(out, cfg.replaces_out, continues=cfg.resumes_in_place)
+        _prepare_once(out, cfg.replaces_out)
     state = CommittedState(trainer)
     timeline = _Timeline()
     ledger = _Ledger(out, trainer) if cfg.ledger else None
@@ -88,7 +89,7 @@ def train_elastic(cfg: TrainConfig, eigen_fn: Any = None, on_epoch: Callable[[di
             for w in writers.values():
                 w.close()
             writers.clear()
-            writers[rank] = MetricsWriter(out, enabled=rank == 0)
+            writers[rank] = open_writer(out, cfg, rank)
         return writers[rank]
 
     def publish() -> None:
@@ -142,7 +143,7 @@ def train_elastic(cfg: TrainConfig, eigen_fn: Any = None, on_epoch: Callable[[di
             w.close()
 
 
-def _prepare_once(out: Path, overwrite: bool, continues: bool) -> None:
+def _prepare_once(out: Path, overwrite: bool) -> None:
     """Prepare the out dir (with --overwrite: clear the previous run) once per job: a worker that
     becomes rank 0 later in the same job (after a failure) must not clear what this job wrote.
     The job is told apart by its rendezvous endpoint, which horovodrun picks per launch."""
@@ -150,7 +151,7 @@ def _prepare_once(out: Path, overwrite: bool, continues: bool) -> None:
     marker = out / "elastic" / "job"
     if marker.exists() and marker.read_text() == job:
         return
-    prepare_out_dir(out, overwrite, continues)
+    prepare_out_dir(out, overwrite)
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(job)
 
