@@ -467,7 +467,7 @@ def _check_model_fits(model: nn.Module, data: Any, device: torch.device) -> None
 
 def _forward_untouched(model: nn.Module, x: torch.Tensor, training: bool) -> Any:
     """model(x) without gradients in training or eval mode; the model's mode, its buffers (also one
-    that forward replaces) and the torch, Python and numpy RNG states as they were before."""
+    that forward replaces or adds) and the torch, Python and numpy RNG states as they were before."""
     import random
 
     import numpy as np
@@ -475,6 +475,7 @@ def _forward_untouched(model: nn.Module, x: torch.Tensor, training: bool) -> Any
     # (A lazy module's buffers get their shape in this call: eval mode leaves them as made.)
     saved = [(module, name, b, b.detach().clone()) for module in model.modules()
              for name, b in module._buffers.items() if b is not None and not nn.parameter.is_lazy(b)]
+    existed = {(id(module), name) for module in model.modules() for name in module._buffers}
     rngs = torch.get_rng_state(), random.getstate(), np.random.get_state()
     cuda_rng = torch.cuda.get_rng_state(x.device) if x.device.type == "cuda" else None
     was_training = model.training
@@ -488,6 +489,9 @@ def _forward_untouched(model: nn.Module, x: torch.Tensor, training: bool) -> Any
             for module, name, buffer, value in saved:
                 buffer.copy_(value)
                 module._buffers[name] = buffer
+            for module in model.modules():  # and none that forward registered anew
+                for name in [n for n in module._buffers if (id(module), n) not in existed]:
+                    del module._buffers[name]
         torch.set_rng_state(rngs[0])
         random.setstate(rngs[1])
         np.random.set_state(rngs[2])
