@@ -292,10 +292,13 @@ def _with_planned_epochs(state: dict[str, Any]) -> dict[str, Any] | None:
     return {**config, "epochs": int(planned)}
 
 
+# Options a resume takes from the run unless given again, and which may change (not compared).
+RESUME_KEPT = ("epochs", "checkpoint_every", "test_subset")
+
+
 def saved_config(cfg: TrainConfig) -> dict[str, Any]:
-    """What a checkpoint keeps of `cfg`: the run-defining options, and the planned --epochs, which
-    a resume takes unless given (it may change: it is not compared)."""
-    return {**run_config(cfg), "epochs": cfg.epochs}
+    """What a checkpoint keeps of `cfg`: the run-defining options, and RESUME_KEPT."""
+    return {**run_config(cfg), **{k: getattr(cfg, k) for k in RESUME_KEPT}}
 
 
 def _effective(config: dict[str, Any]) -> dict[str, Any]:
@@ -326,9 +329,9 @@ def resume_mismatch_error(run_dir: str | os.PathLike, cfg: TrainConfig, saved: d
 
 def resumed_options(options: dict[str, Any], given: Callable[[str], bool]) -> dict[str, Any]:
     """TrainConfig fields `options` for a run resumed from options["resume"] (unchanged without
-    one): out defaults to the run's folder; what defines the run, and its planned --epochs, come
-    from its checkpoint unless given (`given(name)`), and a given value that differs (--epochs may)
-    is refused here, before the data loads
+    one): out defaults to the run's folder; what defines the run, and RESUME_KEPT (its planned
+    --epochs, --checkpoint-every, --test-subset), come from its checkpoint unless given
+    (`given(name)`), and a given defining value that differs is refused here, before the data loads
     (Trainer.resume says the same to callers that skip this). The checkpoint is read again when
     it loads: the cost of saying it early."""
     options = dict(options)
@@ -803,7 +806,10 @@ class Trainer:
             samples_per_s=(self.samples_seen - clock["samples0"]) / max(clock["train_s"], 1e-9),
             second_order_s=so_s)
         self.history.append(record)
-        self._epoch_clock = _new_epoch_clock(self.samples_seen)
+        # The next epoch starts now, on the clock that the epoch-end commit keeps: a resize at
+        # this boundary (the commit raises, the job resets) then stalls inside the next epoch's
+        # time instead of between two clocks.
+        self._epoch_clock = {**_new_epoch_clock(self.samples_seen), "start": time.time()}
         grew = False
         if self.cfg.method != "sgd":
             if epoch + 1 < self.cfg.epochs:

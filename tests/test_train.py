@@ -228,11 +228,13 @@ def test_resume_continues_the_run_as_it_was_started(tmp_path: Path) -> None:
     # --epochs too is the run's own unless given: a plain --resume of a run stopped early runs to
     # its planned end (not to the default 90 epochs), and one of a finished run is refused.
     stopped = tmp_path / "stopped"
-    assert CliRunner().invoke(main, [*start[:-4], "--epochs", "3", "--stop-at-update", "30", "--out", str(stopped)]
-                              ).exit_code == 0
+    assert CliRunner().invoke(main, [*start[:-4], "--epochs", "3", "--stop-at-update", "30", "--checkpoint-every",
+                                     "1", "--test-subset", "100", "--out", str(stopped)]).exit_code == 0
     result = CliRunner().invoke(main, ["train", "--quiet", "--resume", str(stopped)])
     assert result.exit_code == 0, result.output
     assert [e["epoch"] for e in read_metrics(stopped)[0]] == [1, 2, 3]
+    config = json.loads((stopped / "summary.json").read_text())["config"]  # and the run's other kept options
+    assert (config["checkpoint_every"], config["test_subset"]) == (1, 100)
     result = CliRunner().invoke(main, ["train", "--quiet", "--resume", str(stopped)])
     assert result.exit_code == 2 and "already reached epoch 3; pass --epochs above 3" in result.output
     # Options given with the value the run had in effect change nothing: a digits run with
@@ -382,6 +384,24 @@ def test_a_resume_with_other_epochs_follows_their_plan(tmp_path):
     assert [e["adv_ratio"] > 0 for e in read_metrics(tmp_path / "absa")[0]] == [True] * 5 + [False] * 4
 
 
+def test_a_stall_at_an_epoch_boundary_counts_in_the_next_epoch(digits, tmp_path):
+    """A resize at an epoch's end: the epoch-end commit raises, the job resets to it and waits for
+    the new worker. That stall belongs to the next epoch's time (it counted in no epoch)."""
+    import time
+
+    from hvd_abs.metrics import MetricsWriter
+
+    t = Trainer(TrainConfig(method="sgd", model="mlp", epochs=2, quiet=True, threads=1, out=str(tmp_path / "r")),
+                data=digits)
+    committed = {}
+    t.on_epoch_end = lambda grew: committed.update(state=copy.deepcopy(t.state_dict()))
+    writer = MetricsWriter(tmp_path / "r")
+    t.run_epoch(writer, show_progress=False)
+    time.sleep(0.6)  # the reset and the rendezvous with the new worker
+    t.load_state_dict(committed["state"])
+    assert t.run_epoch(writer, show_progress=False)["epoch_s"] >= 0.6
+
+
 def test_a_checkpoint_from_before_the_new_options_resumes_as_it_ran(tmp_path):
     """Checkpoints written before --epochs, --lr-schedule, --augment, --nesterov and
     --label-smoothing were kept: a plain --resume runs to the planned end (the adversarial
@@ -392,7 +412,7 @@ def test_a_checkpoint_from_before_the_new_options_resumes_as_it_ran(tmp_path):
     train(TrainConfig(**common, epochs=6, out=str(tmp_path / "whole")), plot=False)
     train(TrainConfig(**common, epochs=6, stop_at_update=25, out=str(tmp_path / "old")), plot=False)
     path, state = load_latest(tmp_path / "old" / "checkpoints")
-    for key in ("epochs", "lr_schedule", "augment", "nesterov", "label_smoothing"):
+    for key in ("epochs", "checkpoint_every", "test_subset", "lr_schedule", "augment", "nesterov", "label_smoothing"):
         state["config"].pop(key)
     for key in ("schedule", "total_epochs"):
         state["lr_schedule"].pop(key)
