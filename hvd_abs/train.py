@@ -12,9 +12,10 @@ The loop, with its events (E = epochs, G = global batch, b = micro-batch, W = wo
                 crop/flip m's images (--augment; drawn per sample from seed, epoch, index)
                 replace the first round(adv_ratio * |m|) samples of m by FGSM inputs (eval mode)
                 (sum of losses over m / G).backward()      # grads accumulate locally
-            grads + [loss_sum, correct, count] -> comm.allreduce_sum (one fused call)
+            grads + [loss_sum, correct, count] (+ BatchNorm running-statistics terms, W > 1:
+                hvd_abs/running_stats.py) -> comm.allreduce_sum (one fused call)
             optimizer.step(); sampler.advance(G); updates += 1      [EVENT: update]
-        broadcast BatchNorm buffers from rank 0       # all ranks evaluate the same model
+        broadcast buffers from rank 0   # the same already, but for momentum=None BatchNorm
         if abs/absa and controller not at the cap:
             eig = top Hessian eigenvalue on eig_samples training samples
                   (drawn from (seed, epoch); sharded over ranks by the second-order engine)
@@ -56,6 +57,7 @@ from hvd_abs.batching.lr import SCALINGS, SCHEDULES, LRSchedule
 from hvd_abs.comm import LocalComm, worker_device
 from hvd_abs.errors import UserError
 from hvd_abs.metrics import METRICS_FILE, SUMMARY_FILE, MetricsWriter
+from hvd_abs.running_stats import RunningStats
 from hvd_abs.sampling import EpochSampler, rank_micro_batches
 
 log = logging.getLogger(__name__)
@@ -587,6 +589,7 @@ class Trainer:
         # at its start, and the world size of its latest update.
         self._epoch_clock: dict[str, Any] = _new_epoch_clock(self.samples_seen)
         self._warned_eig_samples = False
+        self._bn_stats: RunningStats | None = None  # made when the world has more than one rank
         # The growth check skipped after the run's last epoch ({eig, epoch}), for a --resume that
         # extends the run (see fit).
         self._pending_check: dict[str, Any] | None = None
@@ -678,16 +681,24 @@ class Trainer:
         # (.item()) would stall a GPU at every micro-batch (128 stalls per update at G = 16384).
         stats = torch.zeros(3, dtype=torch.float64, device=self.device)
         micros = rank_micro_batches(idx, lay, self.comm.rank)
+        ids = lay.micro_ids_for(self.comm.rank)  # their indices j in the update (0..K-1)
+        bn = self._running_stats()
+        if bn is not None:
+            bn.begin(lay.num_micro)
         if self.cfg.ledger:  # test instrumentation only: keep it off the hot path otherwise
             self.last_step_ids = torch.cat(micros) if micros else idx[:0]
             self.last_step_epoch = self.epoch
-        for micro in micros:
+        for j, micro in zip(ids, micros):
+            if bn is not None:
+                bn.before(j)
             x = self.data.train_x[micro].to(self.device, non_blocking=True)  # (m, C, H, W)
             y = self.data.train_y[micro].to(self.device, non_blocking=True)  # (m,)
             x = self.augment(x, micro, self.epoch)  # (the same crops on any world size)
             if self.adv.initial_ratio > 0:
                 x, _ = self.adv.apply(self.model, F.cross_entropy, x, y, self.epoch)
             logits = self.model(x)  # (m, classes)
+            if bn is not None:
+                bn.after()
             loss_sum = F.cross_entropy(logits, y, reduction="sum", label_smoothing=self.cfg.label_smoothing)
             # Divide by the GLOBAL batch: summed over micro-batches and ranks this is the mean.
             (loss_sum / G).backward()
@@ -696,7 +707,9 @@ class Trainer:
             stats[2] += y.numel()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         if self.comm.size > 1:
-            reduced = self.comm.allreduce_sum([*grads, stats])
+            reduced = self.comm.allreduce_sum([*grads, stats, *([bn.payload()] if bn is not None else [])])
+            if bn is not None:
+                bn.finish(reduced.pop())
         else:  # a world of one has nothing to sum (hvd.DistributedOptimizer skips it too)
             reduced = [*grads, stats]
         for p, g in zip(self.params, reduced[:-1]):
@@ -708,6 +721,15 @@ class Trainer:
         self.updates += 1
         self.samples_seen += G
         return True
+
+    def _running_stats(self) -> RunningStats | None:
+        """The BatchNorm running-statistics exchange, on more than one rank and with BatchNorm
+        layers to keep (a world of one updates them as they should be already)."""
+        if self.comm.size == 1:
+            return None
+        if self._bn_stats is None:
+            self._bn_stats = RunningStats(self.model)
+        return self._bn_stats if self._bn_stats.layers else None
 
     # --- epoch-end pieces ----------------------------------------------------------------------------
     def eig_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -786,7 +808,9 @@ class Trainer:
         clock["train_s"] += time.perf_counter() - mark
         if bar is not None:
             bar.close()
-        self.comm.broadcast_buffers(self.model)  # BatchNorm stats of rank 0 everywhere
+        # Running statistics are the same on every rank already (RunningStats), except for layers
+        # it leaves alone (momentum=None) and other buffers: rank 0's everywhere.
+        self.comm.broadcast_buffers(self.model)
         eig, eig_samples, so_s = self.estimate_eig()
         test_loss, test_acc = self.evaluate()
         loss_sum, correct, count = self._epoch_sums.tolist()
