@@ -221,9 +221,14 @@ def fit(cfg: TrainConfig | None = None, *, model: nn.Module | Callable[[], nn.Mo
 
     defaults = TrainConfig()
     cfg = defaults if cfg is None else cfg
-    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(TrainConfig)})
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    unknown = sorted(set(options) - set(fields))
     if unknown:
-        raise TypeError(f"fit() got unknown options {unknown}: see hvd_abs.TrainConfig for the fields")
+        import difflib
+
+        near = [m for u in unknown for m in difflib.get_close_matches(u, fields, n=1, cutoff=0.75)]
+        hint = f" (did you mean {', '.join(near)}?)" if near else ""
+        raise TypeError(f"fit() got unknown options {unknown}{hint}: see hvd_abs.TrainConfig for the fields")
     merged = {**dataclasses.asdict(cfg), **options}
     if merged["resume"] is not None:
         # fit(resume=DIR, epochs=...) continues the run as `hvd-abs train --resume DIR` does: in
@@ -273,6 +278,8 @@ def load_model(run_dir: str | Path, model: nn.Module | Callable[[], nn.Module] |
     `model`, the module (or class or function making it) the run trained; without one, into the
     run's built-in --model, rebuilt from its summary.json. On the CPU, in eval() mode."""
     run = Path(run_dir).expanduser()
+    if run.is_file():  # the model.pt itself
+        run = run.parent
     weights = run / WEIGHTS_FILE
     if not weights.is_file():
         why = (f"the run has not finished: continue it with --resume {run}" if (run / CHECKPOINT_DIR).is_dir()
@@ -311,6 +318,7 @@ def _built_in_model_of(run: Path) -> nn.Module:
         raise UserError(f"{run / SUMMARY_FILE} does not say which model the run trained (missing, damaged, or "
                         f"from before hvd_abs kept it): pass load_model(..., model=) the model") from None
     if summary.get("own_model"):
-        raise UserError(f"the run in {run} trained your own model ({name}): pass it, load_model(..., model={name})")
+        raise UserError(f"the run in {run} trained your own model ({name}): pass it as the run built it, "
+                        f"load_model(..., model=...) with the module, or its class or a function making it")
     # The input statistics are buffers of the state dict: placeholders here, the run's once loaded.
     return build_model(name, classes, shape, mean=[0.0] * shape[0], std=[1.0] * shape[0])

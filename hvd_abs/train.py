@@ -230,7 +230,7 @@ class TrainConfig:
         # or when it is the folder of the elastic job this worker belongs to (the launcher made
         # <out>/elastic/ after its own checks). Resuming A into another dir B is a new run in B.
         joins_job = self.elastic and (Path(self.out).expanduser() / "elastic").is_dir()
-        check_out_dir(self.out, self.overwrite or self.resumes_in_place or joins_job)
+        check_out_dir(self.out, self.overwrite or self.resumes_in_place or joins_job, resuming=self.resume is not None)
 
     @property
     def resumes_in_place(self) -> bool:
@@ -244,8 +244,9 @@ class TrainConfig:
         return self.overwrite and not self.resumes_in_place
 
 
-def check_out_dir(out: str | os.PathLike, overwrite: bool) -> None:
-    """Refuse an unusable out dir without touching anything in it."""
+def check_out_dir(out: str | os.PathLike, overwrite: bool, resuming: bool = False) -> None:
+    """Refuse an unusable out dir without touching anything in it. resuming: a --resume of
+    another run into it (which may mean to continue the run there)."""
     path = Path(out).expanduser()
     if path.exists() and not path.is_dir():
         raise UserError(f"--out {path} is a file, not a directory: pass another --out")
@@ -254,8 +255,9 @@ def check_out_dir(out: str | os.PathLike, overwrite: bool) -> None:
             raise UserError(f"--out {path} is not writable: pass a writable --out")
         held = [name for name in RUN_FILES if (path / name).exists()]
         if held and not overwrite:
+            also = f", --resume {path} to continue the run there" if resuming else ""
             raise UserError(f"--out {path} already holds a run ({', '.join(held)}): "
-                            f"pass --overwrite to replace it, or another --out")
+                            f"pass --overwrite to replace it{also}, or another --out")
         return
     why = unwritable_reason(path)  # (path does not exist: the nearest folder above must be writable)
     if why:
@@ -321,7 +323,8 @@ def resume_mismatch_error(run_dir: str | os.PathLike, cfg: TrainConfig, saved: d
     ours, theirs = _effective(raw_ours), _effective(raw_theirs)
     # (Compared as they take effect; named only when they differ as given too: a --batch left out
     # differs with --base-batch, which is named itself.)
-    differ = [f"--{k.replace('_', '-')} {ours[k]} (the run has {v})" for k, v in theirs.items()
+    said = lambda v: {True: "on", False: "off", None: "none"}.get(v, v) if v is None or isinstance(v, bool) else v  # noqa: E731
+    differ = [f"--{k.replace('_', '-')} {said(ours[k])} (the run has {said(v)})" for k, v in theirs.items()
               if k in ours and ours[k] != v and raw_ours[k] != raw_theirs[k]]
     if not differ:
         return None
@@ -924,10 +927,14 @@ class Trainer:
             # start over with it) and name the flags that must match.
             self.load_state_dict(before[0])
             torch.set_rng_state(before[1])
-            reason = " ".join(str(exc).split())[:160]
-            raise UserError(f"--resume {run_dir}: checkpoint {Path(path).name} does not fit this run ({reason}); "
-                            f"pass the --model, --dataset, --method and --train-subset the run was started "
-                            f"with, or another --out for a new run") from None
+            # load_state_dict says "Error(s) in loading state_dict for X:" and then one line each.
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            reason = " ".join((lines[1] if len(lines) > 1 else lines[0] if lines else type(exc).__name__).split())
+            which = ("give it the model the run trained (the same class, built with the same options: a "
+                     "script's own too)" if self.own_model else
+                     "pass the --model, --dataset, --method and --train-subset the run was started with")
+            raise UserError(f"--resume {run_dir}: checkpoint {Path(path).name} does not fit this run "
+                            f"({reason[:300]}); {which}, or another --out for a new run") from None
         if saved is not None:
             # What follows --epochs follows this run's --epochs, which a resume may change: the
             # default decay epochs (E/3, 2E/3), the cosine's length and ABSA's stop at E/2. (The

@@ -164,6 +164,14 @@ def test_fit_trains_your_model_on_your_data_and_resumes(digits, tmp_path, capsys
                 echo=False)
     epochs, _ = read_metrics(tmp_path / "a")
     assert [e["epoch"] for e in epochs] == [1, 2, 3, 4, 5, 6] and {e["global_batch"] for e in epochs} == {32, 64, 128}
+    class Wider(TinyNet):  # the same class made with other options (a script's own --width)
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10))
+
+    with pytest.raises(hvd_abs.UserError, match=r"\(size mismatch for .*torch.Size\(\[48, 64\]\)\.\); give it the "
+                                                r"model the run trained \(the same class, built with the same options"):
+        hvd_abs.fit(model=Wider, data=digits, resume=str(tmp_path / "a"), epochs=6, echo=False)
     with pytest.raises(hvd_abs.UserError, match="--method sgd .the run has abs."):
         hvd_abs.fit(model=TinyNet, data=digits, resume=str(tmp_path / "a"), epochs=6, method="sgd")
     # Other data, of another size or the same size: refused, naming what differs.
@@ -187,8 +195,9 @@ def test_a_run_leaves_its_trained_model_for_load_model_and_torch_load(digits, tm
     own = hvd_abs.fit(model=TinyNet, data=digits, out=str(tmp_path / "own"), **common)
     net = hvd_abs.load_model(tmp_path / "own", model=TinyNet)
     assert not net.training and _accuracy(net, digits) == own["final_test_acc"]
+    assert _accuracy(hvd_abs.load_model(tmp_path / "own" / "model.pt", model=TinyNet), digits) == own["final_test_acc"]
     assert own["weights"] == str(tmp_path / "own" / "model.pt")
-    own_model_named = r"trained your own model \(TinyNet\): pass it, load_model\(\.\.\., model=TinyNet\)"
+    own_model_named = r"trained your own model \(TinyNet\): pass it as the run built it, load_model\(\.\.\., model=\.\.\.\)"
     with pytest.raises(hvd_abs.UserError, match=own_model_named):
         hvd_abs.load_model(tmp_path / "own")
     plain = TinyNet()
@@ -270,7 +279,7 @@ def test_fit_refuses_what_it_cannot_train(digits, tmp_path):
         hvd_abs.fit(model=AuxHead, data=digits, out=out)
     with pytest.raises(hvd_abs.UserError, match="--test-subset 5000 exceeds the 360 test samples: pass at most 360"):
         hvd_abs.fit(model=TinyNet, data=digits, out=out, test_subset=5000)
-    with pytest.raises(TypeError, match="unknown options"):
+    with pytest.raises(TypeError, match=r"unknown options \['epoch'\] \(did you mean epochs\?\)"):
         hvd_abs.fit(model=TinyNet, data=digits, out=out, epoch=3)
     with pytest.raises(hvd_abs.UserError, match="--epochs must be a positive integer"):
         hvd_abs.fit(model=TinyNet, data=digits, out=out, epochs=0)

@@ -263,7 +263,9 @@ def test_resume_refuses_what_would_lose_or_mix_runs(tmp_path: Path) -> None:
     assert CliRunner().invoke(main, [*base, "--epochs", "1", "--out", str(other), "--seed", "3"]).exit_code == 0
     files = {p: p.read_bytes() for p in (*done.rglob("*"), *other.rglob("*")) if p.is_file()}
     cases = {  # args -> words the one-line message must hold
-        ("--epochs", "2", "--resume", str(done), "--out", str(other)): ["already holds a run", "--overwrite"],
+        ("--epochs", "2", "--resume", str(done), "--out", str(other)):
+            ["already holds a run", "--overwrite", f"--resume {other} to continue the run there"],
+        ("--epochs", "2", "--resume", str(done), "--nesterov"): ["--nesterov on (the run has off)"],
         ("--epochs", "1", "--resume", str(done)): ["already reached epoch 1", "--epochs above 1"],
         ("--epochs", "2", "--resume", str(done), "--model", "cnn"): ["--model cnn (the run has mlp)", "leave them out"],
         ("--epochs", "2", "--resume", str(done), "--test-subset", "9999"): ["--test-subset 9999 exceeds the 360 test"],
