@@ -317,3 +317,27 @@ def test_hessian_command_says_when_the_trace_did_not_converge() -> None:
     text = CliRunner().invoke(main, args).output
     trace_line = next(line for line in text.splitlines() if line.startswith("trace:"))
     assert "not converged" in trace_line and "--max-iter 3" in trace_line, text
+
+
+def test_hessian_command_takes_a_finished_run(tmp_path) -> None:
+    """--run DIR: the model as trained (its model.pt), on the run's data set, unless given."""
+    import json
+
+    from click.testing import CliRunner
+
+    from hvd_abs.cli import main
+
+    run = tmp_path / "run"
+    assert CliRunner().invoke(main, ["train", "--method", "sgd", "--epochs", "1", "--quiet", "--out", str(run)]
+                              ).exit_code == 0  # digits, model cnn (auto)
+    args = ["hessian", "--samples", "64", "--top-k", "1", "--json"]
+    report = json.loads(CliRunner().invoke(main, [*args, "--run", str(run)]).output)
+    same = json.loads(CliRunner().invoke(main, [*args, "--dataset", "digits", "--model", "cnn", "--checkpoint",
+                                                str(run / "model.pt")]).output)
+    assert (report["model"], report["dataset"], report["checkpoint"]) == ("cnn", "digits", str(run / "model.pt"))
+    assert report["eigenvalues"] == same["eigenvalues"]
+    untrained = json.loads(CliRunner().invoke(main, [*args, "--dataset", "digits", "--model", "cnn"]).output)
+    assert untrained["eigenvalues"] != report["eigenvalues"]
+    (run / "model.pt").unlink()
+    result = CliRunner().invoke(main, [*args, "--run", str(run)])
+    assert result.exit_code == 2 and "has no model.pt (the run has not finished)" in result.output

@@ -30,6 +30,9 @@ def _positive(example: str) -> Any:
 @click.option("--top-k", "top_k", default=3, show_default=True, callback=_positive("--top-k 3"),
               help="How many of the largest eigenvalues.")
 @click.option("--trace", "with_trace", is_flag=True, help="Also estimate the trace (Hutchinson).")
+@click.option("--run", "run_dir", type=click.Path(file_okay=False), default=None,
+              help="A finished `hvd-abs train` run: its model.pt, and its --model, --dataset and --data-dir "
+                   "unless given here.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
               help="Model weights: an hvd-abs checkpoint, a run's model.pt or another torch state dict "
                    "(default: random init).")
@@ -43,8 +46,8 @@ def _positive(example: str) -> Any:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @user_errors_exit_2
 def command(model_name: str, dataset: str, data_dir: str | None, samples: int, batch_size: int, top_k: int,
-            with_trace: bool, checkpoint: str | None, method: str, tol: float, max_iter: int, seed: int,
-            device: str, as_json: bool) -> None:
+            with_trace: bool, run_dir: str | None, checkpoint: str | None, method: str, tol: float, max_iter: int,
+            seed: int, device: str, as_json: bool) -> None:
     """Top-k eigenvalues (and trace) of the training-loss Hessian, as ABS uses them.
 
     The model runs in eval() mode (BatchNorm running statistics), as in HessianFlow.
@@ -62,6 +65,8 @@ def command(model_name: str, dataset: str, data_dir: str | None, samples: int, b
 
     if not tol > 0:
         raise click.BadParameter(f"must be > 0 (e.g. --tol 1e-3), got {tol}", param_hint="--tol")
+    if run_dir is not None:
+        model_name, dataset, data_dir, checkpoint = _from_run(run_dir, model_name, dataset, data_dir, checkpoint)
     if device == "cuda" and not torch.cuda.is_available():
         raise click.BadParameter("no CUDA device is usable here; use --device cpu", param_hint="--device")
     if data_dir is not None:
@@ -130,6 +135,42 @@ def command(model_name: str, dataset: str, data_dir: str | None, samples: int, b
         click.echo(f"trace: {trace.value:.6g} +- {trace.stderr:.3g} (stderr){unsettled}, {trace.num_hvps} products, "
                    f"{trace.seconds:.2f} s")
     click.echo(f"{samples} samples of {dataset}, model {model_name} on {device}; vector ops: {report['vecops']}")
+
+
+def _from_run(run_dir: str, model_name: str, dataset: str, data_dir: str | None,
+              checkpoint: str | None) -> tuple[str, str, str | None, str]:
+    """--run DIR: the run's model.pt and its model and data set, where not given on the command line."""
+    from pathlib import Path
+
+    from hvd_abs.metrics import SUMMARY_FILE
+    from hvd_abs.train import WEIGHTS_FILE
+
+    run = Path(run_dir).expanduser()
+    if checkpoint is not None:
+        raise click.UsageError("--run DIR takes the run's model.pt: drop --checkpoint, or --run")
+    try:
+        summary = json.loads((run / SUMMARY_FILE).read_text())
+        config = summary["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise click.BadParameter(f"{run} holds no readable {SUMMARY_FILE}: pass the --out folder of a finished run",
+                                 param_hint="--run") from None
+    if not (run / WEIGHTS_FILE).is_file():
+        raise click.BadParameter(f"{run} has no {WEIGHTS_FILE} (the run has not finished): finish it with "
+                                 f"`hvd-abs train --resume {run}`, or pass --checkpoint with one of its checkpoints",
+                                 param_hint="--run")
+    if summary.get("own_model"):
+        raise click.UsageError(f"the run in {run} trained its own model ({summary.get('model')}): this command builds "
+                               f"built-in models; use hvd_abs.second_order.top_eigenvalues on "
+                               f"hvd_abs.load_model({str(run)!r}, model=...) in Python")
+    ctx = click.get_current_context()
+    given = lambda name: ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE  # noqa: E731
+    if not given("model_name"):
+        model_name = summary["model"]
+    if not given("dataset"):
+        dataset = config["dataset"]
+        if not given("data_dir"):
+            data_dir = config.get("data_dir")
+    return model_name, dataset, data_dir, str(run / WEIGHTS_FILE)
 
 
 def _load_weights(path: str) -> dict[str, Any]:
