@@ -786,8 +786,10 @@ class Trainer:
         return loss_sum / max(count, 1), correct / max(count, 1)
 
     # --- the loop ----------------------------------------------------------------------------------
-    def run_epoch(self, writer: MetricsWriter, show_progress: bool = True) -> dict[str, Any]:
-        """Train the rest of the current epoch, then estimate, evaluate, log and decide growth."""
+    def run_epoch(self, writer: MetricsWriter, show_progress: bool = True,
+                  on_record: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Train the rest of the current epoch, then estimate, evaluate, log (and hand the epoch's
+        line to `on_record` on rank 0) and decide growth."""
         epoch = self.epoch
         G = self.controller.global_batch
         adv_ratio = self.adv.ratio(epoch) if self.cfg.method == "absa" else 0.0
@@ -833,6 +835,10 @@ class Trainer:
             samples_per_s=(self.samples_seen - clock["samples0"]) / max(clock["train_s"], 1e-9),
             second_order_s=so_s)
         self.history.append(record)
+        if on_record is not None and self.comm.rank == 0:
+            # Before the epoch-end hook: its commit may raise to resize the job, and the line
+            # would then never be shown (it is written to metrics.jsonl already).
+            on_record(record)
         # The next epoch starts now, on the clock that the epoch-end commit keeps: a resize at
         # this boundary (the commit raises, the job resets) then stalls inside the next epoch's
         # time instead of between two clocks.
@@ -874,11 +880,9 @@ class Trainer:
                 self.on_epoch_end(grew)
         while self.epoch < self.cfg.epochs:
             try:
-                record = self.run_epoch(writer)
+                self.run_epoch(writer, on_record=on_epoch)
             except StopRequested:
                 break
-            if on_epoch is not None and self.comm.rank == 0:
-                on_epoch(record)
         summary = self.summary()
         writer.summary(**summary)
         return summary

@@ -404,6 +404,26 @@ def test_a_stall_at_an_epoch_boundary_counts_in_the_next_epoch(digits, tmp_path)
     assert t.run_epoch(writer, show_progress=False)["epoch_s"] >= 0.6
 
 
+def test_an_epoch_line_is_shown_before_the_epoch_end_hook_may_raise(digits, tmp_path):
+    """An elastic job's epoch-end commit raises to resize the job; the line of the epoch it ended
+    is shown all the same (the launch's live output skipped it)."""
+    from hvd_abs.metrics import MetricsWriter
+
+    class Resize(Exception):
+        pass
+
+    def commit(grew: bool) -> None:
+        raise Resize
+
+    t = Trainer(TrainConfig(method="sgd", model="mlp", epochs=2, quiet=True, threads=1, out=str(tmp_path / "r")),
+                data=digits)
+    t.on_epoch_end = commit
+    shown: list[dict] = []
+    with pytest.raises(Resize):
+        t.run_epoch(MetricsWriter(tmp_path / "r"), show_progress=False, on_record=shown.append)
+    assert [r["epoch"] for r in shown] == [1]
+
+
 def test_a_checkpoint_from_before_the_new_options_resumes_as_it_ran(tmp_path):
     """Checkpoints written before --epochs, --lr-schedule, --augment, --nesterov and
     --label-smoothing were kept: a plain --resume runs to the planned end (the adversarial
