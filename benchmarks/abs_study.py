@@ -205,7 +205,13 @@ def run_one(args: argparse.Namespace) -> None:
         resume = False
     prepare_out_dir(out, overwrite=not resume)
     writer = MetricsWriter(out)
-    trainer.on_epoch_end = lambda grew: trainer.save_checkpoint(writer)
+    def epoch_end(grew: bool) -> None:  # (after the epoch's line went to on_epoch, and its bookkeeping)
+        trainer.save_checkpoint(writer)
+        out_of_time = args.stop_after_s is not None and time.perf_counter() - t_load >= args.stop_after_s
+        if out_of_time and trainer.epoch < cfg.epochs:
+            raise _TimeUp  # after this epoch's checkpoint
+
+    trainer.on_epoch_end = epoch_end
     t_start = time.perf_counter()
 
     def record(test_acc: float, test_loss: float | None, test_samples: int, complete: bool,
@@ -236,9 +242,6 @@ def run_one(args: argparse.Namespace) -> None:
         # A partial result after every epoch: a run cut short (a time limit) still reports how far it got.
         partial = record(r["test_acc"], r["test_loss"], int(data.test_y.shape[0]), complete=False)
         write_text_atomic(out / "result.json", json.dumps(partial, indent=1) + "\n")
-        out_of_time = args.stop_after_s is not None and time.perf_counter() - t_load >= args.stop_after_s
-        if out_of_time and trainer.epoch < cfg.epochs:
-            raise _TimeUp  # after this epoch's checkpoint (on_epoch_end runs first)
 
     try:
         summary = trainer.fit(writer, on_epoch=on_epoch)
