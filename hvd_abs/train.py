@@ -1054,6 +1054,18 @@ def train(cfg: TrainConfig, comm: Any = None, eigen_fn: EigenFn | None = None,
     return finish(trainer, summary, writer, out, plot)
 
 
+def elastic_resets(out: Path) -> list[dict[str, Any]]:
+    """The run's elastic resets (a join or leave: "resize"; a lost worker: "failure") from its
+    metrics.jsonl, each with its epoch, update, new world size and stall; [] for a fixed world."""
+    from hvd_abs.metrics import read_metrics
+
+    if not (out / METRICS_FILE).exists():
+        return []
+    _, events = read_metrics(out)
+    return [{k: e.get(k) for k in ("event", "epoch", "updates", "world_size", "stall_s")}
+            for e in events if e["event"] in ("resize", "failure")]
+
+
 def save_weights(model: nn.Module, path: Path) -> Path:
     """The model's state_dict, on the host, as a plain torch file written atomically: loadable
     without hvd_abs (torch.load(path, weights_only=True)), unlike the checksummed checkpoints."""
@@ -1097,6 +1109,7 @@ def finish(trainer: Trainer, summary: dict[str, Any], writer: MetricsWriter, out
     comm = trainer.comm
     if comm.rank == 0:
         summary["weights"] = str(save_weights(trainer.model, out / WEIGHTS_FILE))
+        summary["resets"] = elastic_resets(out)
     if comm.rank == 0 and plot:
         if trainer.history:  # a run stopped before its first epoch end has nothing to draw
             from hvd_abs.plotting import plot_run

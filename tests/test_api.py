@@ -196,7 +196,7 @@ def test_a_run_leaves_its_trained_model_for_load_model_and_torch_load(digits, tm
     net = hvd_abs.load_model(tmp_path / "own", model=TinyNet)
     assert not net.training and _accuracy(net, digits) == own["final_test_acc"]
     assert _accuracy(hvd_abs.load_model(tmp_path / "own" / "model.pt", model=TinyNet), digits) == own["final_test_acc"]
-    assert own["weights"] == str(tmp_path / "own" / "model.pt")
+    assert own["weights"] == str(tmp_path / "own" / "model.pt") and own["resets"] == []  # (a fixed world)
     own_model_named = r"trained your own model \(TinyNet\): pass it as the run built it, load_model\(\.\.\., model=\.\.\.\)"
     with pytest.raises(hvd_abs.UserError, match=own_model_named):
         hvd_abs.load_model(tmp_path / "own")

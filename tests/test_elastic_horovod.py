@@ -166,6 +166,7 @@ def test_a_script_with_its_own_model_and_data_grows_in_place(tmp_path):
     assert [e["world_size"] for e in ev_e if e["event"] == "resize"] == [2]
     summary = json.loads((elastic / "summary.json").read_text())
     assert (summary["model"], summary["dataset"], summary["world_size"]) == ("SmallNet", "digits-custom", 2)
+    assert [(r["event"], r["world_size"]) for r in summary["resets"]] == [("resize", 2)]  # as the table says
     check_every_sample_once(elastic)
     assert check_ranks_identical_after_sync(elastic) >= 1  # the joiner's sync: equal to rank 0
     assert len(list((elastic / "elastic" / "standby").glob("*.claimed.*"))) == 1  # it joined warm
