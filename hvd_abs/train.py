@@ -323,13 +323,21 @@ def resume_mismatch_error(run_dir: str | os.PathLike, cfg: TrainConfig, saved: d
     ours, theirs = _effective(raw_ours), _effective(raw_theirs)
     # (Compared as they take effect; named only when they differ as given too: a --batch left out
     # differs with --base-batch, which is named itself.)
-    said = lambda v: {True: "on", False: "off", None: "none"}.get(v, v) if v is None or isinstance(v, bool) else v  # noqa: E731
-    differ = [f"--{k.replace('_', '-')} {said(ours[k])} (the run has {said(v)})" for k, v in theirs.items()
+    differ = [f"--{k.replace('_', '-')} {_said(ours[k])} (the run has {_said(v)})" for k, v in theirs.items()
               if k in ours and ours[k] != v and raw_ours[k] != raw_theirs[k]]
     if not differ:
         return None
     return UserError(f"--resume {run_dir}: {'; '.join(differ)}: these define the run; leave them out to "
                      f"continue it as it was, or start a new run without --resume")
+
+
+def _said(value: Any) -> Any:
+    """An option's value as a refusal names it: flags on/off, an unset option none."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return value
 
 
 def resumed_options(options: dict[str, Any], given: Callable[[str], bool]) -> dict[str, Any]:
@@ -533,7 +541,8 @@ class Trainer:
         for asked, have, flag, split in ((cfg.train_subset, len(data.train_y), "--train-subset", "training"),
                                          (cfg.test_subset, len(data.test_y), "--test-subset", "test")):
             # (It would silently be all of them. A resumed run's own --train-subset, from before
-            # this was refused, keeps that meaning; --test-subset is never the run's own.)
+            # this was refused, keeps that meaning; a --test-subset may change on a resume, and
+            # the checkpoints that keep one kept it checked.)
             if asked is not None and asked > have and (cfg.resume is None or flag == "--test-subset"):
                 raise UserError(f"{flag} {asked} exceeds the {have} {split} samples: pass at most {have}, or leave "
                                 f"{flag} out")
@@ -1106,18 +1115,16 @@ def checkpoint_if_due(trainer: Trainer, writer: MetricsWriter) -> None:
 
 def finish(trainer: Trainer, summary: dict[str, Any], writer: MetricsWriter, out: Path, plot: bool) -> dict[str, Any]:
     """Rank 0: model.pt, plots.png and the final summary.json."""
-    comm = trainer.comm
-    if comm.rank == 0:
-        summary["weights"] = str(save_weights(trainer.model, out / WEIGHTS_FILE))
-        summary["resets"] = elastic_resets(out)
-    if comm.rank == 0 and plot:
+    if trainer.comm.rank != 0:
+        return summary
+    summary["weights"] = str(save_weights(trainer.model, out / WEIGHTS_FILE))
+    summary["resets"] = elastic_resets(out)
+    if plot:
         if trainer.history:  # a run stopped before its first epoch end has nothing to draw
             from hvd_abs.plotting import plot_run
 
             summary["plot"] = str(plot_run(out))
         summary["metrics"] = str(out / METRICS_FILE)
-    if comm.rank == 0:
-        writer.summary(**summary)
-    if comm.rank == 0:  # the new run is whole: the one it replaced (--overwrite) can go
-        shutil.rmtree(out / REPLACED_DIR, ignore_errors=True)
+    writer.summary(**summary)
+    shutil.rmtree(out / REPLACED_DIR, ignore_errors=True)  # the new run is whole: the one it replaced can go
     return summary
