@@ -10,7 +10,8 @@ The loop, with its events (E = epochs, G = global batch, b = micro-batch, W = wo
             lr = lr_schedule.at(controller, epoch, epoch fraction after this batch)
             for micro-batch m of this rank (layout(G, b, W)):   # accumulation steps
                 crop/flip m's images (--augment; drawn per sample from seed, epoch, index)
-                replace the first round(adv_ratio * |m|) samples of m by FGSM inputs (eval mode)
+                replace the first round(adv_ratio * |m|) samples of m by FGSM inputs (eval mode,
+                    on the BatchNorm statistics of the update's start: the same on any world size)
                 (sum of losses over m / G).backward()      # grads accumulate locally
             grads + [loss_sum, correct, count] (+ BatchNorm running-statistics terms, W > 1:
                 hvd_abs/running_stats.py) -> comm.allreduce_sum (one fused call)
@@ -57,7 +58,7 @@ from hvd_abs.batching.lr import SCALINGS, SCHEDULES, LRSchedule
 from hvd_abs.comm import LocalComm, worker_device
 from hvd_abs.errors import UserError
 from hvd_abs.metrics import METRICS_FILE, SUMMARY_FILE, MetricsWriter
-from hvd_abs.running_stats import RunningStats
+from hvd_abs.running_stats import RunningStats, frozen_stats, running_buffers
 from hvd_abs.sampling import EpochSampler, rank_micro_batches
 
 log = logging.getLogger(__name__)
@@ -602,6 +603,7 @@ class Trainer:
         self._epoch_clock: dict[str, Any] = _new_epoch_clock(self.samples_seen)
         self._warned_eig_samples = False
         self._bn_stats: RunningStats | None = None  # made when the world has more than one rank
+        self._bn_buffers: list[torch.Tensor] | None = None  # BatchNorm running stats, for ABSA's FGSM
         # The growth check skipped after the run's last epoch ({eig, epoch}), for a --resume that
         # extends the run (see fit).
         self._pending_check: dict[str, Any] | None = None
@@ -697,6 +699,13 @@ class Trainer:
         bn = self._running_stats()
         if bn is not None:
             bn.begin(lay.num_micro)
+        # FGSM runs in eval mode, on the running statistics: those of the update's start, which
+        # every rank holds (within the update a rank has only its own micro-batches' updates).
+        adv_stats = None
+        if self.adv.ratio(self.epoch) > 0:
+            if self._bn_buffers is None:
+                self._bn_buffers = running_buffers(self.model)
+            adv_stats = torch._foreach_mul(self._bn_buffers, 1.0) if self._bn_buffers else None
         if self.cfg.ledger:  # test instrumentation only: keep it off the hot path otherwise
             self.last_step_ids = torch.cat(micros) if micros else idx[:0]
             self.last_step_epoch = self.epoch
@@ -707,7 +716,8 @@ class Trainer:
             y = self.data.train_y[micro].to(self.device, non_blocking=True)  # (m,)
             x = self.augment(x, micro, self.epoch)  # (the same crops on any world size)
             if self.adv.initial_ratio > 0:
-                x, _ = self.adv.apply(self.model, F.cross_entropy, x, y, self.epoch)
+                with frozen_stats(self._bn_buffers or [], adv_stats):
+                    x, _ = self.adv.apply(self.model, F.cross_entropy, x, y, self.epoch)
             logits = self.model(x)  # (m, classes)
             if bn is not None:
                 bn.after()

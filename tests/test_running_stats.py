@@ -48,6 +48,31 @@ def test_the_ranks_end_each_update_with_the_one_process_statistics(world: int) -
     assert len(stats[0].layers) == 2
 
 
+def test_momentum_zero_layers_are_left_alone_and_odd_forwards_are_warned_about(caplog) -> None:
+    twice = nn.BatchNorm2d(3)
+
+    class Twice(nn.Module):  # one layer used twice per forward
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = twice
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.bn(x))
+
+    frozen = nn.Sequential(nn.BatchNorm2d(3, momentum=0.0), Twice()).train()
+    s = RunningStats(frozen)
+    assert s.layers == [twice]  # (momentum 0: its statistics never change; it divided by 0)
+    s.begin(2)
+    for j in range(2):
+        s.before(j)
+        with torch.no_grad():
+            frozen(torch.randn(4, 3, 5, 5))
+        s.after()
+    with caplog.at_level("WARNING"):
+        s.finish(s.payload())
+    assert "other than once per micro-batch" in caplog.text and twice.num_batches_tracked.item() == 4
+
+
 def test_a_layer_in_eval_mode_keeps_its_statistics_and_plain_models_have_none() -> None:
     model = _net().train()
     model[1].eval()  # a frozen BatchNorm

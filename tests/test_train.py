@@ -116,6 +116,32 @@ def test_label_smoothing_and_nesterov_update_as_torch_does(digits, tmp_path: Pat
         TrainConfig(label_smoothing=1.0, out=str(tmp_path / "n")).validate()
 
 
+def test_fgsm_sees_the_batchnorm_statistics_of_the_updates_start(digits, tmp_path: Path) -> None:
+    """ABSA's FGSM runs in eval mode, on the running statistics. Within an update one process has
+    every earlier micro-batch's updates, a worker only its own: on the statistics of the update's
+    start, which all hold, the inputs are the same on any world size."""
+    from hvd_abs.running_stats import running_buffers
+
+    t = Trainer(TrainConfig(method="absa", model="cnn", epochs=2, batch=96, base_batch=32, quiet=True, threads=1,
+                            out=str(tmp_path / "r")), data=digits)
+    buffers = running_buffers(t.model)
+    seen, apply = [], t.adv.apply
+
+    def recording(*args, **kwargs):
+        seen.append([b.clone() for b in buffers])
+        return apply(*args, **kwargs)
+
+    t.adv.apply = recording
+    for _ in range(2):
+        start = [b.clone() for b in buffers]
+        seen.clear()
+        assert t.step()
+        assert len(seen) == 3  # one per micro-batch of 32
+        for stats in seen:
+            assert all(torch.equal(a, b) for a, b in zip(stats, start))
+        assert not all(torch.equal(a, b) for a, b in zip(buffers, start))  # (and the update moved them)
+
+
 def test_trainer_state_round_trip_continues_identically(digits, tmp_path: Path) -> None:
     import types
 

@@ -13,8 +13,9 @@ from hvd_abs.metrics import read_metrics
 # every check) with micro-batch 64: on 2 workers the first epochs have one idle rank (1 micro-batch),
 # then 1 and 2 micro-batches per rank; 1 process accumulates 1, 1, 2, 4.
 # cnn has BatchNorm: its running statistics (and so the eval-mode test loss and eigenvalue) follow
-# the 1-process run only through hvd_abs/running_stats.py.
-ARGS = ["-m", "hvd_abs", "train", "--dataset", "digits", "--model", "cnn", "--method", "abs",
+# the 1-process run only through hvd_abs/running_stats.py. (absa's FGSM runs in epochs 1-2 here,
+# one micro-batch an update; FGSM within longer updates: test_train.py, test_fgsm_sees_...)
+ARGS = ["-m", "hvd_abs", "train", "--dataset", "digits", "--model", "cnn", "--method", "absa",
         "--epochs", "4", "--base-batch", "64", "--batch", "64", "--max-batch", "256", "--duration", "1",
         "--eig-samples", "256", "--lr", "0.05", "--quiet", "--threads", "1",
         # Crops and flips drawn per sample, not per rank: the 2 workers still follow the 1 process.
