@@ -1,4 +1,5 @@
-"""plots.png: global batch, top eigenvalue, LR and accuracy against parameter updates."""
+"""plots.png: global batch (and an elastic run's workers), top eigenvalue, LR and accuracy
+against parameter updates, with batch growths and elastic resets marked."""
 from __future__ import annotations
 
 import logging
@@ -100,13 +101,27 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
     ax.set_title("accuracy")
     ax.set_ylim(0, 1)
     ax.legend(loc="lower right")
+    worlds = [e.get("world_size") for e in epochs]
+    if len({w for w in worlds if isinstance(w, int)}) > 1:  # an elastic run that resized
+        twin = axes[0][0].twinx()
+        twin.step(x, [float("nan") if w is None else w for w in worlds], where="pre", color="tab:orange",
+                  label="workers")
+        twin.set_ylabel("workers (of each epoch's last update)", color="tab:orange")
+        from matplotlib.ticker import MaxNLocator
+
+        twin.yaxis.set_major_locator(MaxNLocator(integer=True))
+    resets = [ev for ev in events if ev.get("event") in ("resize", "failure") and isinstance(ev.get("updates"), (int, float))]
     for ev in events:
         if ev.get("event") == "growth" and "updates" in ev:
             for a in axes.flat:
                 a.axvline(ev["updates"], color="grey", lw=0.6, ls=":")
+    for ev in resets:
+        for a in axes.flat:
+            a.axvline(ev["updates"], color="tab:red", lw=0.6, ls="--")
     for a in axes[1]:
         a.set_xlabel("parameter updates")
-    fig.suptitle(f"{run_dir.name}: {len(epochs)} epochs, dotted lines = batch growth")
+    fig.suptitle(f"{run_dir.name}: {len(epochs)} epochs, dotted lines = batch growth"
+                 + (", dashed = elastic resize or failure" if resets else ""))
     fig.tight_layout()
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
