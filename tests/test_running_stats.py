@@ -19,6 +19,17 @@ def _net() -> nn.Module:
                          nn.BatchNorm1d(4, momentum=None))  # (a cumulative average: left alone)
 
 
+def _alone(s: RunningStats, model: nn.Module, batches: list[torch.Tensor]) -> None:
+    """One update of a rank that runs every micro-batch, its payload the sum."""
+    s.begin(len(batches))
+    for j, x in enumerate(batches):
+        s.before(j)
+        with torch.no_grad():
+            model(x)
+        s.after()
+    s.finish(s.payload())
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_the_ranks_end_each_update_with_the_one_process_statistics(world: int) -> None:
     batches = [torch.randn(6, 3, 8, 8) * (j + 1) + j for j in range(5)]  # K = 5 micro-batches
@@ -62,14 +73,8 @@ def test_momentum_zero_layers_are_left_alone_and_odd_forwards_are_warned_about(c
     frozen = nn.Sequential(nn.BatchNorm2d(3, momentum=0.0), Twice()).train()
     s = RunningStats(frozen)
     assert s.layers == [twice]  # (momentum 0: its statistics never change; it divided by 0)
-    s.begin(2)
-    for j in range(2):
-        s.before(j)
-        with torch.no_grad():
-            frozen(torch.randn(4, 3, 5, 5))
-        s.after()
     with caplog.at_level("WARNING"):
-        s.finish(s.payload())
+        _alone(s, frozen, [torch.randn(4, 3, 5, 5) for _ in range(2)])
     assert "other than once per micro-batch" in caplog.text and twice.num_batches_tracked.item() == 4
 
 
@@ -77,13 +82,6 @@ def test_a_layer_in_eval_mode_keeps_its_statistics_and_plain_models_have_none() 
     model = _net().train()
     model[1].eval()  # a frozen BatchNorm
     before = model[1].running_mean.clone()
-    s = RunningStats(model)
-    s.begin(3)
-    for j in range(3):
-        s.before(j)
-        with torch.no_grad():
-            model(torch.randn(6, 3, 8, 8))
-        s.after()
-    s.finish(s.payload())
+    _alone(RunningStats(model), model, [torch.randn(6, 3, 8, 8) for _ in range(3)])
     torch.testing.assert_close(model[1].running_mean, before)
     assert RunningStats(nn.Sequential(nn.Linear(3, 2))).layers == []
