@@ -37,10 +37,15 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
+def _tracking_batchnorms(model: nn.Module) -> list[nn.Module]:
+    """The BatchNorm layers of `model` that keep running statistics."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+            and m.running_mean is not None]
+
+
 def running_buffers(model: nn.Module) -> list[torch.Tensor]:
     """Every BatchNorm running mean and variance of `model`."""
-    return [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-            and m.running_mean is not None for b in (m.running_mean, m.running_var)]
+    return [b for m in _tracking_batchnorms(model) for b in (m.running_mean, m.running_var)]
 
 
 @contextlib.contextmanager
@@ -65,8 +70,7 @@ class RunningStats:
     payload() into the allreduce; finish(summed payload)."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                       and m.track_running_stats and m.momentum and m.running_mean is not None]
+        self.layers = [m for m in _tracking_batchnorms(model) if m.momentum]
         self._momenta: list[float] = []  # per statistic (each layer's mean, then var): read at begin
         self._checked = False  # whether a first update showed one statistics update per forward
         self._k = self._j = 0
@@ -103,11 +107,6 @@ class RunningStats:
         torch._foreach_add_(self._terms, torch._foreach_mul(now, [wi / m for wi, m in zip(w, self._momenta)]))
         torch._foreach_add_(self._terms, torch._foreach_mul(self._before, [-wi * (1.0 - m) / m
                                                                           for wi, m in zip(w, self._momenta)]))
-
-    @property
-    def start(self) -> list[torch.Tensor]:
-        """Each layer's mean, then each layer's var, at the update's start (begin)."""
-        return self._start
 
     def payload(self) -> torch.Tensor:
         """This rank's terms, then its layers' statistics-update counts in this update, flat, to
