@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,6 +29,66 @@ def run_checked(cmd: list[str], timeout: float, env: dict[str, str] | None = Non
     if proc.returncode != 0:
         pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
+
+
+class Job:
+    """A launcher process (and everything it starts) with its output in a file."""
+
+    def __init__(self, argv: list[str], log: Path) -> None:
+        self.argv, self.log = argv, log
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", RAY_DEDUP_LOGS="0")
+        self._fh = open(log, "w")
+        self.proc = subprocess.Popen(argv, stdout=self._fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=env, cwd=REPO, start_new_session=True)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill_all()
+            pytest.fail(f"{' '.join(self.argv)} did not end within {timeout}s\n{self.output()[-6000:]}")
+
+    def kill_all(self) -> list[int]:
+        """SIGKILL the launcher and all its descendants at once (a crash of the whole job);
+        returns the pids killed. Horovod's workers run in sessions of their own: they are found
+        as descendants, not through the process group."""
+        try:
+            procs = [psutil.Process(self.proc.pid)]
+            procs += procs[0].children(recursive=True)
+        except psutil.NoSuchProcess:
+            procs = []
+        for p in procs:
+            try:
+                p.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        return [p.pid for p in procs]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.kill_all()
+        self._fh.close()
+
+
+@pytest.fixture
+def jobs():
+    started: list[Job] = []
+
+    def start(argv: list[str], log: Path) -> Job:
+        job = Job(argv, log)
+        started.append(job)
+        return job
+
+    yield start
+    for job in started:
+        job.close()
 
 
 def horovodrun(np: int, *args: str) -> list[str]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any, Callable
 import psutil
 import pytest
 
-from conftest import BIN, REPO
+from conftest import BIN, Job
 from hvd_abs.metrics import read_metrics
 from test_elastic_horovod import check_every_sample_once, check_ranks_identical_after_sync
 
@@ -47,66 +46,6 @@ TIMING = {"epoch_s", "samples_per_s", "second_order_s"}
 # ---------------------------------------------------------------------------------------------
 # Helpers: a job in its own session, the ledger, progress gates
 # ---------------------------------------------------------------------------------------------
-
-class Job:
-    """A launcher process (and everything it starts) with its output in a file."""
-
-    def __init__(self, argv: list[str], log: Path) -> None:
-        self.argv, self.log = argv, log
-        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", RAY_DEDUP_LOGS="0")
-        self._fh = open(log, "w")
-        self.proc = subprocess.Popen(argv, stdout=self._fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=env, cwd=REPO, start_new_session=True)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill_all()
-            pytest.fail(f"{' '.join(self.argv)} did not end within {timeout}s\n{self.output()[-6000:]}")
-
-    def kill_all(self) -> list[int]:
-        """SIGKILL the launcher and all its descendants at once (a crash of the whole job);
-        returns the pids killed. Horovod's workers run in sessions of their own: they are found
-        as descendants, not through the process group."""
-        try:
-            procs = [psutil.Process(self.proc.pid)]
-            procs += procs[0].children(recursive=True)
-        except psutil.NoSuchProcess:
-            procs = []
-        for p in procs:
-            try:
-                p.send_signal(signal.SIGKILL)
-            except psutil.NoSuchProcess:
-                pass
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-        return [p.pid for p in procs]
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.kill_all()
-        self._fh.close()
-
-
-@pytest.fixture
-def jobs():
-    started: list[Job] = []
-
-    def start(argv: list[str], log: Path) -> Job:
-        job = Job(argv, log)
-        started.append(job)
-        return job
-
-    yield start
-    for job in started:
-        job.close()
-
 
 def launch_horovod(*args: str) -> list[str]:
     return [str(BIN / "hvd-abs"), "launch", "horovod", *args]

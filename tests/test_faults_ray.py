@@ -24,10 +24,9 @@ from conftest import launch_ray
 from hvd_abs.metrics import read_metrics
 from test_elastic_horovod import check_every_sample_once, check_ranks_identical_after_sync
 from test_faults_horovod import (COMMIT_EVERY, EPOCH_UPDATES, KILL_AT, SGD2, alive, comparable, held_worker, holds,
-                                 jobs, ledger, record, rollback_report, wait_until)
+                                 ledger, record, rollback_report, wait_until)
 
 pytestmark = pytest.mark.multiprocess
-__all__ = ["jobs"]  # the fixture, re-exported for this module's tests
 
 
 def test_dead_worker_actor_rolls_back_and_finishes(tmp_path, jobs, fake_ray):

@@ -388,7 +388,7 @@ def test_a_resume_with_other_epochs_follows_their_plan(tmp_path):
     stopped after 2 epochs and resumed with --epochs 9 decays its LR at 3 and 6 (E/3, 2E/3) and
     stops ABSA at 4.5, as a run planned for 9 epochs does."""
     from hvd_abs.metrics import read_metrics
-    from hvd_abs.train import TrainConfig, Trainer, train
+    from hvd_abs.train import TrainConfig, train
 
     common = dict(method="sgd", dataset="digits", model="mlp", lr_decay=0.5, quiet=True, threads=1)
     train(TrainConfig(**common, epochs=9, out=str(tmp_path / "planned")), plot=False)
