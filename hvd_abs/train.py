@@ -109,6 +109,7 @@ class TrainConfig:
     nesterov: bool = False
     weight_decay: float = 0.0
     label_smoothing: float = 0.0  # of the training loss (and so of its Hessian); test loss plain
+    clip_grad_norm: float | None = None  # max L2 norm of the global batch's gradient (None: no clipping)
     augment: str = "none"  # none (the reference), flip, crop, crop-flip: see hvd_abs/augment.py
     adv_eps: float = 0.005
     adv_ratio: float = 0.2
@@ -194,6 +195,9 @@ class TrainConfig:
             raise UserError("--nesterov needs momentum: pass --momentum above 0 (e.g. 0.9), or drop --nesterov")
         if not 0 <= self.label_smoothing < 1:
             raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.clip_grad_norm is not None and not (self.clip_grad_norm > 0 and math.isfinite(self.clip_grad_norm)):
+            raise UserError(f"--clip-grad-norm must be a finite number > 0, got {self.clip_grad_norm}: "
+                            f"leave it out for no clipping")
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             raise UserError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
         if self.augment not in AUGMENTS:
@@ -737,6 +741,9 @@ class Trainer:
         for p, g in zip(self.params, reduced[:-1]):
             if g is not p.grad:  # the summed gradient (world > 1) or zeros (unused): take it, no copy
                 p.grad = g
+        if self.cfg.clip_grad_norm is not None:
+            # The summed gradient, the same on every rank: clipped as one process clips its batch's.
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip_grad_norm)
         self.optimizer.step()
         self._epoch_sums += reduced[-1]
         self.sampler.advance(G)

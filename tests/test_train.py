@@ -142,6 +142,32 @@ def test_fgsm_sees_the_batchnorm_statistics_of_the_updates_start(digits, tmp_pat
         assert not all(torch.equal(a, b) for a, b in zip(buffers, start))  # (and the update moved them)
 
 
+def test_clip_grad_norm_clips_the_global_batch_as_torch_does(digits, tmp_path: Path) -> None:
+    """--clip-grad-norm: the update equals torch's clip_grad_norm_ on the whole batch's gradient,
+    with 3 micro-batches accumulated (the clip must come after the sum, not per micro-batch)."""
+    import torch.nn.functional as F
+
+    cfg = TrainConfig(method="sgd", model="mlp", epochs=2, batch=96, base_batch=32, lr=0.3, clip_grad_norm=0.05,
+                      out=str(tmp_path / "t"), quiet=True)
+    trainer = Trainer(cfg, data=digits)
+    model = copy.deepcopy(trainer.model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
+    perm = trainer.sampler.permutation()
+    for step in range(2):
+        idx = perm[step * 96:(step + 1) * 96]
+        opt.zero_grad()
+        F.cross_entropy(model(digits.train_x[idx]), digits.train_y[idx]).backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+        assert norm > 0.2, norm  # the clip is at work: a quarter of the norm or less is kept
+        opt.step()
+        assert trainer.step()
+    for a, b in zip(trainer.model.parameters(), model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(UserError, match="--clip-grad-norm must be a finite number > 0"):
+            TrainConfig(clip_grad_norm=bad, out=str(tmp_path / "n")).validate()
+
+
 def test_trainer_state_round_trip_continues_identically(digits, tmp_path: Path) -> None:
     import types
 

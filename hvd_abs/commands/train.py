@@ -50,6 +50,8 @@ def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
 @click.option("--label-smoothing", type=float, default=0.0, show_default=True,
               help="Of the training loss (and of the Hessian the growth check estimates); the test loss is plain.")
+@click.option("--clip-grad-norm", type=float, default=None,
+              help="Clip the global batch's gradient to this L2 norm before each update (default: no clipping).")
 @click.option("--augment", type=click.Choice(["none", "flip", "crop", "crop-flip"]), default="none",
               show_default=True,
               help="Training images randomly cropped (zero padding of 1/8 the side: 4 px at 32) and/or mirrored "
