@@ -25,6 +25,7 @@ seconds per epoch of 50,000 samples at the initial batch (the costliest epoch: 3
 Writes benchmarks/results/throughput.json (or --out). Usage:
     python benchmarks/bench_throughput.py [--worlds 1,2] [--model c1] [--pairs 30]
     python benchmarks/bench_throughput.py --local --device cuda --model resnet20   # no Horovod: vs plain PyTorch
+    python benchmarks/bench_throughput.py --local --model resnet20 --precision bf16 --out /tmp/bf16.json
 """
 from __future__ import annotations
 
@@ -102,7 +103,8 @@ def _measure(args: argparse.Namespace, tmp: Path) -> None:
     def make_trainer(method: str) -> Trainer:
         cfg = TrainConfig(method=method, dataset="cifar10", data_dir=args.data_dir, model=args.model,
                           epochs=90, base_batch=PER_WORKER, batch=G, max_batch=max(G, 16384), lr=0.02,
-                          seed=0, out=str(tmp / method), overwrite=True, quiet=True, device=args.device)
+                          seed=0, out=str(tmp / method), overwrite=True, quiet=True, device=args.device,
+                          precision=args.precision)
         return Trainer(cfg, comm=comm, data=data)
 
     # The plain loop: same model and initial weights, its own optimizer.
@@ -122,7 +124,8 @@ def _measure(args: argparse.Namespace, tmp: Path) -> None:
         model.train()
         opt.zero_grad()
         x, y = data.train_x[idx], data.train_y[idx]
-        logits = model(x)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            logits = model(x).float()  # (the textbook autocast loop at bf16; a no-op cast at fp32)
         loss = F.cross_entropy(logits, y)
         loss.backward()
         opt.step()
@@ -196,7 +199,8 @@ def _measure(args: argparse.Namespace, tmp: Path) -> None:
         }
 
     if rank == 0:
-        out = {"world_size": W, "local": args.local, "device": args.device, "global_batch": G,
+        out = {"world_size": W, "local": args.local, "device": args.device, "precision": args.precision,
+               "global_batch": G,
                "per_worker_batch": PER_WORKER, "threads_per_worker": threads, "model": args.model,
                "pairs": args.pairs, "warmup_steps": args.warmup,
                "plain_step_s": times["plain_step"], "trainer_step_s": times["trainer_step"],
@@ -224,6 +228,8 @@ def main(argv: list[str] | None = None) -> None:
     add_data_dir(p)
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                   help="bf16: both loops' forward passes under torch.autocast (hvd-abs train --precision bf16)")
     p.add_argument("--local", action="store_true",
                    help="one process without Horovod: a plain torch loop vs Trainer.step (e.g. on a GPU host "
                         "without Horovod); the ratio is then vs plain PyTorch, not vs plain Horovod")
@@ -272,7 +278,8 @@ def main(argv: list[str] | None = None) -> None:
             wout = Path(d) / "w.json"
             cmd = [horovodrun, "-np", str(W), "--gloo", "--network-interface", "lo", "-H", f"localhost:{W}",
                    sys.executable, str(Path(__file__).resolve()), "--worker", "--worker-out", str(wout),
-                   "--model", args.model, "--pairs", str(args.pairs), "--warmup", str(args.warmup), "--data-dir", args.data_dir, "--device", args.device]
+                   "--model", args.model, "--pairs", str(args.pairs), "--warmup", str(args.warmup), "--data-dir", args.data_dir, "--device", args.device,
+                   "--precision", args.precision]
             print("$", " ".join(cmd), flush=True)
             code = subprocess.call(cmd)
             if code != 0 or not wout.exists():  # its own output above says why; nothing is written

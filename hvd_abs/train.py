@@ -52,6 +52,7 @@ from torch import nn
 from hvd_abs.adversarial import AdversarialSchedule
 from hvd_abs.atomic import can_create_in, unwritable_reason, write_atomic
 from hvd_abs.augment import AUGMENTS, Augmenter
+from hvd_abs.precision import PRECISIONS, forward_model
 from hvd_abs.batching.controller import BatchController
 from hvd_abs.batching.layout import layout
 from hvd_abs.batching.lr import SCALINGS, SCHEDULES, LRSchedule
@@ -110,6 +111,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     label_smoothing: float = 0.0  # of the training loss (and so of its Hessian); test loss plain
     clip_grad_norm: float | None = None  # max L2 norm of the global batch's gradient (None: no clipping)
+    precision: str = "fp32"  # fp32, or bf16: forward passes under autocast (hvd_abs/precision.py)
     augment: str = "none"  # none (the reference), flip, crop, crop-flip: see hvd_abs/augment.py
     adv_eps: float = 0.005
     adv_ratio: float = 0.2
@@ -200,6 +202,8 @@ class TrainConfig:
                             f"leave it out for no clipping")
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             raise UserError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.augment not in AUGMENTS:
             raise UserError(f"--augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}")
         if not (self.adv_eps >= 0 and math.isfinite(self.adv_eps)):
@@ -578,6 +582,8 @@ class Trainer:
         self.model = model.to(self.device)
         if own_model:
             _check_model_fits(self.model, self.data, self.device)
+        # The training and test forward passes (bf16: under autocast); the Hessian's use self.model.
+        self.forward = forward_model(self.model, cfg.precision, self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.SGD(self.params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                          weight_decay=cfg.weight_decay)
@@ -721,8 +727,8 @@ class Trainer:
             x = self.augment(x, micro, self.epoch)  # (the same crops on any world size)
             if self.adv.initial_ratio > 0:
                 with frozen_stats(self._bn_buffers or [], adv_stats):
-                    x, _ = self.adv.apply(self.model, F.cross_entropy, x, y, self.epoch)
-            logits = self.model(x)  # (m, classes)
+                    x, _ = self.adv.apply(self.forward, F.cross_entropy, x, y, self.epoch)
+            logits = self.forward(x)  # (m, classes), float32
             if bn is not None:
                 bn.after()
             loss_sum = F.cross_entropy(logits, y, reduction="sum", label_smoothing=self.cfg.label_smoothing)
@@ -804,7 +810,7 @@ class Trainer:
         for i in range(0, shard.numel(), self.cfg.eval_batch):
             sel = shard[i:i + self.cfg.eval_batch]
             x, y = x_all[sel].to(self.device), y_all[sel].to(self.device)
-            logits = self.model(x)
+            logits = self.forward(x)
             sums += torch.tensor([F.cross_entropy(logits, y, reduction="sum").item(),
                                   (logits.argmax(1) == y).sum().item(), y.numel()], dtype=torch.float64)
         (total,) = self.comm.allreduce_sum([sums])

@@ -52,6 +52,9 @@ def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> 
               help="Of the training loss (and of the Hessian the growth check estimates); the test loss is plain.")
 @click.option("--clip-grad-norm", type=float, default=None,
               help="Clip the global batch's gradient to this L2 norm before each update (default: no clipping).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="bf16: training and test forward passes under torch.autocast to bfloat16 (weights, gradients, "
+                   "optimizer and the growth check's Hessian stay float32).")
 @click.option("--augment", type=click.Choice(["none", "flip", "crop", "crop-flip"]), default="none",
               show_default=True,
               help="Training images randomly cropped (zero padding of 1/8 the side: 4 px at 32) and/or mirrored "
