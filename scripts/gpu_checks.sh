@@ -9,7 +9,8 @@
 # checks: 1. builds hvd_abs._C with the machine's torch and nvcc (CUDA kernels), in place;
 #   2. tests/test_vecops.py: CUDA parity (native vs foreach vs loop, float32/float64) and
 #      torch.library.opcheck on CUDA; tests/test_augment.py: --augment on a GPU (the CPU's
-#      crops, and a short absa run); -rs shows whether anything still skipped;
+#      crops, and a short absa run); tests/test_precision.py: a bf16 run on the GPU; -rs shows
+#      whether anything still skipped;
 #   3. bench_hessian.py --device cuda: HVP / gradient, Lanczos vs power, the vector phase;
 #   4. issue 8's GPU throughput, when .device/cifar10.tgz is carried: bench_throughput.py --local
 #      --device cuda (Trainer.step vs a plain PyTorch loop, ResNet-20 and C1; no Horovod there).
@@ -82,7 +83,7 @@ say "backend $($PY -c 'from hvd_abs.second_order import vecops; print(vecops.bac
 timeout "$(limit 60)" $PY -X faulthandler -m pytest -q -rs tests/test_vecops.py -k rejects \
     >"$LOGS/test_vecops_rejects.log" 2>&1
 say "test_vecops -k rejects rc=$? $(tail -1 "$LOGS/test_vecops_rejects.log")"
-timeout "$(limit 180)" $PY -X faulthandler -m pytest -q -rs tests/test_vecops.py tests/test_augment.py -k "not rejects" \
+timeout "$(limit 180)" $PY -X faulthandler -m pytest -q -rs tests/test_vecops.py tests/test_augment.py tests/test_precision.py -k "not rejects" \
     >"$LOGS/test_vecops.log" 2>&1
 say "test_vecops rc=$? $(tail -1 "$LOGS/test_vecops.log")"
 
