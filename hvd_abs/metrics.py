@@ -117,6 +117,33 @@ class MetricsWriter:
             self._fh = None
 
 
+def cut_back(out_dir: str | os.PathLike, epoch: int, updates: int) -> int:
+    """Before a run resumes in its folder from a checkpoint at `epoch` and `updates`: drop the
+    lines of later work (epochs after `epoch`, events after `updates`). They come from an attempt
+    that ended after that checkpoint; the resumed run redoes that work, maybe with other options
+    (--epochs), so its own lines must replace them (as TensorBoard's purge_step does). A damaged
+    file is refused before anything changes; the file is rewritten atomically. Returns the number
+    of lines dropped."""
+    path = Path(out_dir) / METRICS_FILE
+    if not path.exists():
+        return 0
+    MetricsWriter(out_dir).close()  # the checks of the writer the run opens next
+    records = list(_lines(path))
+
+    def later(r: dict[str, Any]) -> bool:
+        mark, limit = (r.get("updates"), updates) if "event" in r else (r.get("epoch"), epoch)
+        return isinstance(mark, int) and mark > limit
+
+    keep = [r for r in records if not later(r)]
+    if len(keep) < len(records):
+        from hvd_abs.atomic import write_text_atomic
+
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in keep))
+        log.warning("%s: %d lines after the checkpoint (epoch %d, update %d) dropped: the resumed run redoes "
+                    "that work", path, len(records) - len(keep), epoch, updates)
+    return len(records) - len(keep)
+
+
 def read_metrics(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(epoch lines, event lines) of a metrics.jsonl (or of the run dir holding one)."""
     path = Path(path)

@@ -58,7 +58,7 @@ from hvd_abs.batching.layout import layout
 from hvd_abs.batching.lr import SCALINGS, SCHEDULES, LRSchedule
 from hvd_abs.comm import LocalComm, worker_device
 from hvd_abs.errors import UserError
-from hvd_abs.metrics import METRICS_FILE, SUMMARY_FILE, MetricsWriter
+from hvd_abs.metrics import METRICS_FILE, SUMMARY_FILE, MetricsWriter, cut_back
 from hvd_abs.running_stats import RunningStats, frozen_stats, running_buffers
 from hvd_abs.sampling import EpochSampler, rank_micro_batches
 
@@ -1072,6 +1072,8 @@ def train(cfg: TrainConfig, comm: Any = None, eigen_fn: EigenFn | None = None,
     out = Path(cfg.out).expanduser()
     if comm.rank == 0:
         prepare_out_dir(out, cfg.replaces_out)
+        if cfg.resumes_in_place:  # lines of an attempt after the checkpoint: redone now
+            cut_back(out, trainer.epoch, trainer.updates)
     writer = open_writer(out, cfg, comm.rank)
     if resumed_from is not None and not cfg.resumes_in_place:
         record_history(trainer, writer)

@@ -244,9 +244,10 @@ def test_sigkill_rank0_on_one_host_name_fails_fast_then_resume_recovers(tmp_path
 
 def test_whole_job_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, jobs):
     """1 worker, fixed seeds, ABSA with batch growth: kill the launcher and every process under
-    it mid-epoch after a disk checkpoint, resume; the epoch lines (all non-timing fields) and
-    growth events equal those of an uninterrupted run: the same controller, LR, adversarial
-    schedule, sampler position and RNG state came back from the checkpoint."""
+    it mid-epoch after a disk checkpoint, resume (from an older checkpoint: the newest is lost);
+    the epoch lines (all non-timing fields) and growth events equal those of an uninterrupted run:
+    the same controller, LR, adversarial schedule, sampler position and RNG state came back from
+    the checkpoint, and the lines of the work redone were replaced."""
     args = ["--dataset", "digits", "--model", "cnn", "--method", "absa", "--base-batch", "32", "--batch", "32",
             "--max-batch", "128", "--duration", "1", "--epochs", "5", "--eig-samples", "256", "--seed", "3",
             "--threads", "1", "--quiet", "--ledger", "--checkpoint-every", "1", "--commit-every", "5"]
@@ -270,6 +271,14 @@ def test_whole_job_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, job
     epochs_before = len(read_metrics(out)[0])
     for gate in gates.glob("hold-*"):
         gate.unlink()
+    # Epoch 2's checkpoint lost too: the resume starts from epoch 1's, and epoch 2's line (marked
+    # here) is work it redoes: the line must be replaced by the redone epoch's, not kept.
+    (out / "checkpoints" / f"ckpt-{ep_ref[1]['updates']:06d}.pt").unlink()
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    marked = [json.dumps({**r, "test_acc": -1.0}) if r.get("epoch") == 2 and "event" not in r else json.dumps(r)
+              for r in map(json.loads, lines)]
+    assert marked != [json.dumps(json.loads(x)) for x in lines]
+    (out / "metrics.jsonl").write_text("\n".join(marked) + "\n")
 
     resumed = jobs(launch_horovod(*one, "--", *args, "--out", str(out), "--resume", str(out)),
                    tmp_path / "resume.log")

@@ -409,6 +409,34 @@ def test_extending_a_finished_run_equals_a_run_planned_that_long(tmp_path):
     assert extended["growths"] == full["growths"] and extended["updates"] == full["updates"]
 
 
+def test_a_resume_drops_the_lines_of_an_attempt_after_its_checkpoint(tmp_path, caplog):
+    """An attempt that ended after the checkpoint without one of its own (killed) left epoch and
+    event lines of work the resumed run redoes, here with other --epochs: they are replaced, not
+    kept (they had the 9-epoch plan's LR), so the file equals a run that was never interrupted."""
+    import shutil
+
+    from hvd_abs.metrics import read_metrics
+    from hvd_abs.train import TrainConfig, train
+
+    common = dict(method="sgd", dataset="digits", model="mlp", lr_decay=0.5, quiet=True, threads=1)
+    run, ref = tmp_path / "run", tmp_path / "ref"
+    train(TrainConfig(**common, epochs=2, out=str(run)), plot=False)
+    shutil.copytree(run, ref)
+    # The attempt: 9 epochs planned, stopped in epoch 5 (its checkpoint at the stop then lost).
+    train(TrainConfig(**common, epochs=9, stop_at_update=50, out=str(run), resume=str(run)), plot=False)
+    newest = sorted((run / "checkpoints").glob("ckpt-*.pt"))[-1]
+    assert newest.name == "ckpt-000050.pt"
+    newest.unlink()
+    assert [e["epoch"] for e in read_metrics(run)[0]] == [1, 2, 3, 4]
+    train(TrainConfig(**common, epochs=6, out=str(run), resume=str(run)), plot=False)
+    train(TrainConfig(**common, epochs=6, out=str(ref), resume=str(ref)), plot=False)
+    assert "3 lines after the checkpoint (epoch 2, update 22) dropped" in caplog.text  # epochs 3-4, its checkpoint
+    drop_times = lambda r: {k: v for k, v in r.items() if k not in ("epoch_s", "samples_per_s", "seconds", "path")}  # noqa: E731
+    (ep, ev), (ep_ref, ev_ref) = read_metrics(run), read_metrics(ref)
+    assert [drop_times(e) for e in ep] == [drop_times(e) for e in ep_ref] and len(ep) == 6
+    assert [drop_times(e) for e in ev] == [drop_times(e) for e in ev_ref]
+
+
 def test_a_resume_with_other_epochs_follows_their_plan(tmp_path):
     """--epochs may change on --resume; what follows it follows the new value: a 6-epoch run
     stopped after 2 epochs and resumed with --epochs 9 decays its LR at 3 and 6 (E/3, 2E/3) and

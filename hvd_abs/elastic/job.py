@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from hvd_abs.batching.layout import wanted_world_size
 from hvd_abs.elastic.world_signal import write_wanted
-from hvd_abs.metrics import MetricsWriter
+from hvd_abs.metrics import MetricsWriter, cut_back
 from hvd_abs.train import (Trainer, TrainConfig, checkpoint_if_due, finish, open_writer, prepare_out_dir,
                            record_history)
 
@@ -76,7 +76,7 @@ def train_elastic(cfg: TrainConfig, eigen_fn: Any = None, on_epoch: Callable[[di
     if cfg.resume is not None:
         trainer.resume(cfg.resume, collective=False)
     if comm.rank == 0:
-        _prepare_once(out, cfg.replaces_out)
+        _prepare_once(out, cfg.replaces_out, (trainer.epoch, trainer.updates) if cfg.resumes_in_place else None)
     state = CommittedState(trainer)
     timeline = _Timeline()
     ledger = _Ledger(out, trainer) if cfg.ledger else None
@@ -143,8 +143,9 @@ def train_elastic(cfg: TrainConfig, eigen_fn: Any = None, on_epoch: Callable[[di
             w.close()
 
 
-def _prepare_once(out: Path, overwrite: bool) -> None:
-    """Prepare the out dir (with --overwrite: clear the previous run) once per job: a worker that
+def _prepare_once(out: Path, overwrite: bool, resumed_at: tuple[int, int] | None) -> None:
+    """Prepare the out dir (with --overwrite: clear the previous run; resumed in place at
+    (epoch, updates): drop the metrics lines after the checkpoint) once per job: a worker that
     becomes rank 0 later in the same job (after a failure) must not clear what this job wrote.
     The job is told apart by its rendezvous endpoint, which horovodrun picks per launch."""
     job = f"{os.environ.get('HOROVOD_GLOO_RENDEZVOUS_ADDR')}:{os.environ.get('HOROVOD_GLOO_RENDEZVOUS_PORT')}"
@@ -152,6 +153,8 @@ def _prepare_once(out: Path, overwrite: bool) -> None:
     if marker.exists() and marker.read_text() == job:
         return
     prepare_out_dir(out, overwrite)
+    if resumed_at is not None:
+        cut_back(out, *resumed_at)
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(job)
 
