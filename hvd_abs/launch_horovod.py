@@ -1,11 +1,13 @@
 """The elastic horovodrun command line for a training job (what `hvd-abs launch horovod` runs)."""
 from __future__ import annotations
 
+import contextlib
 import re
 import shlex
+import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from hvd_abs.elastic.discovery import WARM_TIMEOUT_S
 
@@ -114,6 +116,31 @@ class Refusals:
         return self.said[max(failed)].removeprefix("Error: ")
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP reached the launcher (`timeout`, `kill`, a closed terminal, a scheduler
+    ending the allocation). Raised in the main thread, it unwinds through run_horovodrun and
+    run_with_standbys, which stop horovodrun (and so its workers) and the standbys, as on Ctrl-C:
+    by default Python would just die and leave the whole job running unseen."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_on_termination() -> Iterator[None]:
+    """Within: SIGTERM and SIGHUP raise Terminated (the previous handlers come back after)."""
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 def run_horovodrun(cmd: list[str], held: list[str] | None = None, refusals: Refusals | None = None) -> int:
     """Run horovodrun `cmd`; returns its exit code. Its stderr passes through this process line
     by line (a carriage return ends a line too, for progress bars), except horovodrun's own
@@ -205,3 +232,9 @@ def run_with_standbys(cmd: list[str], train_args: list[str], max_np: int, keep: 
         for p in spawned:  # unclaimed standbys have nothing left to do
             if p.poll() is None:
                 p.terminate()
+        for p in spawned:  # gone when the launcher returns, not some seconds later
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()

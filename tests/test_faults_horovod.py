@@ -327,3 +327,27 @@ def test_killed_worker_wrapper_run_finishes_and_is_reported_as_finished(tmp_path
     assert "horovodrun exited 1" in last_line and str(report) in last_line, last_line
     assert "Traceback" not in text and "Traceback" in report.read_text(), text[-4000:]
     assert "--resume" not in text
+
+
+def test_sigterm_to_the_launcher_stops_the_whole_job(tmp_path, jobs):
+    """QA: `timeout` or `kill` sends SIGTERM to `hvd-abs launch horovod` alone. Python's default
+    would end the launcher and leave horovodrun, its workers and the standbys training unseen (a
+    later --resume then ran beside them). Now every process of the job is gone, the launcher says
+    how to continue, and exits 128 + 15."""
+    out = tmp_path / "run"
+    gates = holds(out, "hold-1-world-2", f"hold-{KILL_AT}")  # held mid-run, 2 workers and a standby up
+    job = jobs(launch_horovod("--min-np", "1", "--max-np", "2", "--warm", "1", "--", *SGD2, "--epochs", "4",
+                              "--out", str(out)), tmp_path / "job.log")
+    wait_until(f"update {KILL_AT} on 2 workers", held_worker(out, KILL_AT, 1), job)
+    tree = psutil.Process(job.proc.pid).children(recursive=True)
+    assert any("hvd_abs.elastic.standby" in " ".join(p.cmdline()) for p in tree if alive(p.pid))
+    job.proc.send_signal(signal.SIGTERM)
+    assert job.wait(timeout=60) == 128 + signal.SIGTERM, job.output()[-4000:]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and [p for p in tree if alive(p.pid)]:
+        time.sleep(0.1)
+    assert not [p.pid for p in tree if alive(p.pid)], [p.cmdline()[:4] for p in tree if alive(p.pid)]
+    assert f"SIGTERM received: the job was stopped (its workers and standbys too); continue it with -- --resume " \
+           f"{out}" in job.output()
+    for gate in gates.glob("hold-*"):
+        gate.unlink()

@@ -45,6 +45,7 @@ def horovod(min_np: int, max_np: int, hostfile: str | None, network_interface: s
     Example: hvd-abs launch horovod --min-np 1 --max-np 2 -- --dataset digits --method absa --out runs/x
     """
     import shlex
+    import signal
     import sys
     import time
 
@@ -67,17 +68,25 @@ def horovod(min_np: int, max_np: int, hostfile: str | None, network_interface: s
     if dry_run:
         return
     from hvd_abs.elastic.world_signal import start_job
-    from hvd_abs.launch_horovod import run_dir_of, run_horovodrun
+    from hvd_abs.launch_horovod import Terminated, run_dir_of, run_horovodrun, stop_on_termination
 
     started = time.time()
     start_job(run_dir_of(list(train_args)), min_np)
     held: list[str] = []  # horovodrun's own traceback, kept out of the output until the outcome is known
     refusals = Refusals()  # workers' "Error: ..." lines (a refused input, exit 2) and exit codes
-    if warm:
-        code = run_with_standbys(cmd, list(train_args), max_np=max_np, keep=warm, held=held, refusals=refusals,
-                                 script=script is not None)
-    else:
-        code = run_horovodrun(cmd, held, refusals)
+    try:
+        with stop_on_termination():
+            if warm:
+                code = run_with_standbys(cmd, list(train_args), max_np=max_np, keep=warm, held=held,
+                                         refusals=refusals, script=script is not None)
+            else:
+                code = run_horovodrun(cmd, held, refusals)
+    except Terminated as stop:
+        name = signal.Signals(stop.signum).name
+        click.echo(f"hvd-abs launch horovod: {name} received: the job was stopped (its workers and standbys "
+                   f"too); continue it with -- --resume {run_dir_of(list(train_args))} (from its newest "
+                   f"checkpoint, if it wrote one)", err=True)
+        sys.exit(128 + stop.signum)
     refused = refusals.outcome() if code != 0 else None
     if refused is not None and finished_epochs(list(train_args), started) is None:
         _keep_report(list(train_args), "".join(held))
