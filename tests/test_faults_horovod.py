@@ -351,3 +351,28 @@ def test_sigterm_to_the_launcher_stops_the_whole_job(tmp_path, jobs):
            f"{out}" in job.output()
     for gate in gates.glob("hold-*"):
         gate.unlink()
+
+
+def test_rank0_killed_while_a_worker_joins_stops_instead_of_restarting_the_run(tmp_path, jobs):
+    """QA: rank 0 killed while it was sending the state to a joining worker. The joiner, alone and
+    now rank 0, broadcast its own freshly built state: the run silently restarted from update 0
+    into the same metrics. The sync now takes the state from a worker that holds it; with none
+    left, every survivor stops with one line saying to resume from the newest checkpoint."""
+    out, hostfile = tmp_path / "run", tmp_path / "hosts"
+    hostfile.write_text(TWO_HOSTS)  # the joiner on another host name: it survives rank 0's failure
+    gates = holds(out, "hold-sync")
+    job = jobs(launch_horovod("--min-np", "1", "--max-np", "2", "--hostfile", str(hostfile), "--", *SGD2,
+                              "--epochs", "4", "--out", str(out)), tmp_path / "job.log")
+    syncing = out / "ledger" / "syncing"
+    victim = wait_until("rank 0 about to send the state to the joiner",
+                        lambda: syncing.exists() and syncing.read_text().strip(), job)
+    os.kill(int(victim), signal.SIGKILL)
+    for gate in gates.glob("hold-*"):
+        gate.unlink()
+    code = job.wait(timeout=180)
+    text = job.output()
+    assert code != 0 and not (out / "summary.json").exists(), text[-4000:]
+    assert f"the state in memory is lost (the survivors hold only a fresh start): continue the run from its " \
+           f"newest checkpoint with --resume {out}" in text, text[-4000:]
+    # Nothing was trained from the fresh start: every update in the ledger is rank 0's, before the join.
+    assert {r["pid"] for r in ledger(out)} == {int(victim)}

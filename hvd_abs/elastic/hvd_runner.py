@@ -13,6 +13,11 @@ Where this differs from `horovod.torch.elastic.run` + `TorchState`, and why:
   second copy on the GPU, and nothing pickled whole that cannot be rolled back.
 - A new worker loads rank 0's optimizer state as it is, so it starts bit-identical to rank 0: no
   zero-gradient optimizer step to materialise state (which drifts weights under weight decay).
+- The sync's source is a worker that holds the job's state (has synced or committed), not
+  whichever worker is rank 0: when rank 0 dies while a worker joins, a joiner may become rank 0,
+  and broadcasting its freshly built state would silently restart the run from its beginning.
+  When every worker holding the state is gone, the job stops (StateLost) and says to resume
+  from the newest checkpoint.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from horovod.common.elastic import State, notification_manager
 from horovod.common.exceptions import HorovodInternalError, HostsUpdatedInterrupt
 
 from hvd_abs.elastic.checkpoint import to_host
+from hvd_abs.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +41,11 @@ class Stateful(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+class StateLost(UserError):
+    """Every worker that held the job's state failed before a joiner had it: what is left is
+    the joiners' freshly built state, not the run's. Said on every survivor."""
+
+
 class CommittedState(State):
     """Horovod elastic State over one `Stateful` target (the trainer).
 
@@ -43,12 +54,15 @@ class CommittedState(State):
     snapshot; sync() = rank 0's current state to every rank.
     """
 
-    def __init__(self, target: Stateful) -> None:
+    def __init__(self, target: Stateful, run_dir: str = "OUT") -> None:
         super().__init__(bcast_object=hvd.broadcast_object, get_rank=hvd.rank)
         self.target = target
+        self.run_dir = run_dir  # for StateLost's advice
         self._saved: dict[str, Any] | None = None
         self.commit_s = 0.0  # total seconds spent snapshotting, for the metrics
         self.commits = 0
+        self.seen_holder = False  # a sync this worker took part in had a holder of the job's state
+        self.before_broadcast: Callable[[], None] | None = None  # test instrumentation (job.py _Ledger)
 
     def save(self) -> None:
         t0 = time.perf_counter()
@@ -61,8 +75,19 @@ class CommittedState(State):
             self.target.load_state_dict(self._saved)
 
     def sync(self) -> None:
-        snapshot = to_host(self.target.state_dict()) if hvd.rank() == 0 else None
-        snapshot = hvd.broadcast_object(snapshot, root_rank=0, name="hvd_abs.state")
+        """The state of the lowest rank holding the job's state to every rank; rank 0's at the
+        job's start, when none holds it yet. StateLost if the holders are gone (see the module)."""
+        holders = hvd.allgather_object(self._saved is not None, name="hvd_abs.holders")
+        self.seen_holder = self.seen_holder or any(holders)
+        if not any(holders) and any(hvd.allgather_object(self.seen_holder, name="hvd_abs.seen")):
+            raise StateLost(f"the workers that held the run's state failed while another worker was joining, so "
+                            f"the state in memory is lost (the survivors hold only a fresh start): continue the run "
+                            f"from its newest checkpoint with --resume {self.run_dir}")
+        root = holders.index(True) if any(holders) else 0
+        if any(holders) and not all(holders) and hvd.rank() == root and self.before_broadcast is not None:
+            self.before_broadcast()
+        snapshot = to_host(self.target.state_dict()) if hvd.rank() == root else None
+        snapshot = hvd.broadcast_object(snapshot, root_rank=root, name="hvd_abs.state")
         self.target.load_state_dict(snapshot)
         self._saved = snapshot
 

@@ -77,9 +77,11 @@ def train_elastic(cfg: TrainConfig, eigen_fn: Any = None, on_epoch: Callable[[di
         trainer.resume(cfg.resume, collective=False)
     if comm.rank == 0:
         _prepare_once(out, cfg.replaces_out, (trainer.epoch, trainer.updates) if cfg.resumes_in_place else None)
-    state = CommittedState(trainer)
+    state = CommittedState(trainer, run_dir=str(out))
     timeline = _Timeline()
     ledger = _Ledger(out, trainer) if cfg.ledger else None
+    if ledger is not None:
+        state.before_broadcast = ledger.hold_sync
     writers: dict[int, MetricsWriter] = {}
 
     def writer() -> MetricsWriter:
@@ -219,6 +221,18 @@ class _Ledger:
                 time.sleep(0.1)
                 on_wait()
                 state.commit()  # raises HostsUpdatedInterrupt once the resize this waits for comes
+
+    def hold_sync(self, limit_s: float = 300.0) -> None:
+        """Test instrumentation: while `<out>/ledger/hold-sync` exists, the worker about to send
+        the state to a joiner waits (after writing its pid to `<out>/ledger/syncing`), so that a
+        test can kill it there. At most `limit_s`."""
+        gate = self.path.parent / "hold-sync"
+        if not gate.exists():
+            return
+        (self.path.parent / "syncing").write_text(str(os.getpid()))
+        deadline = time.monotonic() + limit_s
+        while gate.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
 
     def write(self) -> None:
         t = self.trainer
