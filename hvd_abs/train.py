@@ -1066,9 +1066,7 @@ def train(cfg: TrainConfig, comm: Any = None, eigen_fn: EigenFn | None = None,
     resumed_from = None
     if cfg.resume is not None:
         resumed_from = trainer.resume(cfg.resume)
-        if trainer.epoch >= cfg.epochs:
-            raise UserError(f"--resume {cfg.resume}: that run already reached epoch {trainer.epoch}; pass "
-                            f"--epochs above {trainer.epoch} to train it further")
+        refuse_finished(trainer)
     out = Path(cfg.out).expanduser()
     if comm.rank == 0:
         prepare_out_dir(out, cfg.replaces_out)
@@ -1118,6 +1116,14 @@ def read_newest_checkpoint(run_dir: str | os.PathLike) -> tuple[str, dict[str, A
         raise UserError(f"--resume {run_dir}: no checkpoint there verifies (all missing or damaged); "
                         f"start a new run with another --out")
     return str(found[0]), found[1]
+
+
+def refuse_finished(trainer: Trainer) -> None:
+    """After a resume: a run that already reached --epochs has nothing left to train (rewriting
+    its summary, plots and weights from the same state would be all it did)."""
+    if trainer.epoch >= trainer.cfg.epochs:
+        raise UserError(f"--resume {trainer.cfg.resume}: that run already reached epoch {trainer.epoch}; pass "
+                        f"--epochs above {trainer.epoch} to train it further")
 
 
 def record_history(trainer: Trainer, writer: MetricsWriter) -> None:

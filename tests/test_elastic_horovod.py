@@ -3,6 +3,7 @@ bit-identical joins, and the sample ledger. Each test is one bounded horovodrun 
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -192,3 +193,18 @@ def test_a_script_with_its_own_model_and_data_grows_in_place(tmp_path):
     check_every_sample_once(elastic)
     assert check_ranks_identical_after_sync(elastic) >= 1  # the joiner's sync: equal to rank 0
     assert joined_warm(elastic)
+
+
+def test_the_launcher_refuses_to_resume_a_finished_run_as_train_does(tmp_path):
+    """QA: `launch horovod -- --resume OUT` of a run that reached its --epochs retrained nothing
+    but rewrote its summary (world size, commits), plots and weights, with exit 0; `hvd-abs
+    train` refuses. The workers now refuse it too, before writing anything."""
+    out = tmp_path / "run"
+    run_checked([str(BIN / "hvd-abs"), "train", "--dataset", "digits", "--model", "cnn", "--method", "sgd",
+                 "--epochs", "2", "--quiet", "--out", str(out)], timeout=120)
+    before = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
+    proc = subprocess.run([str(BIN / "hvd-abs"), "launch", "horovod", "--max-np", "2", "--", "--resume", str(out),
+                           "--quiet"], capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"--resume {out}: that run already reached epoch 2; pass --epochs above 2" in proc.stderr
+    assert {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()} == before

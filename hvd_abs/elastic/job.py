@@ -28,7 +28,7 @@ from hvd_abs.batching.layout import wanted_world_size
 from hvd_abs.elastic.world_signal import write_wanted
 from hvd_abs.metrics import MetricsWriter, cut_back
 from hvd_abs.train import (Trainer, TrainConfig, checkpoint_if_due, finish, open_writer, prepare_out_dir,
-                           record_history)
+                           record_history, refuse_finished)
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,7 @@ def train_elastic(cfg: TrainConfig, eigen_fn: Any = None, on_epoch: Callable[[di
     out = Path(cfg.out).expanduser()
     if cfg.resume is not None:
         trainer.resume(cfg.resume, collective=False)
+        refuse_finished(trainer)
     if comm.rank == 0:
         _prepare_once(out, cfg.replaces_out, (trainer.epoch, trainer.updates) if cfg.resumes_in_place else None)
     state = CommittedState(trainer, run_dir=str(out))
