@@ -262,6 +262,16 @@ def check_out_dir(out: str | os.PathLike, overwrite: bool, resuming: bool = Fals
     if path.is_dir():
         if not can_create_in(path):  # (not os.access alone: it says yes to root, /proc included)
             raise UserError(f"--out {path} is not writable: pass a writable --out")
+        for name in RUN_DIRS:  # found otherwise only when the run first writes there (after an epoch)
+            if (path / name).exists() and not (path / name).is_dir():
+                raise UserError(f"{path / name} is a file, but a run keeps its {name} in a folder of that name: "
+                                f"move the file away, or pass another --out")
+        if (path / REPLACED_DIR).is_dir() and not overwrite:
+            # An --overwrite that did not finish keeps the run it replaces there; a new run
+            # finishing here would delete it.
+            raise UserError(f"--out {path} holds, in {path / REPLACED_DIR}, the run that an unfinished --overwrite "
+                            f"was replacing: move it back (mv {path / REPLACED_DIR}/* {path}/) to keep it, pass "
+                            f"--overwrite to replace it, or pass another --out")
         held = [name for name in RUN_FILES if (path / name).exists()]
         if held and not overwrite:
             also = f", --resume {path} to continue the run there" if resuming else ""

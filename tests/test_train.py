@@ -5,6 +5,7 @@ import copy
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -261,6 +262,22 @@ def test_out_dir_with_another_run_needs_overwrite(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["train", "--out", str(out), "--quiet", "--epochs", "1"])
     assert result.exit_code == 2 and "--overwrite" in result.output
     assert (out / "metrics.jsonl").read_text() == '{"epoch": 1}\n'
+
+
+def test_a_file_where_the_run_keeps_a_folder_is_refused_before_training(tmp_path: Path) -> None:
+    """A file named checkpoints in --out was found only by the first checkpoint, after the whole
+    training (a traceback, and no weights). A folder named like a checkpoint is no checkpoint."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "checkpoints").write_text("x")
+    result = CliRunner().invoke(main, ["train", "--dataset", "digits", "--method", "sgd", "--out", str(out),
+                                       "--quiet", "--epochs", "1"])
+    assert result.exit_code == 2, result.output
+    assert f"{out / 'checkpoints'} is a file, but a run keeps its checkpoints in a folder" in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints"]
+    (tmp_path / "r" / "checkpoints" / "ckpt-000099.pt").mkdir(parents=True)
+    result = CliRunner().invoke(main, ["train", "--dataset", "digits", "--quiet", "--resume", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "no checkpoint there verifies" in result.output, result.output
 
 
 def test_resume_continues_the_run_as_it_was_started(tmp_path: Path) -> None:
@@ -547,6 +564,12 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_finishes(digits, tmp_path
             train(again, eigen_fn=boom, plot=False)
         kept = out / REPLACED_DIR
         assert {p.relative_to(kept): p.read_bytes() for p in kept.rglob("*") if p.is_file()} == old
+    # A run without --overwrite is refused there: finishing, it would delete the kept run.
+    for name in [p.name for p in out.iterdir() if p.name != REPLACED_DIR]:  # (the failed run's partial files)
+        shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+    with pytest.raises(UserError, match=f"holds, in {out / REPLACED_DIR}, the run that an unfinished --overwrite"):
+        train(TrainConfig(**{**cfg.__dict__, "seed": 5}), plot=False)
+    assert {p.relative_to(kept): p.read_bytes() for p in kept.rglob("*") if p.is_file()} == old
     train(TrainConfig(**{**cfg.__dict__, "overwrite": True, "seed": 5}), plot=False)
     assert not (out / REPLACED_DIR).exists() and (out / "summary.json").exists()
     assert json.loads((out / "summary.json").read_text())["config"]["seed"] == 5
