@@ -278,8 +278,10 @@ def load_model(run_dir: str | Path, model: nn.Module | Callable[[], nn.Module] |
     `model`, the module (or class or function making it) the run trained; without one, into the
     run's built-in --model, rebuilt from its summary.json. On the CPU, in eval() mode."""
     run = Path(run_dir).expanduser()
-    if run.is_file():  # the model.pt itself
+    if run.is_file() and run.name == WEIGHTS_FILE:  # the model.pt itself
         run = run.parent
+    elif run.is_file():
+        raise UserError(f"{run} is a file, not a run: pass the run's --out folder (or its {WEIGHTS_FILE})")
     weights = run / WEIGHTS_FILE
     if not weights.is_file():
         why = (f"the run has not finished: continue it with --resume {run}" if (run / CHECKPOINT_DIR).is_dir()
@@ -290,8 +292,14 @@ def load_model(run_dir: str | Path, model: nn.Module | Callable[[], nn.Module] |
     except Exception as exc:  # truncated or foreign: pickle, zip and torch each raise their own
         raise UserError(f"{weights} is not a readable state dict ({type(exc).__name__}): train the run again, or "
                         f"load its newest checkpoint with --resume {run}") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{weights} holds a {type(state).__name__}, not a state dict: train the run again, or "
+                        f"load its newest checkpoint with --resume {run}")
     if model is None:
         model = _built_in_model_of(run)
+    elif not isinstance(model, nn.Module) and not callable(model):
+        raise UserError(f"model= must be a torch.nn.Module or a class or function making one, got "
+                        f"{type(model).__name__} {model!r}: for a built-in model, leave model= out")
     elif not isinstance(model, nn.Module):
         from hvd_abs.train import _check_no_arguments_needed
 
@@ -313,7 +321,10 @@ def _built_in_model_of(run: Path) -> nn.Module:
 
     try:
         summary = json.loads((run / SUMMARY_FILE).read_text())
-        name, classes, shape = summary["model"], int(summary["num_classes"]), tuple(summary["in_shape"])
+        name, classes, shape = summary["model"], summary["num_classes"], tuple(summary["in_shape"])
+        if not (isinstance(name, str) and isinstance(classes, int) and classes >= 1 and len(shape) == 3
+                and all(isinstance(n, int) and n >= 1 for n in shape)):
+            raise ValueError("malformed")
     except (OSError, ValueError, KeyError, TypeError):
         raise UserError(f"{run / SUMMARY_FILE} does not say which model the run trained (missing, damaged, or "
                         f"from before hvd_abs kept it): pass load_model(..., model=) the model") from None

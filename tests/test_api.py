@@ -235,6 +235,41 @@ def test_a_run_leaves_its_trained_model_for_load_model_and_torch_load(digits, tm
         hvd_abs.load_model(tmp_path / "own", model=TinyNet)
 
 
+def test_damaged_run_files_give_one_line_not_a_traceback(digits, tmp_path):
+    """QA: load_model and `hessian --run` on a summary.json or model.pt with the wrong shape of
+    content raised AttributeError, IndexError, KeyError or TypeError from deep inside."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from hvd_abs.cli import main
+
+    run = tmp_path / "run"
+    hvd_abs.fit(data=digits, model=None, method="sgd", epochs=1, quiet=True, echo=False, out=str(run))
+    good = json.loads((run / "summary.json").read_text())
+    summaries = {"model": {**good, "model": 5}, "in_shape": {**good, "in_shape": []}, "config": {**good, "config": 5},
+                 "dataset": {**good, "config": {}}, "data_dir": {**good, "config": {**good["config"], "data_dir": 7}}}
+    for name, summary in summaries.items():
+        bad = tmp_path / name
+        shutil.copytree(run, bad)
+        (bad / "summary.json").write_text(json.dumps(summary))
+        if name in ("model", "in_shape"):
+            with pytest.raises(hvd_abs.UserError, match="does not say which model the run trained"):
+                hvd_abs.load_model(bad)
+        if name != "in_shape":  # (hessian takes the shape from the data set)
+            result = CliRunner().invoke(main, ["hessian", "--run", str(bad), "--samples", "64"])
+            assert result.exit_code == 2 and "holds no readable summary.json" in result.output, (name, result.output)
+    for content in ([1, 2, 3], torch.zeros(3)):
+        torch.save(content, tmp_path / "model" / "model.pt")
+        with pytest.raises(hvd_abs.UserError, match=f"holds a {type(content).__name__}, not a state dict"):
+            hvd_abs.load_model(tmp_path / "model", model=TinyNet)
+    with pytest.raises(hvd_abs.UserError, match="model= must be a torch.nn.Module or a class or function making one, "
+                                                "got str 'cnn'"):
+        hvd_abs.load_model(run, model="cnn")
+    with pytest.raises(hvd_abs.UserError, match="metrics.jsonl is a file, not a run"):
+        hvd_abs.load_model(run / "metrics.jsonl")
+
+
 def test_fit_refuses_what_it_cannot_train(digits, tmp_path):
     out = str(tmp_path / "x")
     shifted = hvd_abs.splits_from_tensors(digits.train_x - 0.5, digits.train_y, digits.test_x, digits.test_y)

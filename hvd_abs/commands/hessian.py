@@ -151,7 +151,10 @@ def _from_run(run_dir: str, model_name: str, dataset: str, data_dir: str | None,
     try:
         summary = json.loads((run / SUMMARY_FILE).read_text())
         config = summary["config"]
-    except (OSError, ValueError, KeyError, TypeError):
+        if not (isinstance(config, dict) and isinstance(summary.get("model"), str)
+                and isinstance(config.get("dataset"), str) and isinstance(config.get("data_dir"), (str, type(None)))):
+            raise ValueError("malformed")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         raise click.BadParameter(f"{run} holds no readable {SUMMARY_FILE}: pass the --out folder of a finished run",
                                  param_hint="--run") from None
     if not (run / WEIGHTS_FILE).is_file():
