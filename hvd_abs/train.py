@@ -175,6 +175,14 @@ class TrainConfig:
             raise UserError(f"--lr must be a positive number up to 1e6, got {self.lr}")
         if not 0 < self.lr_decay <= 1:
             raise UserError(f"--lr-decay must be in (0, 1] (1 = no decay), got {self.lr_decay}")
+        given = self.lr_decay_epochs
+        if given is not None and (not isinstance(given, (list, tuple)) or not given
+                                  or not all(isinstance(d, int) and not isinstance(d, bool) for d in given)):
+            # (A string would be read a character at a time: "12" as decays at 1 and 2.)
+            raise UserError(f"--lr-decay-epochs must be a non-empty list of whole epochs, e.g. [30, 60], got {given!r}")
+        if given is not None and len(set(given)) < len(given):
+            raise UserError(f"--lr-decay-epochs {','.join(map(str, given))} names an epoch twice (two decays at once): "
+                            f"give each epoch once")
         for d in self.decay_epochs():
             if not 0 < d < self.epochs:
                 inside = (f"give epochs from 1 to {self.epochs - 1}" if self.epochs > 1 else
@@ -200,8 +208,8 @@ class TrainConfig:
         if self.clip_grad_norm is not None and not (self.clip_grad_norm > 0 and math.isfinite(self.clip_grad_norm)):
             raise UserError(f"--clip-grad-norm must be a finite number > 0, got {self.clip_grad_norm}: "
                             f"leave it out for no clipping")
-        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
-            raise UserError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
+        if not 0 <= self.weight_decay <= 1e6:  # (as --lr: 1e300 passed "finite", then overflowed float32)
+            raise UserError(f"--weight-decay must be a number from 0 to 1e6, got {self.weight_decay}")
         if self.precision not in PRECISIONS:
             raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.augment not in AUGMENTS:
@@ -218,6 +226,10 @@ class TrainConfig:
         positive(self.eig_max_iter, "--eig-max-iter")
         if self.threads is not None:
             positive(self.threads, "--threads")
+            if self.threads > 4096:  # (torch takes a C int; 1e23 threads ended in an OverflowError)
+                raise UserError(f"--threads must be at most 4096, got {self.threads}: leave it out for one per core")
+        if not (isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed < 2**32):
+            raise UserError(f"--seed must be a whole number from 0 to {2**32 - 1}, got {self.seed!r}")
         if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
             raise UserError(f"--checkpoint-every must be >= 0 epochs (0: only at the end), got {self.checkpoint_every!r}")
         positive(self.commit_every, "--commit-every")

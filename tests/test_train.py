@@ -280,6 +280,14 @@ def test_a_file_where_the_run_keeps_a_folder_is_refused_before_training(tmp_path
     assert result.exit_code == 2 and "no checkpoint there verifies" in result.output, result.output
 
 
+def test_decay_epochs_of_the_wrong_type_are_refused_not_misread(tmp_path: Path) -> None:
+    """From Python, lr_decay_epochs="12" was read a character at a time (decays at epochs 1 and 2)."""
+    for value in ("12", "1,2", [], [1.5], [True]):
+        with pytest.raises(UserError, match=r"--lr-decay-epochs must be a non-empty list of whole epochs"):
+            TrainConfig(epochs=3, lr_decay_epochs=value, out=str(tmp_path / "x")).validate()
+    TrainConfig(epochs=3, lr_decay_epochs=(1, 2), out=str(tmp_path / "x")).validate()
+
+
 def test_resume_continues_the_run_as_it_was_started(tmp_path: Path) -> None:
     # Only --epochs given: method, micro-batch, batch and LR come from the run, not the defaults
     # (absa, 128): the resumed epochs keep 2 micro-batches of 32 and the summary says sgd.

@@ -7,8 +7,10 @@ from hvd_abs.commands._errors import user_errors_exit_2
 
 
 def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
-    if value is None or value.strip() == "":
+    if value is None:
         return None
+    if value.strip() == "":
+        raise click.BadParameter("is empty: leave it out for the default (E/3 and 2E/3), or give epochs, e.g. 30,60")
     try:
         return [int(v) for v in value.replace(" ", "").split(",") if v]
     except ValueError:
