@@ -33,6 +33,7 @@ the layout and this rank's samples are recomputed from it at every step.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -53,6 +54,7 @@ from hvd_abs.adversarial import AdversarialSchedule
 from hvd_abs.atomic import can_create_in, unwritable_reason, write_atomic
 from hvd_abs.augment import AUGMENTS, Augmenter
 from hvd_abs.precision import PRECISIONS, forward_model
+from hvd_abs.run_lock import run_lock
 from hvd_abs.batching.controller import BatchController
 from hvd_abs.batching.layout import layout
 from hvd_abs.batching.lr import SCALINGS, SCHEDULES, LRSchedule
@@ -1090,22 +1092,23 @@ def train(cfg: TrainConfig, comm: Any = None, eigen_fn: EigenFn | None = None,
         resumed_from = trainer.resume(cfg.resume)
         refuse_finished(trainer)
     out = Path(cfg.out).expanduser()
-    if comm.rank == 0:
-        prepare_out_dir(out, cfg.replaces_out)
-        if cfg.resumes_in_place:  # lines of an attempt after the checkpoint: redone now
-            cut_back(out, trainer.epoch, trainer.updates)
-    writer = open_writer(out, cfg, comm.rank)
-    if resumed_from is not None and not cfg.resumes_in_place:
-        record_history(trainer, writer)
-    trainer.on_epoch_end = lambda grew: checkpoint_if_due(trainer, writer)
-    try:
-        summary = trainer.fit(writer, on_epoch=on_epoch)
-        trainer.save_checkpoint(writer)
-    finally:
-        writer.close()
-    if resumed_from is not None:  # which checkpoint it continued from (a damaged newest is skipped)
-        summary["resumed_from"] = str(resumed_from)
-    return finish(trainer, summary, writer, out, plot)
+    with run_lock(out) if comm.rank == 0 else contextlib.nullcontext():  # (rank 0 alone writes there)
+        if comm.rank == 0:
+            prepare_out_dir(out, cfg.replaces_out)
+            if cfg.resumes_in_place:  # lines of an attempt after the checkpoint: redone now
+                cut_back(out, trainer.epoch, trainer.updates)
+        writer = open_writer(out, cfg, comm.rank)
+        if resumed_from is not None and not cfg.resumes_in_place:
+            record_history(trainer, writer)
+        trainer.on_epoch_end = lambda grew: checkpoint_if_due(trainer, writer)
+        try:
+            summary = trainer.fit(writer, on_epoch=on_epoch)
+            trainer.save_checkpoint(writer)
+        finally:
+            writer.close()
+        if resumed_from is not None:  # which checkpoint it continued from (a damaged newest is skipped)
+            summary["resumed_from"] = str(resumed_from)
+        return finish(trainer, summary, writer, out, plot)
 
 
 def elastic_resets(out: Path) -> list[dict[str, Any]]:

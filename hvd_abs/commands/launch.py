@@ -1,6 +1,7 @@
 """`hvd-abs launch horovod|ray`: start elastic training and say exactly what was started."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 
@@ -71,11 +72,12 @@ def horovod(min_np: int, max_np: int, hostfile: str | None, network_interface: s
     from hvd_abs.launch_horovod import Terminated, run_dir_of, run_horovodrun, stop_on_termination
 
     started = time.time()
+    lock = _locked(run_dir_of(list(train_args)))  # the job's, while it runs (its workers come and go)
     start_job(run_dir_of(list(train_args)), min_np)
     held: list[str] = []  # horovodrun's own traceback, kept out of the output until the outcome is known
     refusals = Refusals()  # workers' "Error: ..." lines (a refused input, exit 2) and exit codes
     try:
-        with stop_on_termination():
+        with lock, stop_on_termination():
             if warm:
                 code = run_with_standbys(cmd, list(train_args), max_np=max_np, keep=warm, held=held,
                                          refusals=refusals, script=script is not None)
@@ -395,16 +397,36 @@ def ray(address: str, min_workers: int, max_workers: int, cpus_per_worker: float
     from hvd_abs.elastic.world_signal import start_job
 
     started = time.time()
+    try:
+        lock = _locked(run_dir)  # the job's, while it runs (its workers come and go)
+    except click.UsageError:
+        executor.shutdown()
+        raise
     start_job(run_dir, min_workers)  # only once connected: a refused job leaves its --out as it was
     try:
-        # Warm joins: a joining worker imports (and loads the data) before the job waits for it.
-        executor.run(work, work_args, warmup=warmup)
+        with lock:
+            # Warm joins: a joining worker imports (and loads the data) before the job waits for it.
+            executor.run(work, work_args, warmup=warmup)
     except RayExecutorError as exc:
         if exc.input_error is not None and finished_epochs(args, started) is None:
             _refused(exc.input_error)
         raise SystemExit(_report_failure(args, " ".join(str(exc).split())[:300], started)) from None
     finally:
         executor.shutdown()
+
+
+def _locked(run_dir: str) -> contextlib.ExitStack:
+    """The run dir's lock (hvd_abs/run_lock.py), taken now and released when the returned stack
+    closes: a usage error if another run holds it."""
+    from hvd_abs.errors import UserError
+    from hvd_abs.run_lock import run_lock
+
+    stack = contextlib.ExitStack()
+    try:
+        stack.enter_context(run_lock(run_dir))
+    except UserError as exc:
+        raise click.UsageError(str(exc)) from None
+    return stack
 
 
 def _with_option(args: list[str], name: str, value: str) -> list[str]:
