@@ -560,8 +560,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--seeds takes comma-separated integers (e.g. 0,1), got {args.seeds!r}")
         if not args.seeds:
             p.error("--seeds is empty: pass e.g. --seeds 0,1")
-        if not all(0 <= s < 2**32 for s in args.seeds):
-            p.error(f"--seeds must be whole numbers from 0 to {2**32 - 1}, got {args.seeds}")
+        if not all(-2**63 <= s < 2**64 for s in args.seeds):
+            p.error(f"--seeds must be whole numbers from -2**63 to 2**64-1, got {args.seeds}")
         for flag, value, least in (("--epochs", args.epochs, 1), ("--train-subset", args.train_subset, 1),
                                    ("--eval-subset", args.eval_subset, 0), ("--jobs", args.jobs, 1),
                                    ("--threads", args.threads, 1)):

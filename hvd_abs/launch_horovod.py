@@ -131,6 +131,8 @@ class Terminated(BaseException):
 def stop_on_termination() -> Iterator[None]:
     """Within: SIGTERM and SIGHUP raise Terminated (the previous handlers come back after)."""
     def handler(signum: int, frame: Any) -> None:
+        for sig in (signal.SIGTERM, signal.SIGHUP):  # a second one must not cut the cleanup short
+            signal.signal(sig, signal.SIG_IGN)
         raise Terminated(signum)
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}

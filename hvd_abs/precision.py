@@ -37,7 +37,8 @@ def forward_model(model: nn.Module, precision: str, device: torch.device) -> nn.
     """The module the training and test forward passes call: `model` itself at fp32."""
     if precision == "fp32":
         return model
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    # (torch.cuda.is_bf16_supported() says yes where bfloat16 is only emulated, e.g. a V100.)
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
         raise UserError(f"--precision bf16 needs a GPU with bfloat16 (compute capability 8.0 or newer); "
                         f"{torch.cuda.get_device_name(device)} has none: use --precision fp32")
     return Autocast(model, device.type)

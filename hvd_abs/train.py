@@ -182,9 +182,6 @@ class TrainConfig:
                                   or not all(isinstance(d, int) and not isinstance(d, bool) for d in given)):
             # (A string would be read a character at a time: "12" as decays at 1 and 2.)
             raise UserError(f"--lr-decay-epochs must be a non-empty list of whole epochs, e.g. [30, 60], got {given!r}")
-        if given is not None and len(set(given)) < len(given):
-            raise UserError(f"--lr-decay-epochs {','.join(map(str, given))} names an epoch twice (two decays at once): "
-                            f"give each epoch once")
         for d in self.decay_epochs():
             if not 0 < d < self.epochs:
                 inside = (f"give epochs from 1 to {self.epochs - 1}" if self.epochs > 1 else
@@ -230,8 +227,9 @@ class TrainConfig:
             positive(self.threads, "--threads")
             if self.threads > 4096:  # (torch takes a C int; 1e23 threads ended in an OverflowError)
                 raise UserError(f"--threads must be at most 4096, got {self.threads}: leave it out for one per core")
-        if not (isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed < 2**32):
-            raise UserError(f"--seed must be a whole number from 0 to {2**32 - 1}, got {self.seed!r}")
+        if not (isinstance(self.seed, int) and not isinstance(self.seed, bool) and -2**63 <= self.seed < 2**64):
+            raise UserError(f"--seed must be a whole number from -2**63 to 2**64-1 (what torch.manual_seed takes), "
+                            f"got {self.seed!r}")
         if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
             raise UserError(f"--checkpoint-every must be >= 0 epochs (0: only at the end), got {self.checkpoint_every!r}")
         positive(self.commit_every, "--commit-every")
@@ -284,8 +282,9 @@ def check_out_dir(out: str | os.PathLike, overwrite: bool, resuming: bool = Fals
             # An --overwrite that did not finish keeps the run it replaces there; a new run
             # finishing here would delete it.
             raise UserError(f"--out {path} holds, in {path / REPLACED_DIR}, the run that an unfinished --overwrite "
-                            f"was replacing: move it back (mv {path / REPLACED_DIR}/* {path}/) to keep it, pass "
-                            f"--overwrite to replace it, or pass another --out")
+                            f"was replacing: continue the new run with --resume {path}, or keep the old one by "
+                            f"removing the new run's files and moving it back (mv {path / REPLACED_DIR}/* {path}/), "
+                            f"or pass --overwrite to replace it, or another --out")
         held = [name for name in RUN_FILES if (path / name).exists()]
         if held and not overwrite:
             also = f", --resume {path} to continue the run there" if resuming else ""
@@ -802,7 +801,7 @@ class Trainer:
             log.warning("--eig-samples %d exceeds the %d training samples: using all of them",
                         self.cfg.eig_samples, n)
             self._warned_eig_samples = True
-        gen = torch.Generator().manual_seed(self.cfg.seed * 7_919 + 104_729 * (self.epoch + 1))
+        gen = torch.Generator().manual_seed((self.cfg.seed * 7_919 + 104_729 * (self.epoch + 1)) % (2**63 - 1))
         idx = torch.randperm(n, generator=gen)[:k]
         b = EIG_BATCH
         return [(self.data.train_x[idx[i:i + b]].to(self.device), self.data.train_y[idx[i:i + b]].to(self.device))
@@ -1094,6 +1093,8 @@ def train(cfg: TrainConfig, comm: Any = None, eigen_fn: EigenFn | None = None,
     out = Path(cfg.out).expanduser()
     with run_lock(out) if comm.rank == 0 else contextlib.nullcontext():  # (rank 0 alone writes there)
         if comm.rank == 0:
+            # Again, now that no other run can: one may have finished here since validate() looked.
+            check_out_dir(out, cfg.overwrite or cfg.resumes_in_place, resuming=cfg.resume is not None)
             prepare_out_dir(out, cfg.replaces_out)
             if cfg.resumes_in_place:  # lines of an attempt after the checkpoint: redone now
                 cut_back(out, trainer.epoch, trainer.updates)

@@ -59,3 +59,40 @@ def test_a_killed_holder_leaves_the_folder_free(tmp_path: Path) -> None:
         except UserError:
             assert time.monotonic() < deadline, "the lock outlived its killed holder"
             time.sleep(0.1)
+
+
+def test_without_flock_the_run_goes_on_unlocked_with_a_warning(tmp_path: Path, monkeypatch, caplog) -> None:
+    """Some NFS, SMB, FUSE and Lustre mounts have no flock (ENOLCK, ENOSYS, EOPNOTSUPP): runs
+    there worked before the lock and must still work, not end in an OSError traceback."""
+    import errno
+    import fcntl
+
+    def no_flock(fd: int, op: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    result = CliRunner().invoke(main, [*TRAIN, "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0 and (tmp_path / "run" / "summary.json").exists(), result.output
+    assert "has no flock (No locks available): running without the one-run-per-folder lock" in caplog.text
+    assert not (tmp_path / "run" / ".lock").exists()
+
+
+def test_a_run_that_finished_there_meanwhile_is_not_written_over(tmp_path: Path) -> None:
+    """The "holds no run" check runs with the options, seconds (data, model) before the lock: a
+    run that finished in the folder meanwhile must still stop this one. Here the model factory,
+    called between the two, puts a finished run there."""
+    import hvd_abs
+    from hvd_abs.models import build_model
+
+    out = tmp_path / "run"
+    data = hvd_abs.data.load_dataset("digits")
+
+    def model_while_another_run_finishes():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.jsonl").write_text('{"epoch": 1}\n')
+        return build_model("mlp", data.num_classes, data.in_shape)
+
+    with pytest.raises(UserError, match=f"--out {out} already holds a run"):
+        hvd_abs.fit(model=model_while_another_run_finishes, data=data, method="sgd", epochs=1, quiet=True,
+                    echo=False, out=str(out))
+    assert (out / "metrics.jsonl").read_text() == '{"epoch": 1}\n'

@@ -403,16 +403,16 @@ def ray(address: str, min_workers: int, max_workers: int, cpus_per_worker: float
         executor.shutdown()
         raise
     start_job(run_dir, min_workers)  # only once connected: a refused job leaves its --out as it was
-    try:
-        with lock:
+    with lock:  # (released after the shutdown: the actors are gone by then)
+        try:
             # Warm joins: a joining worker imports (and loads the data) before the job waits for it.
             executor.run(work, work_args, warmup=warmup)
-    except RayExecutorError as exc:
-        if exc.input_error is not None and finished_epochs(args, started) is None:
-            _refused(exc.input_error)
-        raise SystemExit(_report_failure(args, " ".join(str(exc).split())[:300], started)) from None
-    finally:
-        executor.shutdown()
+        except RayExecutorError as exc:
+            if exc.input_error is not None and finished_epochs(args, started) is None:
+                _refused(exc.input_error)
+            raise SystemExit(_report_failure(args, " ".join(str(exc).split())[:300], started)) from None
+        finally:
+            executor.shutdown()
 
 
 def _locked(run_dir: str) -> contextlib.ExitStack:

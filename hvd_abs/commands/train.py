@@ -12,9 +12,12 @@ def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> 
     if value.strip() == "":
         raise click.BadParameter("is empty: leave it out for the default (E/3 and 2E/3), or give epochs, e.g. 30,60")
     try:
-        return [int(v) for v in value.replace(" ", "").split(",") if v]
+        epochs = [int(v) for v in value.replace(" ", "").split(",") if v]
     except ValueError:
         raise click.BadParameter(f"{value!r} is not a comma-separated list of epochs, e.g. 30,60") from None
+    if len(set(epochs)) < len(epochs):  # (here, not in validate: a resumed run's own list is not refused)
+        raise click.BadParameter(f"{value} names an epoch twice (two decays at once): give each epoch once")
+    return epochs
 
 
 @click.command("train")
