@@ -17,12 +17,14 @@ DIGITS = ["--dataset", "digits", "--model", "cnn", "--base-batch", "32", "--quie
 
 
 def ledger_records(out: Path) -> list[dict]:
-    """Every whole line of every rank's ledger (a line being written by a running job is skipped)."""
+    """Every whole line of every rank's ledger, with the writing process's pid (a line being
+    written by a running job, or cut by a kill, is skipped)."""
     records = []
     for f in (out / "ledger").glob("rank-*.jsonl"):
+        pid = int(f.stem.split("-")[1])
         for line in f.read_text().splitlines():
             try:
-                records.append(json.loads(line))
+                records.append({**json.loads(line), "pid": pid})
             except json.JSONDecodeError:
                 pass
     return records

@@ -30,6 +30,7 @@ import pytest
 from conftest import BIN, Job
 from hvd_abs.metrics import read_metrics
 from test_elastic_horovod import check_every_sample_once, check_ranks_identical_after_sync
+from test_elastic_horovod import ledger_records as ledger
 
 pytestmark = pytest.mark.multiprocess
 
@@ -49,20 +50,6 @@ TIMING = {"epoch_s", "samples_per_s", "second_order_s"}
 
 def launch_horovod(*args: str) -> list[str]:
     return [str(BIN / "hvd-abs"), "launch", "horovod", *args]
-
-
-def ledger(out: Path) -> list[dict[str, Any]]:
-    """Every ledger record, with the writing process's pid."""
-    records = []
-    d = out / "ledger"
-    for f in d.glob("rank-*.jsonl") if d.is_dir() else []:
-        pid = int(f.stem.split("-")[1])
-        for line in f.read_text().splitlines():
-            try:
-                records.append({**json.loads(line), "pid": pid})
-            except json.JSONDecodeError:  # a line being written (or cut by a kill)
-                pass
-    return records
 
 
 def wait_until(what: str, pred: Callable[[], Any], job: Job, timeout: float = 240) -> Any:

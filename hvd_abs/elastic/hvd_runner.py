@@ -51,7 +51,8 @@ class CommittedState(State):
 
     commit() = snapshot to host memory + check for host updates (may raise
     HostsUpdatedInterrupt on every rank at the same commit); restore() = back to the last
-    snapshot; sync() = rank 0's current state to every rank.
+    snapshot; sync() = the state of a rank that holds it (rank 0 but for a failure during a
+    join) to every rank.
     """
 
     def __init__(self, target: Stateful, run_dir: str = "OUT") -> None:

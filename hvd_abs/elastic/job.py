@@ -212,12 +212,10 @@ class _Ledger:
             if not parts[1].isdigit() or int(parts[1]) != u:
                 continue
             want = int(parts[3]) if len(parts) == 4 and parts[2] == "world" and parts[3].isdigit() else None
-            deadline = time.monotonic() + limit_s
             if want is None:
-                while f.exists() and time.monotonic() < deadline:
-                    time.sleep(0.1)
-                    on_wait()
+                _wait_while_exists(f, limit_s, on_wait)
                 continue
+            deadline = time.monotonic() + limit_s
             while size != want and time.monotonic() < deadline:
                 time.sleep(0.1)
                 on_wait()
@@ -231,9 +229,7 @@ class _Ledger:
         if not gate.exists():
             return
         (self.path.parent / "syncing").write_text(str(os.getpid()))
-        deadline = time.monotonic() + limit_s
-        while gate.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
+        _wait_while_exists(gate, limit_s)
 
     def write(self) -> None:
         t = self.trainer
@@ -241,3 +237,11 @@ class _Ledger:
         with open(self.path, "a") as f:
             f.write(json.dumps({"attempt": self.attempt, "update": t.updates, "epoch": t.last_step_epoch, "t": time.time(),
                                 "rank": t.comm.rank, "world_size": t.comm.size, "ids": ids}) + "\n")
+
+
+def _wait_while_exists(gate: Path, limit_s: float, on_wait: Callable[[], None] = lambda: None) -> None:
+    """A ledger hold: sleep while the test's `gate` file exists, at most `limit_s`."""
+    deadline = time.monotonic() + limit_s
+    while gate.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+        on_wait()
