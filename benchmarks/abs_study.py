@@ -76,7 +76,6 @@ PAPER_MAX_BATCH = 16384
 PAPER_LARGE_BATCH = 4096
 FULL_TRAIN = 50000
 QUICK = {"epochs": 8, "train_subset": 8192, "eval_subset": 2000}
-SUBSET_SEED = 12345  # which training / test images a subset holds (the same for every run)
 
 
 # --- the protocol --------------------------------------------------------------------------------
@@ -108,7 +107,7 @@ def make_protocol(args: argparse.Namespace) -> dict[str, Any]:
         decays = [d for d in decays if 0 < d < epochs]
         models[m] = {"lr": recipe["lr"], "decay_epochs": decays, "lr_decay": 0.2,
                      "large_batch_lr": recipe["lr"] * large / BASE_BATCH}
-    from hvd_abs.train import DEFAULT_EIG_SAMPLES
+    from hvd_abs.training import DEFAULT_EIG_SAMPLES
 
     eig_samples = args.eig_samples or DEFAULT_EIG_SAMPLES
     shortened = []
@@ -137,15 +136,21 @@ def make_protocol(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def run_config(proto: dict[str, Any], model: str, method: str, seed: int, out: Path, args: argparse.Namespace):
-    """The TrainConfig of one run."""
-    from hvd_abs.train import DEFAULT_EIG_SAMPLES, TrainConfig
+def run_config(proto: dict[str, Any], model: str, method: str, seed: int, out: Path, args: argparse.Namespace,
+               resume: bool = False):
+    """The TrainConfig of one run (resume: continue the one in `out` from its newest checkpoint).
+    Its subsets are the trainer's own (--train-subset, --test-subset: seed 12345, the same for
+    every run); a checkpoint at every epoch end lets a run cut short continue."""
+    from hvd_abs.training import DEFAULT_EIG_SAMPLES, TrainConfig
 
     m = proto["models"][model]
     common = dict(dataset="cifar10", data_dir=args.data_dir, model=model, epochs=proto["epochs"],
                   base_batch=BASE_BATCH, lr_decay=m["lr_decay"], lr_decay_epochs=m["decay_epochs"],
                   duration=proto["duration"], eig_samples=proto.get("eig_samples", DEFAULT_EIG_SAMPLES),
-                  seed=seed, out=str(out), overwrite=True, quiet=True, device=args.device, threads=args.threads)
+                  train_subset=proto["train_samples"] if proto["train_samples"] < FULL_TRAIN else None,
+                  test_subset=proto["eval_subset"] or None, checkpoint_every=1,
+                  seed=seed, out=str(out), overwrite=not resume, resume=str(out) if resume else None,
+                  quiet=True, device=args.device, threads=args.threads)
     if method == "sgd":
         return TrainConfig(method="sgd", batch=BASE_BATCH, lr=m["lr"], max_batch=BASE_BATCH, **common)
     if method == "sgd_large":
@@ -155,113 +160,111 @@ def run_config(proto: dict[str, Any], model: str, method: str, seed: int, out: P
 
 
 # --- one run (child process) ------------------------------------------------------------------------
-def subset_data(data, n_train: int, eval_subset: int | None, device: str):
-    """The run's data: a fixed random training subset, an optional per-epoch test subset, on `device`."""
-    import torch
-
-    gen = torch.Generator().manual_seed(SUBSET_SEED)
-    full = data
-    if n_train < len(data.train_y):
-        idx = torch.randperm(len(data.train_y), generator=gen)[:n_train].sort().values
-        data = dataclasses.replace(data, train_x=data.train_x[idx], train_y=data.train_y[idx])
-    if eval_subset:
-        idx = torch.randperm(len(data.test_y), generator=gen)[:eval_subset].sort().values
-        data = dataclasses.replace(data, test_x=data.test_x[idx], test_y=data.test_y[idx])
-    if device != "cpu":  # the whole set on the GPU once: no per-batch host copies
-        move = lambda d: dataclasses.replace(d, train_x=d.train_x.to(device), train_y=d.train_y.to(device),
-                                             test_x=d.test_x.to(device), test_y=d.test_y.to(device))
-        data, full = move(data), move(full)
-    return data, full
-
-
 class _TimeUp(Exception):
     """--stop-after-s passed: leave the run at an epoch end, to be continued."""
 
 
+def _study_callback(args: argparse.Namespace, run: tuple[str, str, int], out: Path, full: Any,
+                    load_s: float, t_load: float) -> Any:
+    """What the study adds to a run (hvd_abs.training.Callback): a partial result.json after every
+    epoch, the --stop-after-s limit at epoch ends (after that epoch's checkpoint), and at the end
+    the accuracy on the whole test split (the per-epoch one may be on a subset)."""
+    from hvd_abs.training import Callback
+
+    model, method, seed = run
+
+    class Study(Callback):
+        def __init__(self) -> None:
+            self.t_start = time.perf_counter()
+            self.result: dict[str, Any] | None = None
+
+        def record(self, trainer, test_acc: float, test_loss: float | None, test_samples: int, complete: bool,
+                   final_eval_s: float | None = None) -> dict[str, Any]:
+            hist, cfg = trainer.history, trainer.cfg
+            return {
+                "method": method, "model": model, "seed": seed, "complete": complete,
+                "test_acc": test_acc, "test_loss": test_loss, "test_samples": test_samples,
+                "updates": trainer.updates, "wall_s": trainer.elapsed_s,
+                "max_batch_reached": max(h["global_batch"] for h in hist),
+                "initial_batch": cfg.initial_batch, "lr": cfg.lr, "epochs": len(hist),
+                "epochs_planned": cfg.epochs, "num_growths": trainer.controller.num_growths,
+                "growths": [{k: g[k] for k in ("epoch", "updates", "old_batch", "new_batch", "reason")}
+                            for g in trainer.growths],
+                "second_order_s": trainer.second_order_total_s, "final_eval_s": final_eval_s,
+                "data_load_s": load_s, "process_s": time.perf_counter() - self.t_start,
+                "samples_seen": trainer.samples_seen,
+                "train_samples_per_s": statistics.median(h["samples_per_s"] for h in hist),
+                "final_train_acc": hist[-1]["train_acc"],
+                "curve": [{k: h[k] for k in ("epoch", "updates", "global_batch", "lr", "eig", "adv_ratio", "train_loss",
+                                              "train_acc", "test_acc", "epoch_s", "second_order_s")} for h in hist],
+                "curve_test_samples": int(trainer.data.test_y.shape[0]),
+                "device": args.device, "run_dir": str(out),
+            }
+
+        def on_epoch_logged(self, trainer, record: dict[str, Any]) -> None:
+            print(f"  {model} {method} s{seed} epoch {record['epoch']}: G={record['global_batch']} "
+                  f"updates={record['updates']} test_acc={record['test_acc']:.4f} eig={record['eig']} "
+                  f"{record['epoch_s']:.1f}s", flush=True)
+            # A partial result after every epoch: a run cut short (a time limit) still reports how far it got.
+            partial = self.record(trainer, record["test_acc"], record["test_loss"], int(trainer.data.test_y.shape[0]),
+                                  complete=False)
+            write_text_atomic(out / "result.json", json.dumps(partial, indent=1) + "\n")
+
+        def on_epoch_end(self, trainer) -> None:
+            out_of_time = args.stop_after_s is not None and time.perf_counter() - t_load >= args.stop_after_s
+            if out_of_time and trainer.epoch < trainer.cfg.epochs:
+                raise _TimeUp
+
+        def on_fit_end(self, trainer, summary: dict[str, Any]) -> None:
+            t_eval = time.perf_counter()
+            subset = trainer.data
+            trainer.data = dataclasses.replace(subset, test_x=full.test_x, test_y=full.test_y)
+            try:
+                test_loss, test_acc = trainer.evaluate()
+            finally:
+                trainer.data = subset
+            self.result = self.record(trainer, test_acc, test_loss, int(full.test_y.shape[0]), complete=True,
+                                      final_eval_s=time.perf_counter() - t_eval)
+
+    return Study()
+
+
 def run_one(args: argparse.Namespace) -> None:
-    """Train one (model, method, seed) and write result.json into its run dir."""
+    """Train one (model, method, seed) through the same session as `hvd-abs train`, and write
+    result.json into its run dir."""
     from hvd_abs.comm import LocalComm
     from hvd_abs.data import load_dataset
-    from hvd_abs.metrics import MetricsWriter
-    from hvd_abs.train import CHECKPOINT_DIR, Trainer, finish, prepare_out_dir
+    from hvd_abs.training import CHECKPOINT_DIR, Session
+    from hvd_abs.training.checkpoint import load_latest
 
     proto = json.loads(Path(args.run_one_protocol).read_text())
     model, method, seed = args.run_one.split(":")
     seed = int(seed)
     out = Path(args.runs_dir) / f"{model}_{method}_s{seed}"
     t_load = time.perf_counter()
-    data, full = subset_data(load_dataset("cifar10", data_dir=args.data_dir), proto["train_samples"],
-                             proto["eval_subset"], args.device)
+    full = load_dataset("cifar10", data_dir=args.data_dir)
+    if args.device != "cpu":  # the whole set on the GPU once: no per-batch host copies
+        full = dataclasses.replace(full, train_x=full.train_x.to(args.device), train_y=full.train_y.to(args.device),
+                                   test_x=full.test_x.to(args.device), test_y=full.test_y.to(args.device))
     load_s = time.perf_counter() - t_load
-    cfg = run_config(proto, model, method, seed, out, args)
-    trainer = Trainer(cfg, comm=LocalComm(), data=data)
     # A run cut short (--stop-after-s, a killed job) continues from its newest epoch checkpoint
-    # that verifies. None (a new run, or a kill during the first save): it starts over. --rerun:
-    # the parent has removed the run dir.
+    # that verifies; without one (a new run, or a kill during the first save) it starts over.
+    # --rerun: the parent has removed the run dir.
+    resume = load_latest(out / CHECKPOINT_DIR) is not None
+    cfg = run_config(proto, model, method, seed, out, args, resume=resume)
+    study = _study_callback(args, (model, method, seed), out, full, load_s, t_load)
+    session = Session(cfg, comm=LocalComm(), data=full, callbacks=[study])
     try:
-        trainer.resume(out, collective=False)
-        resume = True
-    except UserError:
-        resume = False
-    prepare_out_dir(out, overwrite=not resume)
-    writer = MetricsWriter(out)
-    def epoch_end(grew: bool) -> None:  # (after the epoch's line went to on_epoch, and its bookkeeping)
-        trainer.save_checkpoint(writer)
-        out_of_time = args.stop_after_s is not None and time.perf_counter() - t_load >= args.stop_after_s
-        if out_of_time and trainer.epoch < cfg.epochs:
-            raise _TimeUp  # after this epoch's checkpoint
-
-    trainer.on_epoch_end = epoch_end
-    t_start = time.perf_counter()
-
-    def record(test_acc: float, test_loss: float | None, test_samples: int, complete: bool,
-               final_eval_s: float | None = None) -> dict[str, Any]:
-        hist = trainer.history
-        return {
-            "method": method, "model": model, "seed": seed, "complete": complete,
-            "test_acc": test_acc, "test_loss": test_loss, "test_samples": test_samples,
-            "updates": trainer.updates, "wall_s": trainer.elapsed_s,
-            "max_batch_reached": max(h["global_batch"] for h in hist),
-            "initial_batch": cfg.initial_batch, "lr": cfg.lr, "epochs": len(hist),
-            "epochs_planned": cfg.epochs, "num_growths": trainer.controller.num_growths,
-            "growths": [{k: g[k] for k in ("epoch", "updates", "old_batch", "new_batch", "reason")}
-                        for g in trainer.growths],
-            "second_order_s": trainer.second_order_total_s, "final_eval_s": final_eval_s,
-            "data_load_s": load_s, "process_s": time.perf_counter() - t_start, "samples_seen": trainer.samples_seen,
-            "train_samples_per_s": statistics.median(h["samples_per_s"] for h in hist),
-            "final_train_acc": hist[-1]["train_acc"],
-            "curve": [{k: h[k] for k in ("epoch", "updates", "global_batch", "lr", "eig", "adv_ratio", "train_loss",
-                                          "train_acc", "test_acc", "epoch_s", "second_order_s")} for h in hist],
-            "curve_test_samples": int(data.test_y.shape[0]),
-            "device": args.device, "run_dir": str(out),
-        }
-
-    def on_epoch(r: dict[str, Any]) -> None:
-        print(f"  {model} {method} s{seed} epoch {r['epoch']}: G={r['global_batch']} updates={r['updates']} "
-              f"test_acc={r['test_acc']:.4f} eig={r['eig']} {r['epoch_s']:.1f}s", flush=True)
-        # A partial result after every epoch: a run cut short (a time limit) still reports how far it got.
-        partial = record(r["test_acc"], r["test_loss"], int(data.test_y.shape[0]), complete=False)
-        write_text_atomic(out / "result.json", json.dumps(partial, indent=1) + "\n")
-
-    try:
-        summary = trainer.fit(writer, on_epoch=on_epoch)
+        session.run()
     except _TimeUp:
-        print(f"stopped {model} {method} s{seed} after epoch {trainer.epoch} of {cfg.epochs} (--stop-after-s); "
-              f"the next study run continues it", flush=True)
+        print(f"stopped {model} {method} s{seed} after epoch {session.trainer.epoch} of {cfg.epochs} "
+              f"(--stop-after-s); the next study run continues it", flush=True)
         return
-    finally:
-        writer.close()
-    # The final accuracy always on the whole test split (the per-epoch one may be on a subset).
-    t_eval = time.perf_counter()
-    trainer.data = full
-    test_loss, test_acc = trainer.evaluate()
-    final_eval_s = time.perf_counter() - t_eval
-    finish(trainer, summary, writer, out, plot=True)
-    result = record(test_acc, test_loss, int(full.test_y.shape[0]), complete=True, final_eval_s=final_eval_s)
+    result = study.result
     write_text_atomic(out / "result.json", json.dumps(result, indent=1) + "\n")
     shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)  # only a run to be continued needs them
-    print(f"done {model} {method} s{seed}: test_acc={test_acc:.4f} updates={trainer.updates} "
-          f"wall={trainer.elapsed_s:.0f}s max_batch={result['max_batch_reached']}", flush=True)
+    print(f"done {model} {method} s{seed}: test_acc={result['test_acc']:.4f} updates={result['updates']} "
+          f"wall={result['wall_s']:.0f}s max_batch={result['max_batch_reached']}", flush=True)
 
 
 # --- the study (parent) -------------------------------------------------------------------------------
@@ -333,7 +336,7 @@ PROTOCOL_KNOBS = ("epochs", "train_samples", "eval_subset", "base_batch", "max_b
 
 def protocol_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """The knobs in which two protocols differ, as 'knob old -> new' (empty: runs are comparable)."""
-    from hvd_abs.train import DEFAULT_EIG_SAMPLES
+    from hvd_abs.training import DEFAULT_EIG_SAMPLES
 
     def knob(p: dict[str, Any], k: str) -> Any:  # protocols from before --eig-samples used the default
         return p.get(k, DEFAULT_EIG_SAMPLES) if k == "eig_samples" else p.get(k)
@@ -607,6 +610,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from hvd_abs.commands._errors import user_errors_exit_2
+    from hvd_abs.errors import user_errors_exit_2
 
     user_errors_exit_2(main)()  # bad input (a data dir, a flag): one line, exit 2

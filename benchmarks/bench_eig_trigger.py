@@ -39,7 +39,7 @@ from hvd_abs.atomic import write_text_atomic
 from hvd_abs.batching.eig_trigger import estimate_top_eigenvalue
 from hvd_abs.data import load_dataset
 from hvd_abs.models import build_model
-from hvd_abs.train import DEFAULT_EIG_METHOD, DEFAULT_EIG_SAMPLES
+from hvd_abs.training import DEFAULT_EIG_METHOD, DEFAULT_EIG_SAMPLES
 
 RESULTS = Path(__file__).resolve().parent / "results" / "eig_trigger.json"
 BURN_IN_STEPS = 3  # training steps not timed: allocator and thread pools warm up first
@@ -162,6 +162,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from hvd_abs.commands._errors import user_errors_exit_2
+    from hvd_abs.errors import user_errors_exit_2
 
     user_errors_exit_2(main)()  # bad input (a data dir, a flag): one line, exit 2

@@ -251,6 +251,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from hvd_abs.commands._errors import user_errors_exit_2
+    from hvd_abs.errors import user_errors_exit_2
 
     user_errors_exit_2(main)()  # bad input (a data dir, a flag): one line, exit 2

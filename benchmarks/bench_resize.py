@@ -69,7 +69,7 @@ def train_args(args: argparse.Namespace, out: Path) -> list[str]:
     return ["--dataset", "cifar10", "--data-dir", args.data_dir, "--model", "resnet20", "--method", "sgd",
             "--base-batch", str(args.base_batch), "--batch", str(2 * args.base_batch), "--epochs", str(args.epochs),
             "--train-subset", str(args.train_subset), "--test-subset", "256", "--lr", "0.05", "--threads", "1",
-            "--commit-every", "1", "--quiet", "--ledger", "--out", str(out), "--overwrite"]
+            "--commit-every", "1", "--quiet", "--callback", "hvd_abs.testing.ledger:Ledger", "--out", str(out), "--overwrite"]
 
 
 def drive_in_place(launcher: list[str], args: argparse.Namespace, out: Path, grow: Callable[[], object],
@@ -299,6 +299,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    from hvd_abs.commands._errors import user_errors_exit_2
+    from hvd_abs.errors import user_errors_exit_2
 
     sys.exit(user_errors_exit_2(main)())  # bad input (a data dir, a flag): one line, exit 2

@@ -7,7 +7,7 @@ same torch thread count (cores / W, the trainer's own policy), single updates al
 
   plain    the textbook Horovod loop: hvd.DistributedOptimizer (gradient allreduce hooked into
            backward), hvd.broadcast_parameters, mean cross-entropy, optimizer.step();
-  trainer  `hvd-abs train --method sgd`'s update: hvd_abs.train.Trainer.step() over HorovodComm
+  trainer  `hvd-abs train --method sgd`'s update: hvd_abs.training.Trainer.step() over HorovodComm
            (one fused grouped allreduce of the gradients and the step statistics after backward).
 
 After `--warmup` untimed updates of each, `--pairs` pairs of single updates are timed, alternating
@@ -69,7 +69,7 @@ def _measure(args: argparse.Namespace, tmp: Path) -> None:
     from hvd_abs.comm import HorovodComm, LocalComm, worker_device
     from hvd_abs.data import load_dataset
     from hvd_abs.models import build_model
-    from hvd_abs.train import TrainConfig, Trainer
+    from hvd_abs.training import TrainConfig, Trainer
 
     if args.local:  # one process, no Horovod: plain torch loop vs Trainer.step over LocalComm
         hvd = None
@@ -310,6 +310,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from hvd_abs.commands._errors import user_errors_exit_2
+    from hvd_abs.errors import user_errors_exit_2
 
     user_errors_exit_2(main)()  # bad input (a data dir, a flag): one line, exit 2

@@ -9,9 +9,10 @@ __version__ = "0.1.0"
 _API = {
     "fit": "hvd_abs.api", "parse_train_args": "hvd_abs.api", "splits_from_tensors": "hvd_abs.api",
     "splits_from_datasets": "hvd_abs.api", "load_model": "hvd_abs.api",
-    "TrainConfig": "hvd_abs.train", "Splits": "hvd_abs.data",
+    "TrainConfig": "hvd_abs.training.config", "Callback": "hvd_abs.training.events",
+    "Event": "hvd_abs.training.events", "Splits": "hvd_abs.data",
     "load_dataset": "hvd_abs.data",
-    "UserError": "hvd_abs.errors", "user_errors_exit_2": "hvd_abs.commands._errors",
+    "UserError": "hvd_abs.errors", "user_errors_exit_2": "hvd_abs.errors",
 }
 __all__ = ["__version__", *_API]
 

@@ -31,7 +31,10 @@ from torch import nn
 from hvd_abs.data import Splits
 from hvd_abs.errors import UserError
 from hvd_abs.metrics import SUMMARY_FILE
-from hvd_abs.train import CHECKPOINT_DIR, WEIGHTS_FILE, TrainConfig, resumed_options, train
+from hvd_abs.elastic.worker import train
+from hvd_abs.training.config import TrainConfig
+from hvd_abs.training.resume import resumed_options
+from hvd_abs.training.run_dir import CHECKPOINT_DIR, WEIGHTS_FILE
 
 
 def parse_train_args(argv: Sequence[str] | None = None, prog: str | None = None,
@@ -44,8 +47,9 @@ def parse_train_args(argv: Sequence[str] | None = None, prog: str | None = None,
     this is a script's command line, not a library call."""
     import click
 
-    from hvd_abs.commands._errors import exit_2
-    from hvd_abs.commands.train import check_script_extras, command, config_from_options
+    from hvd_abs.elastic.worker import command
+    from hvd_abs.errors import exit_2
+    from hvd_abs.training.options import check_script_extras, config_from_options
 
     args = list(sys.argv[1:] if argv is None else argv)
     name = prog or Path(sys.argv[0]).name or "train"
@@ -217,7 +221,7 @@ def fit(cfg: TrainConfig | None = None, *, model: nn.Module | Callable[[], nn.Mo
     to stderr and stdout as the CLI does. Returns the summary (complete on rank 0)."""
     import click
 
-    from hvd_abs.commands.train import epoch_line, format_summary
+    from hvd_abs.training.progress import epoch_line, format_summary
 
     defaults = TrainConfig()
     cfg = defaults if cfg is None else cfg
@@ -301,9 +305,9 @@ def load_model(run_dir: str | Path, model: nn.Module | Callable[[], nn.Module] |
         raise UserError(f"model= must be a torch.nn.Module or a class or function making one, got "
                         f"{type(model).__name__} {model!r}: for a built-in model, leave model= out")
     elif not isinstance(model, nn.Module):
-        from hvd_abs.train import _check_no_arguments_needed
+        from hvd_abs.training.user_model import check_no_arguments_needed
 
-        _check_no_arguments_needed(model)
+        check_no_arguments_needed(model)
         model = model()
     try:
         model.load_state_dict(state)

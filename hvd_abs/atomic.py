@@ -11,10 +11,13 @@ from pathlib import Path
 from typing import IO, Any, Callable
 
 
-def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None], mode: int = 0o644,
+                 sync_dir: bool = False) -> Path:
     """Call write(fh) on a temp file beside `path`, then rename it to `path`. Returns `path`.
 
-    On any error the temp file is removed and `path` is left as it was.
+    On any error the temp file is removed and `path` is left as it was. mode: the file's
+    permissions (results are for everyone to read; mkstemp alone makes 0600). sync_dir: also
+    fsync the folder, so that the rename itself survives a crash (checkpoints).
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -23,17 +26,33 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are for everyone to read
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if sync_dir:
+        fsync_dir(path.parent)
     return path
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+def write_text_atomic(path: str | os.PathLike, text: str, mode: int = 0o644) -> Path:
     """Write `text` (UTF-8) to `path` atomically."""
-    return write_atomic(path, lambda fh: fh.write(text.encode("utf-8")))
+    return write_atomic(path, lambda fh: fh.write(text.encode("utf-8")), mode=mode)
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """fsync a folder (best effort: not every file system lets a folder be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def savefig_atomic(fig: Any, path: str | os.PathLike, **kwargs: Any) -> Path:

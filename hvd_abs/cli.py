@@ -4,7 +4,7 @@ Each subcommand lives in hvd_abs/commands/ and imports its machinery (torch, Hor
 its body, so `hvd-abs --help` stays fast and needs neither Horovod nor Ray.
 
 Bad input, whether click's own usage errors or `hvd_abs.errors.UserError` (see
-commands/_errors.py), ends in ONE line on stderr, `Error: <what to fix>`, and exit code 2.
+hvd_abs/errors.py), ends in ONE line on stderr, `Error: <what to fix>`, and exit code 2.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from hvd_abs import __version__
+from hvd_abs.errors import run_command
 from hvd_abs.commands import bench, env, hessian, launch, plot, train
 
 
@@ -24,19 +25,7 @@ class OneLineErrors(click.Group):
              standalone_mode: bool = True, **extra: Any) -> Any:
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        try:
-            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click.ClickException as exc:
-            message = " ".join(exc.format_message().split())
-            command = exc.ctx.command_path if isinstance(exc, click.UsageError) and exc.ctx else None
-            hint = f" (see `{command} --help`)" if command else ""
-            click.echo(f"Error: {message}{hint}", err=True)
-            sys.exit(exc.exit_code)
-        except click.Abort:
-            click.echo("Aborted!", err=True)
-            sys.exit(1)
-        # Without standalone mode click returns an Exit's code (--help, --version) or the command's value.
-        sys.exit(code if isinstance(code, int) else 0)
+        sys.exit(run_command(super(), args, prog_name, complete_var=complete_var, **extra))
 
 
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})

@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 import zlib
 from collections.abc import Iterator
@@ -35,7 +34,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from hvd_abs.atomic import write_atomic
 from hvd_abs.errors import UserError
+from hvd_abs.locks import cache_lock
 
 log = logging.getLogger(__name__)
 
@@ -368,7 +369,7 @@ def _load_image_folder(root: Path, cache_root: Path, image_size: int | None
     log.info("image folder %s: %d train, %d %s images, %d classes (scanned in %.1fs); cache %s", root,
              len(train.paths), len(evaluation.paths), eval_name, len(classes), time.perf_counter() - t0, path)
 
-    with _CacheLock(path):
+    with cache_lock(path):
         blob = _read_cache(path, key)
         if blob is None:
             t1 = time.perf_counter()
@@ -443,82 +444,15 @@ def _cache_problem(blob: Any, key: str) -> str | None:
 
 
 def _write_cache(path: Path, blob: dict[str, Any]) -> None:
-    """Write atomically (temp file in the same folder, fsync, os.replace): readers never see half a file.
-
-    A cache that cannot be written is a warning, not an error: the run goes on with the decoded data.
-    """
-    tmp: str | None = None
+    """Write atomically: readers never see half a file. A cache that cannot be written is a
+    warning, not an error: the run goes on with the decoded data."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(blob, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; let other users of a shared cache read it
-        os.replace(tmp, path)
-        tmp = None
-        _fsync_dir(path.parent)
+        write_atomic(path, lambda f: torch.save(blob, f), sync_dir=True)  # (0644: a shared cache)
         log.info("wrote dataset cache %s (%.0f MB)", path, path.stat().st_size / 1e6)
     except OSError as exc:
         log.warning("could not write dataset cache %s (%s); set $HVD_ABS_CACHE or the cache dir to a writable "
                     "folder to skip decoding next time", path, exc)
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-
-
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename itself durable; not every file system allows opening a folder.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-class _CacheLock:
-    """An exclusive flock on <cache file>.lock while one process checks or builds the cache.
-
-    Ranks of one job on one machine then decode once: the others wait and read the file. Where the
-    lock cannot be taken (read-only cache dir, no fcntl) it is skipped: the atomic write still keeps
-    the file whole, at the cost of duplicate decoding.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self._lock_path = path.with_name(path.name + ".lock")
-        self._fd: int | None = None
-
-    def __enter__(self) -> _CacheLock:
-        try:
-            import fcntl
-
-            self._lock_path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        except (ImportError, OSError) as exc:
-            log.debug("no cache lock at %s (%s)", self._lock_path, exc)
-            return self
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("waiting for another process building %s", self._lock_path.with_suffix(""))
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-        except OSError as exc:
-            log.debug("flock on %s failed (%s)", self._lock_path, exc)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # releases the flock
-            self._fd = None
 
 
 # ---------------------------------------------------------------------------------------------

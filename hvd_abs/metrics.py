@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
+from hvd_abs.atomic import write_text_atomic
 from hvd_abs.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -105,9 +106,7 @@ class MetricsWriter:
         """Write `<out>/summary.json` atomically (temp file, then rename)."""
         if not self.enabled:
             return
-        tmp = self.out_dir / (SUMMARY_FILE + ".tmp")
-        tmp.write_text(json.dumps({k: _clean(v) for k, v in fields.items()}, indent=2) + "\n")
-        os.replace(tmp, self.out_dir / SUMMARY_FILE)
+        write_text_atomic(self.out_dir / SUMMARY_FILE, json.dumps({k: _clean(v) for k, v in fields.items()}, indent=2) + "\n")
 
     def close(self) -> None:
         """Close the file (idempotent); later lines are not written."""
@@ -136,8 +135,6 @@ def cut_back(out_dir: str | os.PathLike, epoch: int, updates: int) -> int:
 
     keep = [r for r in records if not later(r)]
     if len(keep) < len(records):
-        from hvd_abs.atomic import write_text_atomic
-
         write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in keep))
         log.warning("%s: %d lines after the checkpoint (epoch %d, update %d) dropped: the resumed run redoes "
                     "that work", path, len(records) - len(keep), epoch, updates)

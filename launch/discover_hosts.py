@@ -5,14 +5,14 @@
       --host-discovery-script "launch/discover_hosts.py --run-dir RUN --max-np 4 [--hostfile F]" \
       hvd-abs train --elastic --out RUN ...
 
-See hvd_abs/elastic/discovery.py. Standard library only, so every poll is fast.
+See hvd_abs/launch/discovery.py. Standard library only, so every poll is fast.
 """
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from hvd_abs.elastic.discovery import main  # noqa: E402
+from hvd_abs.launch.discovery import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

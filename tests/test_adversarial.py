@@ -69,7 +69,7 @@ def test_schedule_halves_on_growth_and_stops_at_cap_and_half_run() -> None:
 
 def test_absa_starting_at_the_max_batch_makes_no_adversarial_samples(tmp_path) -> None:
     # Off at the max batch also when the run starts there, not only after a growth reaches it.
-    from hvd_abs.train import TrainConfig, train
+    from hvd_abs.training import TrainConfig, train
 
     cfg = TrainConfig(method="absa", model="mlp", epochs=2, base_batch=32, batch=64, max_batch=64,
                       out=str(tmp_path), quiet=True)

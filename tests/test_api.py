@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 import hvd_abs
 from conftest import REPO, run_checked
 from hvd_abs.cli import main as cli
-from hvd_abs.elastic import ray_executor
-from hvd_abs.launch_horovod import build_command
+from hvd_abs.launch import ray_executor
+from hvd_abs.launch.horovod import build_command
 from hvd_abs.metrics import read_metrics
 from hvd_abs.models import Normalize
 
@@ -216,7 +216,7 @@ def test_a_run_leaves_its_trained_model_for_load_model_and_torch_load(digits, tm
         hvd_abs.load_model(tmp_path / "own", model=lambda width: TinyNet())
     # A run that continues in its folder drops its model.pt until it ends again (the checkpoints
     # keep the weights): a crash on the way leaves no stale model.pt for load_model to give.
-    from hvd_abs.train import TrainConfig, open_writer
+    from hvd_abs.training import TrainConfig, open_writer
 
     open_writer(tmp_path / "cnn", TrainConfig(out=str(tmp_path / "cnn")), rank=0).close()  # a new run: kept
     assert (tmp_path / "cnn" / "model.pt").exists()
@@ -322,7 +322,7 @@ def test_fit_refuses_what_it_cannot_train(digits, tmp_path):
 
 
 def test_the_model_check_leaves_the_model_and_the_rng_as_they_were(digits, tmp_path):
-    from hvd_abs.train import _check_model_fits
+    from hvd_abs.training import check_model_fits as _check_model_fits
 
     net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.Flatten(), nn.Linear(144, 10))
     net.train()

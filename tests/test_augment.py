@@ -79,7 +79,7 @@ def test_a_centred_unflipped_crop_is_the_image_and_shifts_fill_with_zeros() -> N
 
 def test_non_image_data_and_unknown_kinds_are_refused(tmp_path) -> None:
     from hvd_abs import splits_from_tensors
-    from hvd_abs.train import TrainConfig, Trainer
+    from hvd_abs.training import TrainConfig, Trainer
 
     with pytest.raises(UserError, match="--augment must be one of none, flip, crop, crop-flip"):
         TrainConfig(augment="mixup", out=str(tmp_path / "a")).validate()
@@ -96,7 +96,7 @@ def test_updates_train_on_the_augmented_images_and_nothing_else_does(tmp_path) -
     """One update with and without --augment from the same weights: other inputs, other weights;
     the growth check's samples and the evaluation are the raw data."""
     from hvd_abs.data import load_dataset
-    from hvd_abs.train import TrainConfig, Trainer
+    from hvd_abs.training import TrainConfig, Trainer
 
     data = load_dataset("digits")
     raw = data.train_x.flatten(1)  # (N, 64)
@@ -122,7 +122,7 @@ def test_updates_train_on_the_augmented_images_and_nothing_else_does(tmp_path) -
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (scripts/gpu_checks.sh runs it on one)")
 def test_on_a_gpu_the_crops_are_the_cpus_and_a_run_trains(tmp_path) -> None:
     from hvd_abs.data import load_dataset
-    from hvd_abs.train import TrainConfig, train
+    from hvd_abs.training import TrainConfig, train
 
     n = 300
     x = torch.rand(n, 3, 32, 32)

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 
 from conftest import BIN, REPO
 from hvd_abs.cli import main
-from hvd_abs.elastic import checkpoint as ck
+from hvd_abs.training import checkpoint as ck
 from hvd_abs.elastic.world_signal import signal_path
 
 # ---------------------------------------------------------------------------------------------
@@ -200,7 +200,7 @@ def test_unwritable_out_dir_is_refused(tmp_path: Path, monkeypatch) -> None:
         (locked / "notes.txt").write_text("mine")
         locked.chmod(0o555)
     if os.geteuid() == 0 and not mounted:  # root may write anywhere: make the check see what another user would
-        import hvd_abs.train as train_module
+        import hvd_abs.training.run_dir as train_module
 
         real = os.access
         monkeypatch.setattr(train_module.os, "access",
@@ -249,7 +249,7 @@ HOST_LINE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*:[1-9][0-9]*$")
 
 
 def discovery(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hvd_abs.elastic.discovery", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "hvd_abs.launch.discovery", *args], capture_output=True, text=True,
                           timeout=60, cwd=REPO)
 
 

@@ -101,7 +101,7 @@ def test_writer_refuses_a_damaged_file(tmp_path: Path, line: str) -> None:
 
 
 def test_resume_with_damaged_metrics_exits_2(tmp_path: Path) -> None:
-    from hvd_abs.train import TrainConfig, train
+    from hvd_abs.training import TrainConfig, train
 
     out = tmp_path / "run"
     common = ["--method", "sgd", "--dataset", "digits", "--model", "mlp", "--base-batch", "32",

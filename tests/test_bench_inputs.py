@@ -20,7 +20,7 @@ import pytest
 
 from conftest import REPO
 from hvd_abs.atomic import write_atomic
-from hvd_abs.commands._errors import user_errors_exit_2
+from hvd_abs.errors import user_errors_exit_2
 
 TIMEOUT_S = 60  # a validated case takes ~3 s (importing torch); an unvalidated one runs the benchmark
 

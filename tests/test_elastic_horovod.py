@@ -13,7 +13,7 @@ import pytest
 from conftest import BIN, run_checked
 from hvd_abs.metrics import read_metrics
 
-DIGITS = ["--dataset", "digits", "--model", "cnn", "--base-batch", "32", "--quiet", "--ledger", "--commit-every", "1"]
+DIGITS = ["--dataset", "digits", "--model", "cnn", "--base-batch", "32", "--quiet", "--callback", "hvd_abs.testing.ledger:Ledger", "--commit-every", "1"]
 
 
 def ledger_records(out: Path) -> list[dict]:
@@ -179,7 +179,7 @@ def test_a_script_with_its_own_model_and_data_grows_in_place(tmp_path):
     (elastic / "ledger").mkdir(parents=True)
     (elastic / "ledger" / "hold-90-world-2").touch()
     run_checked([str(BIN / "hvd-abs"), "launch", "horovod", "--min-np", "1", "--max-np", "2", "--warm", "1",
-                 "--script", str(script), "--", *args, "--ledger", "--commit-every", "2", "--out", str(elastic)],
+                 "--script", str(script), "--", *args, "--callback", "hvd_abs.testing.ledger:Ledger", "--commit-every", "2", "--out", str(elastic)],
                 timeout=300)
     run_checked([str(BIN / "python"), str(script), *args, "--out", str(single)], timeout=120)
 

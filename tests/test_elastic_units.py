@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from hvd_abs.elastic import checkpoint as ck
-from hvd_abs.elastic.discovery import HostfileError, discover, parse_hostfile, select_hosts
+from hvd_abs.training import checkpoint as ck
+from hvd_abs.launch.discovery import HostfileError, discover, parse_hostfile, select_hosts
 from hvd_abs.elastic.world_signal import SignalError, read_wanted, signal_path, start_job, write_wanted
-from hvd_abs.launch_horovod import build_command
+from hvd_abs.launch.horovod import build_command
 
 
 def test_signal_round_trip_and_validation(tmp_path):
@@ -70,7 +70,7 @@ def test_discovery_script_prints_hosts(tmp_path):
     assert out == "localhost:1\n127.0.0.1:1\n"  # this machine under two names (see local_pool)
     hostfile = tmp_path / "hosts"
     hostfile.write_text("good:1\nbad line here\n")
-    proc = subprocess.run([sys.executable, "-m", "hvd_abs.elastic.discovery", "--run-dir", str(tmp_path),
+    proc = subprocess.run([sys.executable, "-m", "hvd_abs.launch.discovery", "--run-dir", str(tmp_path),
                            "--max-np", "4", "--hostfile", str(hostfile)], capture_output=True, text=True)
     assert proc.returncode == 2 and "line 2" in proc.stderr and proc.stdout == ""
 
@@ -118,7 +118,7 @@ def test_horovodrun_command():
     assert cmd[:8] == ["horovodrun", "--gloo", "-np", "1", "--min-np", "1", "--max-np", "2"]
     assert cmd[cmd.index("--network-interface") + 1] == "lo"
     script = cmd[cmd.index("--host-discovery-script") + 1]
-    assert script.startswith("py -m hvd_abs.elastic.discovery --run-dir ") and "--max-np 2" in script
+    assert script.startswith("py -m hvd_abs.launch.discovery --run-dir ") and "--max-np 2" in script
     assert cmd[cmd.index("train") + 1:] == ["--elastic", "--max-np", "2", "--dataset", "digits", "--out", "runs/x"]
     with pytest.raises(ValueError, match="--out"):
         build_command(["--dataset", "digits"], min_np=1, max_np=2)
@@ -128,7 +128,7 @@ def test_horovodrun_command():
 
 
 def test_warm_growth_waits_for_standbys_up_to_the_warm_timeout(tmp_path, capsys):
-    from hvd_abs.elastic import discovery
+    from hvd_abs.launch import discovery
 
     def poll(*extra: str) -> list[str]:
         assert discovery.main(["--run-dir", str(tmp_path), "--max-np", "2", "--warm", *extra]) == 0

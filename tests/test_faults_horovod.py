@@ -11,7 +11,7 @@ the survivor rolls back to the last commit and goes on, and the cooldown (5-30 s
 lets the barred name back in later. Names like 127.0.0.2 do not work: horovodrun only starts
 hosts whose address one of the machine's interfaces holds, and would try ssh.
 
-Every kill is gated on observed progress (the sample ledger of `--ledger`, metrics.jsonl),
+Every kill is gated on observed progress (the sample ledger of `--callback hvd_abs.testing.ledger:Ledger`, metrics.jsonl),
 never on a sleep, and every job runs in its own session with a timeout.
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ COMMIT_EVERY = 8
 KILL_AT = 30  # update 30: epoch 2, 6 updates after the commit at 24
 # sgd at global batch 64 = 2 x 32: the job wants 2 workers from its first update.
 SGD2 = ["--dataset", "digits", "--model", "cnn", "--method", "sgd", "--base-batch", "32", "--batch", "64",
-        "--quiet", "--ledger", "--threads", "1", "--commit-every", str(COMMIT_EVERY)]
+        "--quiet", "--callback", "hvd_abs.testing.ledger:Ledger", "--threads", "1", "--commit-every", str(COMMIT_EVERY)]
 TIMING = {"epoch_s", "samples_per_s", "second_order_s"}
 
 
@@ -66,7 +66,7 @@ def wait_until(what: str, pred: Callable[[], Any], job: Job, timeout: float = 24
 
 
 def holds(out: Path, *names: str) -> Path:
-    """Create the ledger's hold files (hvd_abs/elastic/job.py `_Ledger.hold`) before the job starts:
+    """Create the ledger's hold files (hvd_abs/testing/ledger.py `Holds`) before the job starts:
     `hold-U` stops every rank after update U while it exists; `hold-U-world-W` waits there for W workers."""
     d = out / "ledger"
     d.mkdir(parents=True, exist_ok=True)
@@ -237,7 +237,7 @@ def test_whole_job_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, job
     the checkpoint, and the lines of the work redone were replaced."""
     args = ["--dataset", "digits", "--model", "cnn", "--method", "absa", "--base-batch", "32", "--batch", "32",
             "--max-batch", "128", "--duration", "1", "--epochs", "5", "--eig-samples", "256", "--seed", "3",
-            "--threads", "1", "--quiet", "--ledger", "--checkpoint-every", "1", "--commit-every", "5"]
+            "--threads", "1", "--quiet", "--callback", "hvd_abs.testing.ledger:Ledger", "--checkpoint-every", "1", "--commit-every", "5"]
     ref, out = tmp_path / "ref", tmp_path / "run"
     one = ("--min-np", "1", "--max-np", "1")
     uninterrupted = jobs(launch_horovod(*one, "--", *args, "--out", str(ref)), tmp_path / "ref.log")
@@ -327,7 +327,7 @@ def test_sigterm_to_the_launcher_stops_the_whole_job(tmp_path, jobs):
                               "--out", str(out)), tmp_path / "job.log")
     wait_until(f"update {KILL_AT} on 2 workers", held_worker(out, KILL_AT, 1), job)
     tree = psutil.Process(job.proc.pid).children(recursive=True)
-    assert any("hvd_abs.elastic.standby" in " ".join(p.cmdline()) for p in tree if alive(p.pid))
+    assert any("hvd_abs.launch.standby" in " ".join(p.cmdline()) for p in tree if alive(p.pid))
     job.proc.send_signal(signal.SIGTERM)
     assert job.wait(timeout=60) == 128 + signal.SIGTERM, job.output()[-4000:]
     deadline = time.monotonic() + 30

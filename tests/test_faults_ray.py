@@ -1,5 +1,5 @@
 """Faults of the real trainer on Ray (issue 7): `hvd-abs launch ray` running `hvd-abs train
---elastic` in Ray actors (hvd_abs.elastic.ray_executor).
+--elastic` in Ray actors (hvd_abs.launch.ray_executor).
 
 - A dead worker actor (its process SIGKILLed mid-epoch): the survivor rolls back to the last
   commit and finishes; nothing lost, duplicates only in the rolled-back window. Horovod bars
@@ -57,7 +57,7 @@ def test_dead_worker_actor_rolls_back_and_finishes(tmp_path, jobs, fake_ray):
 def test_whole_job_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, jobs):
     args = ["--dataset", "digits", "--model", "cnn", "--method", "absa", "--base-batch", "32", "--batch", "32",
             "--max-batch", "128", "--duration", "1", "--epochs", "4", "--eig-samples", "256", "--seed", "5",
-            "--threads", "1", "--quiet", "--ledger", "--checkpoint-every", "1", "--commit-every", "5"]
+            "--threads", "1", "--quiet", "--callback", "hvd_abs.testing.ledger:Ledger", "--checkpoint-every", "1", "--commit-every", "5"]
     ref, out = tmp_path / "ref", tmp_path / "run"
     one = ("--max-workers", "1")
     uninterrupted = jobs(launch_ray("local", *one, "--", *args, "--out", str(ref)), tmp_path / "ref.log")

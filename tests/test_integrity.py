@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from conftest import BIN, REPO
-from hvd_abs.elastic import checkpoint as ck
+from hvd_abs.training import checkpoint as ck
 from hvd_abs.metrics import read_metrics
 
 TRAIN = ["train", "--dataset", "digits", "--model", "mlp", "--method", "absa", "--base-batch", "64", "--epochs", "4",
@@ -126,13 +126,13 @@ def test_only_unix_sockets_are_bound_by_our_code() -> None:
             if name.endswith(".bind") or name.endswith("HTTPServer") or name.endswith("TCPServer"):
                 binds.append((path.name, name))
     assert sorted(binds) == [("ray_executor.py", "RendezvousHTTPServer"), ("standby.py", "server.bind")], binds
-    assert "socket.AF_UNIX" in (REPO / "hvd_abs" / "elastic" / "standby.py").read_text()
+    assert "socket.AF_UNIX" in (REPO / "hvd_abs" / "launch" / "standby.py").read_text()
 
 
 def test_ray_rendezvous_listens_on_loopback_only() -> None:
     from horovod.runner.http.http_server import RendezvousHandler
 
-    from hvd_abs.elastic.ray_executor import BoundRendezvousServer, _local_network
+    from hvd_abs.launch.ray_executor import BoundRendezvousServer, _local_network
 
     assert _local_network(["10.1.1.1"], "10.1.1.1") == ("lo", "127.0.0.1")  # one machine: loopback
     server = BoundRendezvousServer("127.0.0.1")
@@ -153,7 +153,7 @@ def test_ray_rendezvous_listens_on_loopback_only() -> None:
 
 
 def test_standby_socket_is_owner_only(tmp_path: Path) -> None:
-    from hvd_abs.elastic.standby import serve
+    from hvd_abs.launch.standby import serve
 
     d = tmp_path / "standby"
     result: dict = {}

@@ -166,7 +166,7 @@ def test_horovodrun_traceback_is_held_back_and_everything_else_passes(capfd):
     format, not Horovod): lines pass through at once, horovodrun's own unprefixed traceback is
     held for the caller, workers' `[RANK]<stderr>:` lines pass even after it, and their `Error:`
     lines are noted."""
-    from hvd_abs.launch_horovod import Refusals, run_horovodrun
+    from hvd_abs.launch.horovod import Refusals, run_horovodrun
 
     held: list[str] = []
     refusals = Refusals()
@@ -187,7 +187,7 @@ def test_horovodrun_traceback_is_held_back_and_everything_else_passes(capfd):
 
 
 def test_a_refusal_is_the_outcome_only_when_every_failed_worker_refused():
-    from hvd_abs.launch_horovod import Refusals
+    from hvd_abs.launch.horovod import Refusals
 
     r = Refusals()
     r.said = {2: "Error: bad labels"}

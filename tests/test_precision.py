@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hvd_abs.errors import UserError
-from hvd_abs.train import TrainConfig, Trainer
+from hvd_abs.training import TrainConfig, Trainer
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_bf16_precision_runs_the_forward_passes_under_autocast_and_the_rest_in_f
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (scripts/gpu_checks.sh runs it on one)")
 def test_on_a_gpu_a_bf16_run_trains_with_float32_weights(digits, tmp_path: Path) -> None:
-    from hvd_abs.train import train
+    from hvd_abs.training import train
 
     summary = train(TrainConfig(method="absa", dataset="digits", model="cnn", epochs=3, precision="bf16",
                                 device="cuda", quiet=True, out=str(tmp_path / "run")), data=digits)

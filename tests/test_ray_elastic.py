@@ -18,8 +18,8 @@ from click.testing import CliRunner
 
 from conftest import WORKERS, launch_ray, run_checked
 from hvd_abs.cli import main as cli
-from hvd_abs.elastic import ray_executor
-from hvd_abs.elastic.ray_executor import (RayClusterDiscovery, RayElasticExecutor, RayExecutorError,
+from hvd_abs.launch import ray_executor
+from hvd_abs.launch.ray_executor import (RayClusterDiscovery, RayElasticExecutor, RayExecutorError,
                                           _local_network, node_slots, target_world_size)
 from hvd_abs.elastic.world_signal import signal_path, write_wanted
 from hvd_abs.metrics import read_metrics
@@ -31,7 +31,7 @@ from test_faults_horovod import (COMMIT_EVERY, EPOCH_UPDATES, KILL_AT, SGD2, ali
 # doubles at every epoch end (the --duration 1 fallback if not the eigenvalue): 32, 32, 64, 128, 128.
 GROW = ["--dataset", "digits", "--model", "cnn", "--method", "absa", "--base-batch", "32", "--batch", "32",
         "--max-batch", "128", "--duration", "1", "--epochs", "5", "--eig-samples", "256", "--threads", "1",
-        "--quiet", "--ledger", "--commit-every", "4"]
+        "--quiet", "--callback", "hvd_abs.testing.ledger:Ledger", "--commit-every", "4"]
 GROWTH_AT = 88  # 2 epochs of 1437 training samples // 32: updates before the first doubling
 
 # ---------------------------------------------------------------------------------------------
@@ -345,7 +345,7 @@ def test_a_script_runs_as_the_ray_workers(tmp_path, jobs, fake_ray):
     holds(out, "hold-1-world-2")  # both workers from update 1 (the second node's actor warms meanwhile)
     job = jobs(launch_ray(cluster.address, "--max-workers", "2", "--script", "examples/custom_model.py", "--",
                           "--method", "sgd", "--base-batch", "32", "--batch", "64", "--epochs", "2", "--threads", "1",
-                          "--quiet", "--ledger", "--width", "4", "--out", str(out)), tmp_path / "job.log")
+                          "--quiet", "--callback", "hvd_abs.testing.ledger:Ledger", "--width", "4", "--out", str(out)), tmp_path / "job.log")
     assert job.wait(timeout=240) == 0, job.output()[-6000:]
     epochs, _ = read_metrics(out)
     assert [(e["epoch"], e["world_size"]) for e in epochs] == [(1, 2), (2, 2)]

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from conftest import BIN
 from hvd_abs.cli import main
 from hvd_abs.errors import UserError
-from hvd_abs.run_lock import run_lock
+from hvd_abs.locks import run_lock
 
 TRAIN = ["train", "--dataset", "digits", "--model", "mlp", "--method", "sgd", "--epochs", "1", "--quiet"]
 
@@ -40,7 +40,7 @@ def test_a_second_run_into_a_folder_in_use_is_refused_until_the_first_ends(tmp_p
 
 def test_a_killed_holder_leaves_the_folder_free(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from hvd_abs.run_lock import run_lock\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from hvd_abs.locks import run_lock\n"
                                f"with run_lock({str(out)!r}):\n    print('held', flush=True); time.sleep(600)"],
                               stdout=subprocess.PIPE, text=True)
     try:

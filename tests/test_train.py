@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from hvd_abs.cli import main
 from hvd_abs.metrics import EPOCH_FIELDS, read_metrics
 from hvd_abs.errors import UserError
-from hvd_abs.train import TrainConfig, Trainer, train
+from hvd_abs.training import TrainConfig, Trainer, train
 
 
 @pytest.fixture(scope="module")
@@ -369,7 +369,7 @@ def test_unwritable_out_dir_is_refused(tmp_path: Path) -> None:
 
 def test_train_and_test_subsets_are_fixed_and_used(tmp_path):
     from hvd_abs.metrics import read_metrics
-    from hvd_abs.train import TrainConfig, train
+    from hvd_abs.training import TrainConfig, train
 
     cfg = TrainConfig(method="sgd", dataset="digits", model="mlp", epochs=1, base_batch=32, batch=32,
                       train_subset=320, test_subset=100, out=str(tmp_path / "a"), quiet=True)
@@ -390,9 +390,9 @@ def test_stop_then_resume_equals_an_uninterrupted_run(tmp_path):
     """A run stopped mid-epoch (checkpoint at --stop-at-update) and continued with --resume has
     the same controller, LR, sampler and metrics as one that never stopped (crops and flips
     included: they are drawn from the epoch, not from the process's RNG)."""
-    from hvd_abs.elastic.checkpoint import load_latest
+    from hvd_abs.training.checkpoint import load_latest
     from hvd_abs.metrics import read_metrics
-    from hvd_abs.train import TrainConfig, train
+    from hvd_abs.training import TrainConfig, train
 
     common = dict(method="absa", dataset="digits", model="mlp", epochs=4, base_batch=32, batch=32,
                   max_batch=128, duration=1, eig_samples=128, augment="crop-flip", quiet=True, threads=1)
@@ -417,7 +417,7 @@ def test_extending_a_finished_run_equals_a_run_planned_that_long(tmp_path):
     in a run planned that long from the start. (lr_decay 1: the default decay epochs follow
     --epochs.)"""
     from hvd_abs.metrics import read_metrics
-    from hvd_abs.train import TrainConfig, train
+    from hvd_abs.training import TrainConfig, train
 
     common = dict(method="abs", dataset="digits", model="mlp", base_batch=32, batch=32, max_batch=128, duration=1,
                   eig_samples=128, lr_decay=1.0, quiet=True, threads=1)
@@ -441,7 +441,7 @@ def test_a_resume_drops_the_lines_of_an_attempt_after_its_checkpoint(tmp_path, c
     import shutil
 
     from hvd_abs.metrics import read_metrics
-    from hvd_abs.train import TrainConfig, train
+    from hvd_abs.training import TrainConfig, train
 
     common = dict(method="sgd", dataset="digits", model="mlp", lr_decay=0.5, quiet=True, threads=1)
     run, ref = tmp_path / "run", tmp_path / "ref"
@@ -467,7 +467,7 @@ def test_a_resume_with_other_epochs_follows_their_plan(tmp_path):
     stopped after 2 epochs and resumed with --epochs 9 decays its LR at 3 and 6 (E/3, 2E/3) and
     stops ABSA at 4.5, as a run planned for 9 epochs does."""
     from hvd_abs.metrics import read_metrics
-    from hvd_abs.train import TrainConfig, train
+    from hvd_abs.training import TrainConfig, train
 
     common = dict(method="sgd", dataset="digits", model="mlp", lr_decay=0.5, quiet=True, threads=1)
     train(TrainConfig(**common, epochs=9, out=str(tmp_path / "planned")), plot=False)
@@ -498,15 +498,21 @@ def test_a_stall_at_an_epoch_boundary_counts_in_the_next_epoch(digits, tmp_path)
 
     from hvd_abs.metrics import MetricsWriter
 
-    t = Trainer(TrainConfig(method="sgd", model="mlp", epochs=2, quiet=True, threads=1, out=str(tmp_path / "r")),
-                data=digits)
+    from hvd_abs.training import Callback
+
     committed = {}
-    t.on_epoch_end = lambda grew: committed.update(state=copy.deepcopy(t.state_dict()))
+
+    class Commit(Callback):
+        def on_epoch_end(self, trainer):
+            committed.update(state=copy.deepcopy(trainer.state_dict()))
+
+    t = Trainer(TrainConfig(method="sgd", model="mlp", epochs=2, quiet=True, threads=1, out=str(tmp_path / "r")),
+                data=digits, callbacks=[Commit()])
     writer = MetricsWriter(tmp_path / "r")
-    t.run_epoch(writer, show_progress=False)
+    t.run_epoch(writer)
     time.sleep(0.6)  # the reset and the rendezvous with the new worker
     t.load_state_dict(committed["state"])
-    assert t.run_epoch(writer, show_progress=False)["epoch_s"] >= 0.6
+    assert t.run_epoch(writer)["epoch_s"] >= 0.6
 
 
 def test_an_epoch_line_is_shown_before_the_epoch_end_hook_may_raise(digits, tmp_path):
@@ -517,15 +523,21 @@ def test_an_epoch_line_is_shown_before_the_epoch_end_hook_may_raise(digits, tmp_
     class Resize(Exception):
         pass
 
-    def commit(grew: bool) -> None:
-        raise Resize
+    from hvd_abs.training import Callback
+
+    shown: list[dict] = []
+
+    class Commit(Callback):
+        def on_epoch_logged(self, trainer, record):
+            shown.append(record)
+
+        def on_epoch_end(self, trainer):
+            raise Resize
 
     t = Trainer(TrainConfig(method="sgd", model="mlp", epochs=2, quiet=True, threads=1, out=str(tmp_path / "r")),
-                data=digits)
-    t.on_epoch_end = commit
-    shown: list[dict] = []
+                data=digits, callbacks=[Commit()])
     with pytest.raises(Resize):
-        t.run_epoch(MetricsWriter(tmp_path / "r"), show_progress=False, on_record=shown.append)
+        t.run_epoch(MetricsWriter(tmp_path / "r"))
     assert [r["epoch"] for r in shown] == [1]
 
 
@@ -533,7 +545,7 @@ def test_a_checkpoint_from_before_the_new_options_resumes_as_it_ran(tmp_path):
     """Checkpoints written before --epochs, --lr-schedule, --augment, --nesterov and
     --label-smoothing were kept: a plain --resume runs to the planned end (the adversarial
     schedule's length) with the LR the run had, and a new option given is refused, not dropped."""
-    from hvd_abs.elastic.checkpoint import load_latest, save_checkpoint
+    from hvd_abs.training.checkpoint import load_latest, save_checkpoint
 
     common = dict(method="sgd", dataset="digits", model="mlp", lr_decay=0.5, quiet=True, threads=1)
     train(TrainConfig(**common, epochs=6, out=str(tmp_path / "whole")), plot=False)
@@ -555,7 +567,7 @@ def test_a_checkpoint_from_before_the_new_options_resumes_as_it_ran(tmp_path):
 
 
 def test_overwrite_keeps_the_old_run_until_the_new_one_finishes(digits, tmp_path: Path) -> None:
-    from hvd_abs.train import REPLACED_DIR, train
+    from hvd_abs.training import REPLACED_DIR, train
 
     out = tmp_path / "run"
     cfg = TrainConfig(method="sgd", model="mlp", epochs=1, batch=64, base_batch=64, out=str(out), quiet=True)

@@ -7,6 +7,10 @@ running maximum). After `duration` checks in a row without growth (not counting 
 the reference) the batch grows anyway, and that check's estimate becomes the reference. The batch
 never exceeds `max_batch`; once there, `needs_estimate` is False and no more checks are spent.
 
+That rule is the `eig` trigger. Triggers are a registry of small classes (`--growth-trigger`
+takes their names): a new one is a `GrowthTrigger` with a `name` and `check`, under
+`@register_trigger`. `duration` grows every `duration` checks and needs no eigenvalue.
+
 All state lives in plain Python numbers (`state_dict`), independent of the world size.
 """
 from __future__ import annotations
@@ -34,6 +38,56 @@ class Decision:
     ref: float | None
 
 
+class GrowthTrigger:
+    """Whether a check grows the batch: `check` returns the reason ("eig", "duration") or None,
+    and may update the controller's `ref` and `checks_since_growth`."""
+
+    name = ""
+    needs_eig = True  # whether the check needs an eigenvalue estimate (the HVPs are skipped otherwise)
+
+    def check(self, c: "BatchController", eig: float | None) -> str | None:
+        raise NotImplementedError
+
+
+TRIGGERS: dict[str, GrowthTrigger] = {}
+
+
+def register_trigger(cls: type[GrowthTrigger]) -> type[GrowthTrigger]:
+    TRIGGERS[cls.name] = cls()
+    return cls
+
+
+def _duration_passed(c: "BatchController") -> str | None:
+    c.checks_since_growth += 1
+    return "duration" if c.checks_since_growth >= c.duration else None
+
+
+@register_trigger
+class EigHalved(GrowthTrigger):
+    """The paper's: the first estimate sets the reference; one at or below half of it grows."""
+
+    name = "eig"
+
+    def check(self, c: "BatchController", eig: float | None) -> str | None:
+        if c.ref is None:
+            if eig is not None:
+                c.ref = eig  # the first estimate sets the reference and never grows
+            return None
+        if eig is not None and eig <= c.ref / 2:
+            return "eig"
+        return _duration_passed(c)
+
+
+@register_trigger
+class Duration(GrowthTrigger):
+    """Every `duration` checks: the fallback alone, the ablation of the Hessian signal."""
+
+    name, needs_eig = "duration", False
+
+    def check(self, c: "BatchController", eig: float | None) -> str | None:
+        return _duration_passed(c)
+
+
 class BatchController:
     """Doubles the global batch on a flatter curvature; see the module docstring.
 
@@ -42,10 +96,11 @@ class BatchController:
         max_batch: cap (`--max-batch`, default 16384).
         duration: checks without growth before growing anyway (`--duration`, default 10).
         factor: growth factor (2, as the reference).
+        trigger: the name of a registered GrowthTrigger (`--growth-trigger`, default eig).
     """
 
     def __init__(self, initial_batch: int = 128, max_batch: int = 16384, duration: int = 10,
-                 factor: int = 2) -> None:
+                 factor: int = 2, trigger: str = "eig") -> None:
         if initial_batch <= 0:
             raise UserError(f"--batch must be >= 1, got {initial_batch}")
         if max_batch < initial_batch:
@@ -54,6 +109,9 @@ class BatchController:
             raise UserError(f"--duration must be >= 1, got {duration}")
         if factor < 2:
             raise UserError(f"the growth factor must be >= 2, got {factor}")
+        if trigger not in TRIGGERS:
+            raise UserError(f"--growth-trigger must be one of {', '.join(TRIGGERS)}, got {trigger!r}")
+        self.trigger = trigger
         self.initial_batch = initial_batch
         self.max_batch = max_batch
         self.duration = duration
@@ -75,7 +133,7 @@ class BatchController:
     @property
     def needs_estimate(self) -> bool:
         """Whether the next epoch end needs an eigenvalue (False at the cap: nothing to decide)."""
-        return not self.at_max
+        return not self.at_max and TRIGGERS[self.trigger].needs_eig
 
     @property
     def scale(self) -> float:
@@ -97,16 +155,7 @@ class BatchController:
             eig = None
         self.num_checks += 1
         compared_to = self.ref
-        reason: str | None = None
-        if self.ref is None:
-            if eig is not None:
-                self.ref = eig  # the first estimate sets the reference and never grows
-        elif eig is not None and eig <= self.ref / 2:
-            reason = "eig"
-        else:
-            self.checks_since_growth += 1
-            if self.checks_since_growth >= self.duration:
-                reason = "duration"
+        reason = TRIGGERS[self.trigger].check(self, eig)
         if reason is None:
             return Decision(False, None, old, old, eig, compared_to)
         self.global_batch = min(old * self.factor, self.max_batch)
@@ -123,7 +172,8 @@ class BatchController:
     def state_dict(self) -> dict[str, Any]:
         """Everything, as plain numbers: config and progress."""
         return {"initial_batch": self.initial_batch, "max_batch": self.max_batch,
-                "duration": self.duration, "factor": self.factor, "global_batch": self.global_batch,
+                "duration": self.duration, "factor": self.factor, "trigger": self.trigger,
+                "global_batch": self.global_batch,
                 "ref": self.ref, "checks_since_growth": self.checks_since_growth,
                 "num_growths": self.num_growths, "num_checks": self.num_checks,
                 "prev_batch": self.prev_batch, "change_epoch": self.change_epoch}
@@ -133,5 +183,6 @@ class BatchController:
         for key in ("initial_batch", "max_batch", "duration", "factor", "global_batch",
                     "checks_since_growth", "num_growths", "num_checks", "change_epoch"):
             setattr(self, key, int(state[key]))
+        self.trigger = state.get("trigger", "eig")  # (checkpoints from before triggers: the paper's)
         self.ref = None if state["ref"] is None else float(state["ref"])
         self.prev_batch = None if state["prev_batch"] is None else int(state["prev_batch"])

@@ -16,6 +16,10 @@
 
 Nothing here is stateful beyond configuration: the caller passes the controller's state, so the LR
 after a restore or a resize is recomputed, never carried.
+
+Schedules and growth scalings are registries of small classes (`--lr-schedule`, `--lr-scaling`
+take their names): a new one is a class with a `name` and its one method, under
+`@register_schedule` / `@register_scaling`.
 """
 from __future__ import annotations
 
@@ -27,8 +31,84 @@ from hvd_abs.errors import UserError
 if TYPE_CHECKING:  # pragma: no cover
     from hvd_abs.batching.controller import BatchController
 
-SCALINGS = ("linear", "sqrt", "none")
-SCHEDULES = ("step", "cosine")
+
+class Schedule:
+    """The decay factor of an LR schedule at (0-based) `epoch` + `fraction` of it."""
+
+    name = ""
+    step_decay = False  # whether --lr-decay and --lr-decay-epochs apply
+
+    def factor(self, s: "LRSchedule", epoch: int, fraction: float) -> float:
+        raise NotImplementedError
+
+
+class Scaling:
+    """The LR multiplier for a global batch `ratio` times the initial one."""
+
+    name = ""
+
+    def scale(self, ratio: float) -> float:
+        raise NotImplementedError
+
+
+SCHEDULES: dict[str, Schedule] = {}
+SCALINGS: dict[str, Scaling] = {}
+
+
+def register_schedule(cls: type[Schedule]) -> type[Schedule]:
+    SCHEDULES[cls.name] = cls()
+    return cls
+
+
+def register_scaling(cls: type[Scaling]) -> type[Scaling]:
+    SCALINGS[cls.name] = cls()
+    return cls
+
+
+@register_schedule
+class StepDecay(Schedule):
+    """x decay at each of decay_epochs (the reference)."""
+
+    name, step_decay = "step", True
+
+    def factor(self, s: "LRSchedule", epoch: int, fraction: float) -> float:
+        return s.decay ** sum(1 for d in s.decay_epochs if epoch >= d)
+
+
+@register_schedule
+class Cosine(Schedule):
+    """(1 + cos(pi t / E)) / 2 over the run's E epochs, smooth within epochs."""
+
+    name = "cosine"
+
+    def factor(self, s: "LRSchedule", epoch: int, fraction: float) -> float:
+        t = min(max(epoch + fraction, 0.0), s.total_epochs)
+        return 0.5 * (1.0 + math.cos(math.pi * t / s.total_epochs))
+
+
+@register_scaling
+class Linear(Scaling):
+    name = "linear"  # x2 per doubling (the reference)
+
+    def scale(self, ratio: float) -> float:
+        return ratio
+
+
+@register_scaling
+class Sqrt(Scaling):
+    name = "sqrt"
+
+    def scale(self, ratio: float) -> float:
+        return math.sqrt(ratio)
+
+
+@register_scaling
+class NoScaling(Scaling):
+    name = "none"
+
+    def scale(self, ratio: float) -> float:
+        return 1.0
+
 
 
 class LRSchedule:
@@ -63,19 +143,12 @@ class LRSchedule:
 
     def growth_scale(self, ratio: float) -> float:
         """LR multiplier for a global batch `ratio` times the initial one."""
-        if self.scaling == "linear":
-            return ratio
-        if self.scaling == "sqrt":
-            return math.sqrt(ratio)
-        return 1.0
+        return SCALINGS[self.scaling].scale(ratio)
 
     def decay_factor(self, epoch: int, epoch_fraction: float = 0.0) -> float:
         """The schedule's factor at (0-based) `epoch` + `epoch_fraction`: the product of the step
         decays that apply, or the cosine's value."""
-        if self.schedule == "cosine":
-            t = min(max(epoch + epoch_fraction, 0.0), self.total_epochs)
-            return 0.5 * (1.0 + math.cos(math.pi * t / self.total_epochs))
-        return self.decay ** sum(1 for d in self.decay_epochs if epoch >= d)
+        return SCHEDULES[self.schedule].factor(self, epoch, epoch_fraction)
 
     def lr(self, epoch: int, epoch_fraction: float = 0.0, batch_ratio: float = 1.0,
            prev_batch_ratio: float | None = None, last_change_epoch: int = 0) -> float:

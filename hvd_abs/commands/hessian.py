@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from hvd_abs.commands._errors import user_errors_exit_2
+from hvd_abs.errors import user_errors_exit_2
 
 
 def _positive(example: str) -> Any:
@@ -143,7 +143,7 @@ def _from_run(run_dir: str, model_name: str, dataset: str, data_dir: str | None,
     from pathlib import Path
 
     from hvd_abs.metrics import SUMMARY_FILE
-    from hvd_abs.train import WEIGHTS_FILE
+    from hvd_abs.training.run_dir import WEIGHTS_FILE
 
     run = Path(run_dir).expanduser()
     if checkpoint is not None:
@@ -182,7 +182,7 @@ def _load_weights(path: str) -> dict[str, Any]:
 
     import torch
 
-    from hvd_abs.elastic.checkpoint import CheckpointError, load_checkpoint
+    from hvd_abs.training.checkpoint import CheckpointError, load_checkpoint
 
     p = Path(path).expanduser()
     if not p.is_file():

@@ -7,9 +7,9 @@ import re
 
 import click
 
-from hvd_abs.commands._errors import user_errors_exit_2
-from hvd_abs.elastic.discovery import WARM_TIMEOUT_S as HOROVOD_WARM_TIMEOUT_S
-from hvd_abs.elastic.ray_executor import WARM_TIMEOUT_S as RAY_WARM_TIMEOUT_S
+from hvd_abs.errors import user_errors_exit_2
+from hvd_abs.launch.discovery import WARM_TIMEOUT_S as HOROVOD_WARM_TIMEOUT_S
+from hvd_abs.launch.ray_executor import WARM_TIMEOUT_S as RAY_WARM_TIMEOUT_S
 
 
 @click.group("launch")
@@ -50,7 +50,7 @@ def horovod(min_np: int, max_np: int, hostfile: str | None, network_interface: s
     import sys
     import time
 
-    from hvd_abs.launch_horovod import Refusals, build_command, run_with_standbys
+    from hvd_abs.launch.horovod import Refusals, build_command, run_with_standbys
 
     if max_np < min_np:
         raise click.BadParameter(f"--max-np ({max_np}) must be at least --min-np ({min_np})", param_hint="--max-np")
@@ -69,7 +69,7 @@ def horovod(min_np: int, max_np: int, hostfile: str | None, network_interface: s
     if dry_run:
         return
     from hvd_abs.elastic.world_signal import start_job
-    from hvd_abs.launch_horovod import Terminated, run_dir_of, run_horovodrun, stop_on_termination
+    from hvd_abs.launch.horovod import Terminated, run_dir_of, run_horovodrun, stop_on_termination
 
     started = time.time()
     lock = _locked(run_dir_of(list(train_args)))  # the job's, while it runs (its workers come and go)
@@ -105,7 +105,7 @@ def _check_hostfile(hostfile: str, min_np: int) -> None:
     for ever), is a one-line usage error, not a failure or a hang of a started job."""
     from pathlib import Path
 
-    from hvd_abs.elastic.discovery import HostfileError, parse_hostfile
+    from hvd_abs.launch.discovery import HostfileError, parse_hostfile
 
     try:
         pool = parse_hostfile(Path(hostfile).read_text(), hostfile)
@@ -122,8 +122,8 @@ def _check_train(train_args: list[str], load_data: bool, script: str | None = No
     """The training options as `hvd-abs train` checks them, before any process starts; with
     load_data (workers on this machine), the data set too. With a --script, its own arguments
     may be among them and the data set is its own (check_train_args)."""
-    from hvd_abs.commands.train import check_train_args
-    from hvd_abs.launch_horovod import option_value
+    from hvd_abs.training.options import check_train_args
+    from hvd_abs.launch.horovod import option_value
 
     if not option_value(train_args, "--out"):
         raise click.UsageError("elastic training needs a run directory: pass --out DIR among the train options "
@@ -141,7 +141,7 @@ def _check_train(train_args: list[str], load_data: bool, script: str | None = No
 def out_of_resume(train_args: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     """The train options with `--out DIR` added when only `--resume DIR` is given: `hvd-abs train`
     continues a run in its own folder then, and the launcher and every worker must name it."""
-    from hvd_abs.launch_horovod import option_value
+    from hvd_abs.launch.horovod import option_value
 
     args = tuple(train_args)
     resume = option_value(list(args), "--resume")
@@ -158,7 +158,7 @@ def refuse_launcher_options(train_args: list[str], command: str, max_np_option: 
     them (a value that looks like an option, or anything after `--`, is not one)."""
     from click.core import ParameterSource
 
-    from hvd_abs.commands.train import train_context
+    from hvd_abs.training.options import train_context
 
     try:
         ctx = train_context(list(train_args), extras=True, resilient=True)  # (a --script's own too)
@@ -179,15 +179,15 @@ FAILURE_REPORT = "horovodrun-error.txt"  # in OUT/elastic/: horovodrun's traceba
 def finished_epochs(train_args: list[str], started: float) -> int | None:
     """The epoch count of the run in --out when this launch (begun at time `started`) finished
     it, else None. Finished: summary.json holds this run's final summary (the one
-    hvd_abs.train.finish writes, with "metrics", after the final checkpoint), written since
+    hvd_abs.training.session.finish writes, with "metrics", after the final checkpoint), written since
     `started` (not a summary an earlier run left), for all the --epochs this launch planned."""
     import json
     import os
     from pathlib import Path
 
-    from hvd_abs.commands.train import config_from_options, train_context
+    from hvd_abs.training.options import config_from_options, train_context
     from hvd_abs.errors import UserError
-    from hvd_abs.launch_horovod import option_value
+    from hvd_abs.launch.horovod import option_value
     from hvd_abs.metrics import SUMMARY_FILE
 
     out = option_value(train_args, "--out")
@@ -218,9 +218,9 @@ def job_outcome(train_args: list[str], why: str, started: float, report: str | N
     files that would make a plain rerun be refused)."""
     from pathlib import Path
 
-    from hvd_abs.elastic.checkpoint import list_checkpoints
-    from hvd_abs.launch_horovod import option_value
-    from hvd_abs.train import CHECKPOINT_DIR, RUN_FILES
+    from hvd_abs.training.checkpoint import list_checkpoints
+    from hvd_abs.launch.horovod import option_value
+    from hvd_abs.training.run_dir import CHECKPOINT_DIR, RUN_FILES
 
     out = option_value(train_args, "--out")
     epochs = finished_epochs(train_args, started)
@@ -243,7 +243,7 @@ def job_outcome(train_args: list[str], why: str, started: float, report: str | N
 def _refused(message: str) -> None:
     """A worker refused its input (bad options or data, said in one line, exit 2): that is the
     job's outcome too, not a failure a rerun or --resume would get past. Exits 2."""
-    from hvd_abs.commands._errors import exit_2
+    from hvd_abs.errors import exit_2
 
     exit_2(f"a worker refused its input: {message}")
 
@@ -253,7 +253,7 @@ def _keep_report(train_args: list[str], traceback: str) -> str | None:
     the file's path, or None when it could not be written."""
     from pathlib import Path
 
-    from hvd_abs.launch_horovod import option_value
+    from hvd_abs.launch.horovod import option_value
 
     if not traceback:
         return None
@@ -356,7 +356,7 @@ def ray(address: str, min_workers: int, max_workers: int, cpus_per_worker: float
     import time
     from pathlib import Path
 
-    from hvd_abs.launch_horovod import option_value
+    from hvd_abs.launch.horovod import option_value
 
     address = ray_address(address)
     train_args = out_of_resume(train_args)
@@ -374,7 +374,7 @@ def ray(address: str, min_workers: int, max_workers: int, cpus_per_worker: float
     args = _with_option(list(train_args), "--out", run_dir)
     worker_argv = ["--elastic", "--max-np", str(max_workers), *args]
 
-    from hvd_abs.elastic.ray_executor import (RayElasticExecutor, RayExecutorError, script_worker, train_worker,
+    from hvd_abs.launch.ray_executor import (RayElasticExecutor, RayExecutorError, script_worker, train_worker,
                                               warm_script_worker, warm_train_worker)
 
     executor = RayElasticExecutor(min_workers=min_workers, max_workers=max_workers, cpus_per_worker=cpus_per_worker,
@@ -419,7 +419,7 @@ def _locked(run_dir: str) -> contextlib.ExitStack:
     """The run dir's lock (hvd_abs/run_lock.py), taken now and released when the returned stack
     closes: a usage error if another run holds it."""
     from hvd_abs.errors import UserError
-    from hvd_abs.run_lock import run_lock
+    from hvd_abs.locks import run_lock
 
     stack = contextlib.ExitStack()
     try:

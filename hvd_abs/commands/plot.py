@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from hvd_abs.commands._errors import user_errors_exit_2
+from hvd_abs.errors import user_errors_exit_2
 
 
 @click.command("plot")

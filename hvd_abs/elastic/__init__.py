@@ -1,6 +1,7 @@
-"""The elastic layer: state commits, the world-size signal, host discovery, disk checkpoints.
+"""The worker side: what runs inside a worker. worker (`hvd-abs train`'s entry, run_train),
+job (the session inside Horovod's elastic loop), hvd_runner (the state commit), world_signal
+(the world size the job wants, read by the launcher's discovery).
 
-Nothing here imports Horovod at module level: `runner` imports it inside its functions, and
-`discovery` / `world_signal` use the standard library only, because the discovery script runs
-them in a fresh interpreter every second.
+Nothing here imports Horovod at module level, and `world_signal` uses the standard library only:
+the discovery script imports it in a fresh interpreter every second.
 """

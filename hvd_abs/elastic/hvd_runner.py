@@ -29,7 +29,7 @@ import horovod.torch as hvd
 from horovod.common.elastic import State, notification_manager
 from horovod.common.exceptions import HorovodInternalError, HostsUpdatedInterrupt
 
-from hvd_abs.elastic.checkpoint import to_host
+from hvd_abs.training.checkpoint import to_host
 from hvd_abs.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class CommittedState(State):
     join) to every rank.
     """
 
-    def __init__(self, target: Stateful, run_dir: str = "OUT") -> None:
+    def __init__(self, target: Stateful, run_dir: str = "OUT", on_send: Callable[[], None] | None = None) -> None:
         super().__init__(bcast_object=hvd.broadcast_object, get_rank=hvd.rank)
         self.target = target
         self.run_dir = run_dir  # for StateLost's advice
@@ -63,7 +63,7 @@ class CommittedState(State):
         self.commit_s = 0.0  # total seconds spent snapshotting, for the metrics
         self.commits = 0
         self.seen_holder = False  # a sync this worker took part in had a holder of the job's state
-        self.before_broadcast: Callable[[], None] | None = None  # test instrumentation (job.py _Ledger)
+        self.on_send = on_send  # called on the worker about to send the state to joiners
 
     def save(self) -> None:
         t0 = time.perf_counter()
@@ -85,8 +85,8 @@ class CommittedState(State):
                             f"the state in memory is lost (the survivors hold only a fresh start): continue the run "
                             f"from its newest checkpoint with --resume {self.run_dir}")
         root = holders.index(True) if any(holders) else 0
-        if any(holders) and not all(holders) and hvd.rank() == root and self.before_broadcast is not None:
-            self.before_broadcast()
+        if any(holders) and not all(holders) and hvd.rank() == root and self.on_send is not None:
+            self.on_send()
         snapshot = to_host(self.target.state_dict()) if hvd.rank() == root else None
         snapshot = hvd.broadcast_object(snapshot, root_rank=root, name="hvd_abs.state")
         self.target.load_state_dict(snapshot)

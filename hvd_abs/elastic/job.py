@@ -1,9 +1,10 @@
-"""An elastic training job: the trainer inside Horovod's elastic loop (hvd_runner.run_elastic).
+"""An elastic training job: the session run inside Horovod's elastic loop (hvd_runner.run_elastic).
 
     hvd.init(); build the trainer (no collective: new workers may be joining)
     run_elastic(loop, CommittedState(trainer)):
-        sync from rank 0  ->  recompute what depends on the world size (threads; the layout, LR and
-                              this rank's samples are recomputed at every step anyway)
+        sync from a worker holding the state  ->  recompute what depends on the world size
+                              (threads; the layout, LR and this rank's samples are recomputed at
+                              every step anyway)
         rank 0 publishes wanted = min(max_np, ceil(G / base_batch))       [world-size signal]
         fit(): after every --commit-every updates, every growth and every epoch end: commit
                (a commit may raise HostsUpdatedInterrupt: hosts changed -> reset -> re-enter)
@@ -14,26 +15,23 @@ last update before it to the end of the first update after it, minus one update'
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
+import contextlib
 import os
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable
-
+from typing import Any, Callable, Iterator
 
 from hvd_abs.batching.layout import wanted_world_size
 from hvd_abs.elastic.world_signal import write_wanted
 from hvd_abs.metrics import MetricsWriter, cut_back
-from hvd_abs.train import (Trainer, TrainConfig, checkpoint_if_due, finish, open_writer, prepare_out_dir,
-                           record_history, refuse_finished)
+from hvd_abs.training.events import Callback, Event
+from hvd_abs.training.run_dir import open_writer, prepare_out_dir
+from hvd_abs.training.session import Session
+from hvd_abs.training.trainer import Trainer
 
-log = logging.getLogger(__name__)
 
-
-class _Timeline:
+class Timeline:
     """Update end times (this process's clock) and the resets between them, for stall figures."""
 
     def __init__(self) -> None:
@@ -61,89 +59,101 @@ class _Timeline:
         return done
 
 
-def train_elastic(cfg: TrainConfig, eigen_fn: Any = None, on_epoch: Callable[[dict[str, Any]], None] | None = None,
-                  plot: bool = True, model: Any = None, data: Any = None) -> dict[str, Any]:
-    """Run `cfg` as one worker of an elastic job (under horovodrun --min-np/--max-np or the Ray
-    executor). model, data: as for Trainer. Returns the summary (complete on rank 0)."""
-    import horovod.torch as hvd
+class ElasticCommit(Callback):
+    """The job's side of each event: commits (every --commit-every updates, every epoch end),
+    the world size it wants (at each entry and after a growth), and each reset's metrics line."""
 
-    from hvd_abs.comm import HorovodComm
-    from hvd_abs.elastic.hvd_runner import CommittedState, run_elastic
+    def __init__(self, job: "ElasticSession") -> None:
+        self.job = job
+        self.state: Any = None  # the CommittedState, once the job has made it
+        self.timeline = Timeline()
+        self._grew = False
 
-    comm = HorovodComm()  # hvd.init()
-    trainer = Trainer(cfg, comm=comm, eigen_fn=eigen_fn, model=model, data=data, broadcast=False)
-    out = Path(cfg.out).expanduser()
-    if cfg.resume is not None:
-        trainer.resume(cfg.resume, collective=False)
-        refuse_finished(trainer)
-    if comm.rank == 0:
-        _prepare_once(out, cfg.replaces_out, (trainer.epoch, trainer.updates) if cfg.resumes_in_place else None)
-    state = CommittedState(trainer, run_dir=str(out))
-    timeline = _Timeline()
-    ledger = _Ledger(out, trainer) if cfg.ledger else None
-    if ledger is not None:
-        state.before_broadcast = ledger.hold_sync
-    writers: dict[int, MetricsWriter] = {}
+    def publish(self, trainer: Trainer) -> None:
+        if trainer.comm.rank == 0:
+            G = trainer.controller.global_batch
+            write_wanted(self.job.out, wanted_world_size(G, trainer.cfg.base_batch, trainer.cfg.max_np),
+                         reason=f"global batch {G}")
 
-    def writer() -> MetricsWriter:
-        # The writer belongs to whoever is rank 0 now (rank 0 may change across a failure).
-        rank = comm.rank
-        if rank not in writers:
-            for w in writers.values():
-                w.close()
-            writers.clear()
-            writers[rank] = open_writer(out, cfg, rank)
-        return writers[rank]
+    def on_fit_start(self, trainer: Trainer) -> None:
+        self.publish(trainer)  # also after a reset: a growth's commit may have raised before it was said
 
-    def publish() -> None:
-        if comm.rank == 0:
-            want = wanted_world_size(trainer.controller.global_batch, cfg.base_batch, cfg.max_np)
-            write_wanted(out, want, reason=f"global batch {trainer.controller.global_batch}")
-
-    def on_step() -> None:
-        if ledger is not None:
-            ledger.write()
-        done = timeline.step_done()
+    def on_update_end(self, trainer: Trainer) -> None:
+        done = self.timeline.step_done()
         if done is not None:
-            writer().event(done.pop("kind"), epoch=trainer.epoch + 1, updates=trainer.updates,
-                           world_size=comm.size, **done)
-        if trainer.updates % cfg.commit_every == 0:
-            state.commit()
-        if ledger is not None:
-            ledger.hold(state, on_wait=timeline.touch)
+            reset = self.job.writer().event(done.pop("kind"), epoch=trainer.epoch + 1, updates=trainer.updates,
+                                            world_size=trainer.comm.size, **done)
+            trainer.fire(Event.RESIZE, reset=reset)
+        if trainer.updates % trainer.cfg.commit_every == 0:
+            self.state.commit()
 
-    def on_epoch_end(grew: bool) -> None:
-        # The disk checkpoint first: the commit may raise HostsUpdatedInterrupt, and the state
-        # is the same either way (a redone epoch end rewrites the same file atomically).
-        checkpoint_if_due(trainer, writer())
-        state.commit()  # every growth and epoch end is committed
-        if grew:
-            publish()  # also done on re-entry, should the commit above have raised
+    def on_growth(self, trainer: Trainer, growth: dict[str, Any]) -> None:
+        self._grew = True
 
-    def on_reset(kind: str, seconds: float) -> None:
-        trainer.set_threads()
-        timeline.pending = {"kind": kind, "since": timeline.last_end, "reinit_s": seconds,
-                            "commit_s": state.commit_s}
+    def on_epoch_end(self, trainer: Trainer) -> None:
+        # After the disk checkpoint (CheckpointEvery runs first): the commit may raise
+        # HostsUpdatedInterrupt, and the state is the same either way.
+        self.state.commit()
+        if self._grew:
+            self._grew = False
+            self.publish(trainer)
 
-    def loop(_state: CommittedState) -> dict[str, Any]:
-        trainer.on_step, trainer.on_epoch_end = on_step, on_epoch_end
-        if ledger is not None:
-            ledger.attempt = _attempt_id(comm)
-            ledger.write_digest()
-        publish()
-        if cfg.resume is not None and not cfg.resumes_in_place:
-            record_history(trainer, writer())
-        summary = trainer.fit(writer(), on_epoch=on_epoch)
-        trainer.save_checkpoint(writer())
+    def on_reset(self, kind: str, seconds: float) -> None:
+        self.job.trainer.set_threads()
+        self.timeline.pending = {"kind": kind, "since": self.timeline.last_end, "reinit_s": seconds,
+                                 "commit_s": self.state.commit_s}
+
+
+class ElasticSession(Session):
+    """`cfg` as one worker of an elastic job (under horovodrun --min-np/--max-np or the Ray
+    executor): the run's lock is the launcher's, for the whole job."""
+
+    broadcast = False
+
+    def __init__(self, cfg: Any, **kwargs: Any) -> None:
+        super().__init__(cfg, **kwargs)
+        self.commit = ElasticCommit(self)
+        self._rank_of_writer: int | None = None
+
+    def make_comm(self) -> Any:
+        from hvd_abs.comm import HorovodComm
+
+        return HorovodComm()  # hvd.init()
+
+    @contextlib.contextmanager
+    def hold_out_dir(self, resumed_at: tuple[int, int] | None) -> Iterator[None]:
+        if self.comm.rank == 0:
+            _prepare_once(self.out, self.cfg.replaces_out, resumed_at)
+        yield
+
+    def writer(self) -> MetricsWriter:
+        # The writer belongs to whoever is rank 0 now (rank 0 may change across a failure).
+        rank = self.comm.rank
+        if self._writer is None or self._rank_of_writer != rank:
+            self.close_writers()
+            self._writer, self._rank_of_writer = open_writer(self.out, self.cfg, rank), rank
+        return self._writer
+
+    def job_callbacks(self) -> list[Callback]:
+        return [self.commit]
+
+    def train(self, fit: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        import horovod.torch as hvd
+
+        from hvd_abs.elastic.hvd_runner import CommittedState, run_elastic
+
+        trainer = self.trainer
+        state = self.commit.state = CommittedState(trainer, run_dir=str(self.out),
+                                                   on_send=lambda: trainer.fire(Event.SEND_STATE))
+        summary = run_elastic(lambda _state: fit(), state, on_reset=self.commit.on_reset)
+        summary.update(commit_s=state.commit_s, commits=state.commits, world_size=hvd.size())
         return summary
 
-    try:
-        summary = run_elastic(loop, state, on_reset=on_reset)
-        summary.update(commit_s=state.commit_s, commits=state.commits, world_size=hvd.size())
-        return finish(trainer, summary, writer(), out, plot)
-    finally:
-        for w in writers.values():
-            w.close()
+
+def train_elastic(cfg: Any, **kwargs: Any) -> dict[str, Any]:
+    """Run `cfg` as one worker of an elastic job. kwargs: as for Session. Returns the summary
+    (complete on rank 0)."""
+    return ElasticSession(cfg, **kwargs).run()
 
 
 def _prepare_once(out: Path, overwrite: bool, resumed_at: tuple[int, int] | None) -> None:
@@ -160,88 +170,3 @@ def _prepare_once(out: Path, overwrite: bool, resumed_at: tuple[int, int] | None
         cut_back(out, *resumed_at)
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(job)
-
-
-def _flatten(tree: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    if isinstance(tree, dict):
-        return [kv for k, v in tree.items() for kv in _flatten(v, f"{prefix}/{k}")]
-    return [(prefix, tree)]
-
-
-def _attempt_id(comm: Any) -> int:
-    """One id per entry into the loop, the same on every rank and larger for later entries."""
-    return int(comm.broadcast_object(time.time_ns() if comm.rank == 0 else None))
-
-
-class _Ledger:
-    """Test instrumentation (--ledger): each rank appends the sample ids of every update it runs
-    to <out>/ledger/rank-<pid>.jsonl, tagged with the loop entry (attempt) they belong to. The
-    committed history is, for each update number, the records of its latest attempt. Hold files
-    (`hold`) let a test stop the job at a known update."""
-
-    def __init__(self, out: Path, trainer: Trainer) -> None:
-        self.trainer = trainer
-        self.attempt = 0
-        d = out / "ledger"
-        d.mkdir(parents=True, exist_ok=True)
-        self.path = d / f"rank-{os.getpid()}.jsonl"
-
-    def write_digest(self) -> None:
-        """After a sync: a hash of this rank's model and optimizer state (bit-identical ranks
-        have equal digests)."""
-        h = hashlib.sha256()
-        for tree in (self.trainer.model.state_dict(), self.trainer.optimizer.state_dict()["state"]):
-            for key, value in sorted(_flatten(tree), key=lambda kv: kv[0]):
-                h.update(key.encode())
-                h.update(value.detach().cpu().contiguous().numpy().tobytes() if hasattr(value, "detach")
-                         else repr(value).encode())
-        with open(self.path.with_name(self.path.name.replace("rank-", "sync-")), "a") as f:
-            f.write(json.dumps({"attempt": self.attempt, "rank": self.trainer.comm.rank,
-                                "updates": self.trainer.updates, "digest": h.hexdigest()}) + "\n")
-
-    def hold(self, state: Any, on_wait: Callable[[], None], limit_s: float = 300.0) -> None:
-        """Test instrumentation: pin a fault or a resize to a known update on a loaded machine.
-        After update U, while `<out>/ledger/hold-U` exists, every rank waits (no collective).
-        With `hold-U-world-W`, the job waits until W workers run, committing every 0.1 s so the
-        pending resize gets in (every rank runs the same loop: the size is the same on all, and
-        the file is not consulted again, so the commits stay collective). At most `limit_s`.
-        `on_wait` is called while waiting: the wait is the test's, not a stall of the job."""
-        u, size = self.trainer.updates, self.trainer.comm.size
-        for f in self.path.parent.glob("hold-*"):
-            parts = f.name.split("-")
-            if not parts[1].isdigit() or int(parts[1]) != u:
-                continue
-            want = int(parts[3]) if len(parts) == 4 and parts[2] == "world" and parts[3].isdigit() else None
-            if want is None:
-                _wait_while_exists(f, limit_s, on_wait)
-                continue
-            deadline = time.monotonic() + limit_s
-            while size != want and time.monotonic() < deadline:
-                time.sleep(0.1)
-                on_wait()
-                state.commit()  # raises HostsUpdatedInterrupt once the resize this waits for comes
-
-    def hold_sync(self, limit_s: float = 300.0) -> None:
-        """Test instrumentation: while `<out>/ledger/hold-sync` exists, the worker about to send
-        the state to a joiner waits (after writing its pid to `<out>/ledger/syncing`), so that a
-        test can kill it there. At most `limit_s`."""
-        gate = self.path.parent / "hold-sync"
-        if not gate.exists():
-            return
-        (self.path.parent / "syncing").write_text(str(os.getpid()))
-        _wait_while_exists(gate, limit_s)
-
-    def write(self) -> None:
-        t = self.trainer
-        ids = t.last_step_ids.tolist() if t.last_step_ids is not None else []
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"attempt": self.attempt, "update": t.updates, "epoch": t.last_step_epoch, "t": time.time(),
-                                "rank": t.comm.rank, "world_size": t.comm.size, "ids": ids}) + "\n")
-
-
-def _wait_while_exists(gate: Path, limit_s: float, on_wait: Callable[[], None] = lambda: None) -> None:
-    """A ledger hold: sleep while the test's `gate` file exists, at most `limit_s`."""
-    deadline = time.monotonic() + limit_s
-    while gate.exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-        on_wait()

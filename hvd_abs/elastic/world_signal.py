@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
+
+from hvd_abs.atomic import write_text_atomic
 
 MAX_WORLD_SIZE = 65536
 
@@ -31,19 +32,7 @@ def write_wanted(run_dir: str | os.PathLike, world_size: int, reason: str = "") 
     path = signal_path(run_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     body = json.dumps({"world_size": world_size, "reason": reason, "time": time.time(), "pid": os.getpid()})
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".world_size.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return write_text_atomic(path, body, mode=0o600)
 
 
 def read_wanted(run_dir: str | os.PathLike) -> int | None:

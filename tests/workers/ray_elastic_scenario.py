@@ -25,7 +25,7 @@ from ray.cluster_utils import Cluster
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ray_toy_job  # noqa: E402
 
-from hvd_abs.elastic.ray_executor import RayElasticExecutor  # noqa: E402
+from hvd_abs.launch.ray_executor import RayElasticExecutor  # noqa: E402
 from hvd_abs.elastic.world_signal import write_wanted  # noqa: E402
 
 # Actors cannot import this test folder: ship the toy job's code with the function.

@@ -14,11 +14,12 @@ import io
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from hvd_abs.atomic import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -54,24 +55,8 @@ def save_checkpoint(directory: str | os.PathLike, state: dict[str, Any], updates
     torch.save(state, buf)
     payload = buf.getvalue()
     header = MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n"
-    path = d / checkpoint_name(updates)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".ckpt.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(header)
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself must survive a crash
-    finally:
-        os.close(dir_fd)
+    path = write_atomic(d / checkpoint_name(updates), lambda f: (f.write(header), f.write(payload)),
+                        mode=0o600, sync_dir=True)
     for old in list_checkpoints(d)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
     return path

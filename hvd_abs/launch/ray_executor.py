@@ -41,8 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from hvd_abs.elastic.discovery import select_hosts
-from hvd_abs.errors import UserError
+from hvd_abs.launch.discovery import select_hosts
+from hvd_abs.errors import Refused, UserError
 from hvd_abs.elastic.world_signal import SignalError, read_wanted
 
 log = logging.getLogger(__name__)
@@ -66,15 +66,12 @@ class RayExecutorError(RuntimeError):
 
 class ScriptRefused(RuntimeError):
     """A worker (`hvd-abs train` or a --script) exited 2 after saying why in one line
-    (hvd_abs.commands._errors.exit_2): it refused its input."""
+    (hvd_abs.errors.exit_2): it refused its input."""
 
 
 def _refusal(exc: SystemExit) -> ScriptRefused | None:
-    """The refusal a worker's SystemExit stands for: exit 2 after exit_2 said why (its message is
-    hvd_abs.commands._errors.last_refusal, reset by the worker functions before they run)."""
-    from hvd_abs.commands import _errors
-
-    return ScriptRefused(_errors.last_refusal) if exc.code == 2 and _errors.last_refusal is not None else None
+    """The refusal a worker's SystemExit stands for: exit_2's Refused, which carries its line."""
+    return ScriptRefused(exc.message) if isinstance(exc, Refused) else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -616,7 +613,7 @@ class RayElasticExecutor:
 
 def warm_train_worker(train_args: Sequence[str]) -> None:
     """The warm-up of `hvd-abs launch ray`'s workers: what a horovodrun standby does first."""
-    from hvd_abs.elastic.standby import get_warm
+    from hvd_abs.launch.standby import get_warm
 
     get_warm(list(train_args))
 
@@ -624,10 +621,8 @@ def warm_train_worker(train_args: Sequence[str]) -> None:
 def train_worker(train_args: Sequence[str]) -> Any:
     """The worker function of `hvd-abs launch ray`: `hvd-abs train TRAIN_ARGS` in this actor. A
     refused input (its one line said, exit 2) is raised as ScriptRefused, for the launcher."""
-    from hvd_abs.commands import _errors
-    from hvd_abs.commands.train import command
+    from hvd_abs.elastic.worker import command
 
-    _errors.last_refusal = None
     try:
         return command.main(args=list(train_args), standalone_mode=False)
     except SystemExit as exc:
@@ -639,7 +634,7 @@ def train_worker(train_args: Sequence[str]) -> Any:
 
 def warm_script_worker() -> None:
     """The warm-up of `launch ray --script` workers: the imports (the data is the script's)."""
-    from hvd_abs.elastic.standby import get_warm
+    from hvd_abs.launch.standby import get_warm
 
     get_warm(None)
 
@@ -648,10 +643,8 @@ def script_worker(script: str, cwd: str, argv: Sequence[str]) -> None:
     """The worker function of `launch ray --script`: run SCRIPT as __main__ in this actor with
     ARGV, from `cwd` when this node has it (the launcher's directory: the script's relative paths
     then mean what they meant there). A non-zero exit is this worker's failure."""
-    from hvd_abs.commands import _errors
-    from hvd_abs.elastic.standby import run_as_main
+    from hvd_abs.launch.standby import run_as_main
 
-    _errors.last_refusal = None
     saved_cwd = os.getcwd()
     try:
         if os.path.isdir(cwd):

@@ -7,7 +7,7 @@ Horovod and loads the data (seconds). Here that work happens *before* the slot i
    and the trainer, preloads the data set, listens on a Unix socket (mode 0600, in the run
    directory: only the job's user can reach it) and then publishes `<pid>.ready`.
 2. Discovery advertises a new local slot only while a ready standby exists (discovery.py).
-3. For the new slot horovodrun runs `python -m hvd_abs.elastic.warm_exec -- <worker argv>` (standard
+3. For the new slot horovodrun runs `python -m hvd_abs.launch.warm_exec -- <worker argv>` (standard
    library only: starts in tens of milliseconds). It claims a standby by renaming its ready file
    (atomic: one claimant wins), sends its argv, environment and working directory, and passes
    its stdin/stdout/stderr over the socket (SCM_RIGHTS). With no standby it execs the cold argv.
@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
+
+from hvd_abs.atomic import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +101,7 @@ def serve(directory: str | os.PathLike, run_worker: Callable[[list[str]], int], 
         os.umask(old_umask)
     server.listen(1)
     server.settimeout(1.0)
-    tmp = d / f".{pid}.ready.tmp"
-    tmp.write_text(str(sock_path))
-    os.replace(tmp, ready)
+    write_text_atomic(ready, str(sock_path))
     deadline = time.monotonic() + idle_timeout
     try:
         while True:
@@ -219,10 +219,13 @@ def get_warm(train_args: list[str] | None) -> None:
     import hvd_abs.comm  # noqa: F401
     import hvd_abs.elastic.job  # noqa: F401
     import hvd_abs.second_order  # noqa: F401
-    from hvd_abs.train import preload
+    from hvd_abs.training.options import train_context
+    from hvd_abs.training.run_data import preload
 
     if train_args is not None:
-        preload(train_args)
+        args = list(train_args[1:] if train_args[:1] == ["train"] else train_args)
+        params = train_context(args, resilient=True).params
+        preload(params["dataset"], params["data_dir"], bool(params.get("download")))
     p = torch.zeros(1, requires_grad=True)
     opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
     (p * 2).sum().backward()
@@ -245,18 +248,18 @@ def run_as_main(script: str, argv: list[str]) -> None:
 
 
 def _main(argv: list[str]) -> int:
-    """`python -m hvd_abs.elastic.standby --dir D -- TRAIN_ARGS`: get warm (imports, the data
+    """`python -m hvd_abs.launch.standby --dir D -- TRAIN_ARGS`: get warm (imports, the data
     set), then serve as `hvd-abs train`. `--dir D --script --`: get warm (imports: a script loads
     its own data), then serve as the script the claimant names (`python SCRIPT ARGS`)."""
     script = argv[2:3] == ["--script"]
     if script:
         argv = argv[:2] + argv[3:]
     if len(argv) < 3 or argv[0] != "--dir" or argv[2] != "--":
-        print("usage: python -m hvd_abs.elastic.standby --dir DIR [--script] -- TRAIN_ARGS...", file=sys.stderr)
+        print("usage: python -m hvd_abs.launch.standby --dir DIR [--script] -- TRAIN_ARGS...", file=sys.stderr)
         return 2
     directory, train_args = argv[1], argv[3:]
     get_warm(None if script else train_args)
-    from hvd_abs.cli import main as cli
+    from hvd_abs.elastic.worker import run_train
 
     # Terminated while waiting (the job ended): leave through `finally`, removing our files.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -264,9 +267,11 @@ def _main(argv: list[str]) -> int:
     def run_worker(args: list[str]) -> int:
         if script:  # args: SCRIPT and its arguments (warm_exec's argv after the interpreter)
             run_as_main(args[0], args[1:])
-        else:
-            cli.main(args=args, prog_name="hvd-abs", standalone_mode=True)
-        return 0
+            return 0
+        if args[:1] != ["train"]:
+            print(f"a standby runs `hvd-abs train`, not {args[:1]}", file=sys.stderr)
+            return 2
+        return run_train(args[1:])
 
     return serve(directory, run_worker)
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator
 
-from hvd_abs.elastic.discovery import WARM_TIMEOUT_S
+from hvd_abs.launch.discovery import WARM_TIMEOUT_S
 
 
 def option_value(args: list[str], name: str) -> str | None:
@@ -45,7 +45,7 @@ def build_command(train_args: list[str], *, min_np: int, max_np: int, hostfile: 
     if cooldown and int(cooldown.split(",")[0]) > int(cooldown.split(",")[1]):
         raise ValueError(f"--blacklist-cooldown {cooldown}: MIN is above MAX; pass MIN,MAX like 5,30")
     py = python or sys.executable
-    discovery = [py, "-m", "hvd_abs.elastic.discovery", "--run-dir", run_dir,
+    discovery = [py, "-m", "hvd_abs.launch.discovery", "--run-dir", run_dir,
                  "--min-np", str(min_np), "--max-np", str(max_np)]
     if hostfile:
         discovery += ["--hostfile", str(Path(hostfile).resolve())]
@@ -61,9 +61,9 @@ def build_command(train_args: list[str], *, min_np: int, max_np: int, hostfile: 
     entry = [str(Path(script).resolve())] if script else ["-m", "hvd_abs", "train"]
     worker = [py, *entry, "--elastic", "--max-np", str(max_np), *train_args]
     if warm:
-        from hvd_abs.elastic.standby import standby_dir
+        from hvd_abs.launch.standby import standby_dir
 
-        worker = [py, "-m", "hvd_abs.elastic.warm_exec", "--standby-dir", str(standby_dir(run_dir)), "--", *worker]
+        worker = [py, "-m", "hvd_abs.launch.warm_exec", "--standby-dir", str(standby_dir(run_dir)), "--", *worker]
     return cmd + worker
 
 
@@ -71,7 +71,7 @@ def build_command(train_args: list[str], *, min_np: int, max_np: int, hostfile: 
 # optional timestamp (horovodrun --prefix-output-with-timestamp).
 _WORKER_LINE = re.compile(rb"^[^\[\n]*\[\d+\]<std(?:out|err)>:")
 _TRACEBACK = b"Traceback (most recent call last):"
-_WORKER_REFUSAL = re.compile(rb"^[^\[\n]*\[(\d+)\]<stderr>:(Error: .*)")  # hvd_abs.commands._errors.exit_2
+_WORKER_REFUSAL = re.compile(rb"^[^\[\n]*\[(\d+)\]<stderr>:(Error: .*)")  # hvd_abs.errors.exit_2
 _PROCESS_EXIT = re.compile(rb"^Process (\d+) exit with status code (-?\d+)\.")  # horovod/runner/gloo_run.py
 
 
@@ -99,7 +99,7 @@ def _relay(line: bytes, stream: Any) -> None:
 
 class Refusals:
     """What horovodrun says of its worker processes (by its index N of each): the `Error: ...`
-    line a worker printed on refusing its input (hvd_abs.commands._errors.exit_2, exit 2), and
+    line a worker printed on refusing its input (hvd_abs.errors.exit_2, exit 2), and
     each process's exit code (`Process N exit with status code C.`, on horovodrun's stdout)."""
 
     def __init__(self) -> None:
@@ -205,15 +205,15 @@ def run_with_standbys(cmd: list[str], train_args: list[str], max_np: int, keep: 
     import subprocess
     import threading
 
-    from hvd_abs.elastic.standby import standby_dir
+    from hvd_abs.launch.standby import standby_dir
 
     py = python or sys.executable
     directory = standby_dir(run_dir_of(train_args))
     directory.mkdir(parents=True, exist_ok=True)
-    standby_cmd = [py, "-m", "hvd_abs.elastic.standby", "--dir", str(directory), "--",
+    standby_cmd = [py, "-m", "hvd_abs.launch.standby", "--dir", str(directory), "--",
                    "train", "--elastic", "--max-np", str(max_np), *train_args]
     if script:  # the claimant names the script and its arguments; the standby only imports ahead
-        standby_cmd = [py, "-m", "hvd_abs.elastic.standby", "--dir", str(directory), "--script", "--"]
+        standby_cmd = [py, "-m", "hvd_abs.launch.standby", "--dir", str(directory), "--script", "--"]
     spawned: list[subprocess.Popen] = []
     done = threading.Event()
 

@@ -1,4 +1,4 @@
-"""`python -m hvd_abs.elastic.warm_exec --standby-dir D -- ARGV...`: the command horovodrun runs
+"""`python -m hvd_abs.launch.warm_exec --standby-dir D -- ARGV...`: the command horovodrun runs
 for a worker slot. Hands the slot to a ready standby in D (see standby.py); with none ready,
 execs ARGV (a cold start). Standard library only, so it starts in tens of milliseconds."""
 from __future__ import annotations
@@ -9,10 +9,10 @@ import sys
 
 def main(argv: list[str]) -> int:
     if len(argv) < 4 or argv[0] != "--standby-dir" or argv[2] != "--":
-        print("usage: python -m hvd_abs.elastic.warm_exec --standby-dir DIR -- ARGV...", file=sys.stderr)
+        print("usage: python -m hvd_abs.launch.warm_exec --standby-dir DIR -- ARGV...", file=sys.stderr)
         return 2
     directory, worker_argv = argv[1], argv[3:]
-    from hvd_abs.elastic.standby import claim, hand_off
+    from hvd_abs.launch.standby import claim, hand_off
 
     claimed = claim(directory)
     if claimed is None:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 import time
 from pathlib import Path
 
+from hvd_abs.atomic import write_text_atomic
 from hvd_abs.elastic.world_signal import SignalError, read_wanted
 
 _HOST = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,252})$")
@@ -90,7 +90,7 @@ def discover(run_dir: str, pool: list[tuple[str, int]], min_np: int, max_np: int
 
 def _warm_cap(run_dir: Path, target: int, cold_after_s: float) -> int:
     """The slots to advertise in warm mode, remembering the last answer in the run dir."""
-    from hvd_abs.elastic.standby import ready_count, standby_dir
+    from hvd_abs.launch.standby import ready_count, standby_dir
 
     state_path = run_dir / "elastic" / "advertised.json"
     try:
@@ -109,9 +109,7 @@ def _warm_cap(run_dir: Path, target: int, cold_after_s: float) -> int:
         else:
             advertised = last + ready
     state_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = state_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"advertised": advertised, "waiting_since": since}))
-    os.replace(tmp, state_path)
+    write_text_atomic(state_path, json.dumps({"advertised": advertised, "waiting_since": since}))
     return advertised
 
 

@@ -1,0 +1,167 @@
+"""One run end to end, the only one: `hvd-abs train`, `hvd_abs.fit`, the elastic worker
+(elastic/job.py subclasses Session) and benchmarks/abs_study.py all run through `Session.run`.
+
+    trainer = Trainer(cfg)                      (validates; loads data; builds the model)
+    --resume: load the newest good checkpoint; refuse a run that already reached --epochs
+    hold the out dir: lock it, check it again, clear it (--overwrite) or cut back its metrics
+    fit() with the run's callbacks; a last checkpoint
+    rank 0: model.pt, plots.png, summary.json (and the replaced run removed)
+
+Nothing is written before the config, the data and the model were all accepted.
+"""
+from __future__ import annotations
+
+import contextlib
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from hvd_abs.atomic import write_atomic
+from hvd_abs.metrics import METRICS_FILE, MetricsWriter, cut_back, read_metrics
+from hvd_abs.training.callbacks import run_callbacks
+from hvd_abs.training.checkpoint import to_host
+from hvd_abs.training.config import TrainConfig
+from hvd_abs.training.events import Callback
+from hvd_abs.training.resume import refuse_finished
+from hvd_abs.training.run_dir import REPLACED_DIR, WEIGHTS_FILE, check_out_dir, open_writer, prepare_out_dir, run_lock
+from hvd_abs.training.trainer import EigenFn, Trainer
+
+
+class Session:
+    """A run of `cfg` (model, data: as for Trainer; on_epoch gets each epoch's line on rank 0;
+    callbacks: more Callbacks, after the run's own). Subclasses change how the world is made and
+    how fit runs (an elastic job: elastic/job.py)."""
+
+    broadcast = True  # rank 0's state to all at the start (an elastic job syncs inside its loop)
+
+    def __init__(self, cfg: TrainConfig, *, comm: Any = None, eigen_fn: EigenFn | None = None,
+                 model: nn.Module | Callable[[], nn.Module] | None = None, data: Any = None,
+                 on_epoch: Callable[[dict[str, Any]], None] | None = None, plot: bool = True,
+                 callbacks: Sequence[Callback] = ()) -> None:
+        self.cfg, self.comm, self.eigen_fn, self.model, self.data = cfg, comm, eigen_fn, model, data
+        self.on_epoch, self.plot, self.extra = on_epoch, plot, list(callbacks)
+        self.out = Path(cfg.out).expanduser()
+        self._writer: MetricsWriter | None = None
+        self.trainer: Trainer | None = None
+
+    # --- what a subclass changes ---------------------------------------------------------------
+    def make_comm(self) -> Any:
+        from hvd_abs.comm import make_comm
+
+        return make_comm("auto")
+
+    @contextlib.contextmanager
+    def hold_out_dir(self, resumed_at: tuple[int, int] | None) -> Iterator[None]:
+        """While the run writes: rank 0 holds the lock, checks the folder again (a run may have
+        finished there since validate() looked) and prepares it."""
+        cfg, rank = self.cfg, self.comm.rank
+        with run_lock(self.out) if rank == 0 else contextlib.nullcontext():  # (rank 0 alone writes there)
+            if rank == 0:
+                check_out_dir(self.out, cfg.overwrite or cfg.resumes_in_place, resuming=cfg.resume is not None)
+                prepare_out_dir(self.out, cfg.replaces_out)
+                if resumed_at is not None:  # lines of an attempt after the checkpoint: redone now
+                    cut_back(self.out, *resumed_at)
+            yield
+
+    def writer(self) -> MetricsWriter:
+        if self._writer is None:
+            self._writer = open_writer(self.out, self.cfg, self.comm.rank)
+        return self._writer
+
+    def close_writers(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+    def job_callbacks(self) -> list[Callback]:
+        return []
+
+    def train(self, fit: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        return fit()
+
+    # --- the run -------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        if self.comm is None:
+            self.comm = self.make_comm()
+        trainer = self.trainer = Trainer(cfg, comm=self.comm, eigen_fn=self.eigen_fn, model=self.model,
+                                         data=self.data, broadcast=self.broadcast)
+        resumed_from = None
+        if cfg.resume is not None:
+            resumed_from = trainer.resume(cfg.resume, collective=self.broadcast)
+            refuse_finished(trainer)
+        trainer.callbacks = run_callbacks(cfg, self.writer, self.on_epoch, [*self.job_callbacks(), *self.extra])
+        with self.hold_out_dir((trainer.epoch, trainer.updates) if cfg.resumes_in_place else None):
+            try:
+                summary = self.train(lambda: self.fit(resumed_from is not None))
+            finally:
+                self.close_writers()
+            if resumed_from is not None:  # which checkpoint it continued from (a damaged newest is skipped)
+                summary["resumed_from"] = str(resumed_from)
+            return finish(trainer, summary, self.writer(), self.out, self.plot)
+
+    def fit(self, resumed: bool) -> dict[str, Any]:
+        """The training itself: fit and a last checkpoint (an elastic job enters it again after
+        each reset)."""
+        trainer = self.trainer
+        if resumed and not self.cfg.resumes_in_place:
+            record_history(trainer, self.writer())
+        summary = trainer.fit(self.writer())
+        trainer.save_checkpoint(self.writer())
+        return summary
+
+
+def train(cfg: TrainConfig, comm: Any = None, eigen_fn: EigenFn | None = None,
+          on_epoch: Callable[[dict[str, Any]], None] | None = None, plot: bool = True,
+          model: nn.Module | Callable[[], nn.Module] | None = None, data: Any = None,
+          callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+    """Run `cfg` on one process or a fixed Horovod world (an elastic one: hvd_abs.elastic.worker.train)."""
+    return Session(cfg, comm=comm, eigen_fn=eigen_fn, on_epoch=on_epoch, plot=plot, model=model, data=data,
+                   callbacks=callbacks).run()
+
+
+def record_history(trainer: Trainer, writer: MetricsWriter) -> None:
+    """Write the epochs and growths a resumed run brings (its state holds them) into a new
+    folder's metrics, so that folder records the whole run: the table, the summary and the plots
+    then agree. (The old folder's resize and failure events are not in the state.) Idempotent:
+    the writer skips epochs and growths it has."""
+    for record in trainer.history:
+        writer.epoch(**record)
+    for growth in trainer.growths:
+        writer.event("growth", **{k: v for k, v in growth.items() if k != "event"})
+
+
+def elastic_resets(out: Path) -> list[dict[str, Any]]:
+    """The run's elastic resets (a join or leave: "resize"; a lost worker: "failure") from its
+    metrics.jsonl, each with its epoch, update, new world size and stall; [] for a fixed world."""
+    if not (out / METRICS_FILE).exists():
+        return []
+    _, events = read_metrics(out)
+    return [{k: e.get(k) for k in ("event", "epoch", "updates", "world_size", "stall_s")}
+            for e in events if e["event"] in ("resize", "failure")]
+
+
+def save_weights(model: nn.Module, path: Path) -> Path:
+    """The model's state_dict, on the host, as a plain torch file written atomically: loadable
+    without hvd_abs (torch.load(path, weights_only=True)), unlike the checksummed checkpoints."""
+    state = to_host(model.state_dict())
+    return write_atomic(path, lambda fh: torch.save(state, fh))
+
+
+def finish(trainer: Trainer, summary: dict[str, Any], writer: MetricsWriter, out: Path, plot: bool) -> dict[str, Any]:
+    """Rank 0: model.pt, plots.png and the final summary.json."""
+    if trainer.comm.rank != 0:
+        return summary
+    summary["weights"] = str(save_weights(trainer.model, out / WEIGHTS_FILE))
+    summary["resets"] = elastic_resets(out)
+    if plot:
+        if trainer.history:  # a run stopped before its first epoch end has nothing to draw
+            from hvd_abs.plotting import plot_run
+
+            summary["plot"] = str(plot_run(out))
+        summary["metrics"] = str(out / METRICS_FILE)
+    writer.summary(**summary)
+    shutil.rmtree(out / REPLACED_DIR, ignore_errors=True)  # the new run is whole: the one it replaced can go
+    return summary
