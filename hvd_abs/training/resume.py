@@ -2,13 +2,21 @@
 change, and the refusal naming each one that would change what the run computes."""
 from __future__ import annotations
 
+import copy
 import dataclasses
+import logging
 import os
+import time
+from pathlib import Path
 from typing import Any, Callable
+
+import torch
 
 from hvd_abs.errors import UserError
 from hvd_abs.training.config import DEFAULT_MODELS, TrainConfig
-from hvd_abs.training.run_dir import saved_run_config
+from hvd_abs.training.run_dir import read_newest_checkpoint, saved_run_config, with_planned_epochs
+
+log = logging.getLogger(__name__)
 
 # Options that say how and where a run goes on, not what it computes: a resumed run may change
 # them. Every other TrainConfig field defines the run and is kept in its checkpoints.
@@ -100,3 +108,56 @@ def refuse_finished(trainer: Any) -> None:
         raise UserError(f"--resume {trainer.cfg.resume}: that run already reached epoch {trainer.epoch}; pass "
                         f"--epochs above {trainer.epoch} to train it further")
 
+
+def resume_trainer(trainer: Any, run_dir: str | os.PathLike, collective: bool = True) -> Path:
+    """Load the newest checkpoint of `run_dir` that verifies into `trainer`. collective: rank 0
+    reads and broadcasts it; else every rank reads it (elastic jobs, where no collective may run before
+    the elastic loop, which then syncs from rank 0 anyway)."""
+    found = read_newest_checkpoint(run_dir) if (trainer.comm.rank == 0 or not collective) else None
+    if collective:
+        found = trainer.comm.broadcast_object(found)
+    path, state = found
+    saved = with_planned_epochs(state)  # None: a checkpoint from before configs were kept
+    state.pop("config", None)
+    error = resume_mismatch_error(run_dir, trainer.cfg, saved) if saved is not None else None
+    if error:
+        raise error
+    saved_data = state.pop("data", None)  # (None: from before data were identified)
+    differ = [f"{k} {trainer.data_id.get(k)} (the run had {v})" for k, v in (saved_data or {}).items()
+              if trainer.data_id.get(k) != v]
+    if differ:
+        raise UserError(f"--resume {run_dir}: the run trained on other data: {'; '.join(differ)}: give it the "
+                        f"data it was started with (the options that choose them), or start a new run "
+                        f"without --resume")
+    before = (copy.deepcopy(trainer.state_dict()), torch.get_rng_state())
+    try:
+        torch.set_rng_state(state.pop("rng"))
+        trainer.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        # Another model, data subset or method: leave this trainer as it was (a caller may
+        # start over with it) and name the flags that must match.
+        trainer.load_state_dict(before[0])
+        torch.set_rng_state(before[1])
+        # load_state_dict says "Error(s) in loading state_dict for X:" and then one line each.
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        reason = " ".join((lines[1] if len(lines) > 1 else lines[0] if lines else type(exc).__name__).split())
+        which = ("give it the model the run trained (the same class, built with the same options: a "
+                 "script's own too)" if trainer.own_model else
+                 "pass the --model, --dataset, --method and --train-subset the run was started with")
+        raise UserError(f"--resume {run_dir}: checkpoint {Path(path).name} does not fit this run "
+                        f"({reason[:300]}); {which}, or another --out for a new run") from None
+    if saved is not None:
+        # What follows --epochs follows this run's --epochs, which a resume may change: the
+        # default decay epochs (E/3, 2E/3), the cosine's length and ABSA's stop at E/2. (The
+        # options that shape them define the run: checked above to be the run's own. A
+        # checkpoint without them keeps its schedules as they were.)
+        trainer.lr_schedule.schedule = trainer.cfg.lr_schedule
+        trainer.lr_schedule.decay_epochs = trainer.cfg.decay_epochs()
+        trainer.lr_schedule.total_epochs = trainer.cfg.epochs
+        trainer.adv.total_epochs = trainer.cfg.epochs
+    # A checkpoint taken mid-epoch (--stop-at-update) carries the epoch's start on the clock
+    # of the process that wrote it: count the time until then as its training time only.
+    if trainer._epoch_clock["start"] is not None:
+        trainer._epoch_clock["start"] = time.time() - trainer._epoch_clock["train_s"]
+    log.info("resumed from %s at epoch %d, %d updates", path, trainer.epoch, trainer.updates)
+    return Path(path)

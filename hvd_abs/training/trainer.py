@@ -36,7 +36,6 @@ the layout and this rank's samples are recomputed from it at every step.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import os
@@ -54,7 +53,6 @@ from hvd_abs.batching.controller import BatchController
 from hvd_abs.batching.layout import layout
 from hvd_abs.batching.lr import LRSchedule
 from hvd_abs.comm import LocalComm, worker_device
-from hvd_abs.errors import UserError
 from hvd_abs.metrics import MetricsWriter
 from hvd_abs.precision import forward_model
 from hvd_abs.running_stats import RunningStats, frozen_stats, running_buffers
@@ -62,9 +60,9 @@ from hvd_abs.sampling import EpochSampler, rank_micro_batches
 from hvd_abs.training.checkpoint import save_checkpoint, to_host
 from hvd_abs.training.config import EIG_BATCH, TrainConfig
 from hvd_abs.training.events import Callback, Event, fire
-from hvd_abs.training.resume import resume_mismatch_error, saved_config
+from hvd_abs.training.resume import resume_trainer, saved_config
 from hvd_abs.training.run_data import data_id, run_data
-from hvd_abs.training.run_dir import CHECKPOINT_DIR, read_newest_checkpoint, with_planned_epochs
+from hvd_abs.training.run_dir import CHECKPOINT_DIR
 from hvd_abs.training.user_model import check_model_fits, make_model
 
 log = logging.getLogger(__name__)
@@ -448,57 +446,8 @@ class Trainer:
         return path
 
     def resume(self, run_dir: str | os.PathLike, collective: bool = True) -> Path:
-        """Load the newest checkpoint of `run_dir` that verifies. collective: rank 0 reads and
-        broadcasts it; else every rank reads it (elastic jobs, where no collective may run before
-        the elastic loop, which then syncs from rank 0 anyway)."""
-        found = read_newest_checkpoint(run_dir) if (self.comm.rank == 0 or not collective) else None
-        if collective:
-            found = self.comm.broadcast_object(found)
-        path, state = found
-        saved = with_planned_epochs(state)  # None: a checkpoint from before configs were kept
-        state.pop("config", None)
-        error = resume_mismatch_error(run_dir, self.cfg, saved) if saved is not None else None
-        if error:
-            raise error
-        saved_data = state.pop("data", None)  # (None: from before data were identified)
-        differ = [f"{k} {self.data_id.get(k)} (the run had {v})" for k, v in (saved_data or {}).items()
-                  if self.data_id.get(k) != v]
-        if differ:
-            raise UserError(f"--resume {run_dir}: the run trained on other data: {'; '.join(differ)}: give it the "
-                            f"data it was started with (the options that choose them), or start a new run "
-                            f"without --resume")
-        before = (copy.deepcopy(self.state_dict()), torch.get_rng_state())
-        try:
-            torch.set_rng_state(state.pop("rng"))
-            self.load_state_dict(state)
-        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
-            # Another model, data subset or method: leave this trainer as it was (a caller may
-            # start over with it) and name the flags that must match.
-            self.load_state_dict(before[0])
-            torch.set_rng_state(before[1])
-            # load_state_dict says "Error(s) in loading state_dict for X:" and then one line each.
-            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-            reason = " ".join((lines[1] if len(lines) > 1 else lines[0] if lines else type(exc).__name__).split())
-            which = ("give it the model the run trained (the same class, built with the same options: a "
-                     "script's own too)" if self.own_model else
-                     "pass the --model, --dataset, --method and --train-subset the run was started with")
-            raise UserError(f"--resume {run_dir}: checkpoint {Path(path).name} does not fit this run "
-                            f"({reason[:300]}); {which}, or another --out for a new run") from None
-        if saved is not None:
-            # What follows --epochs follows this run's --epochs, which a resume may change: the
-            # default decay epochs (E/3, 2E/3), the cosine's length and ABSA's stop at E/2. (The
-            # options that shape them define the run: checked above to be the run's own. A
-            # checkpoint without them keeps its schedules as they were.)
-            self.lr_schedule.schedule = self.cfg.lr_schedule
-            self.lr_schedule.decay_epochs = self.cfg.decay_epochs()
-            self.lr_schedule.total_epochs = self.cfg.epochs
-            self.adv.total_epochs = self.cfg.epochs
-        # A checkpoint taken mid-epoch (--stop-at-update) carries the epoch's start on the clock
-        # of the process that wrote it: count the time until then as its training time only.
-        if self._epoch_clock["start"] is not None:
-            self._epoch_clock["start"] = time.time() - self._epoch_clock["train_s"]
-        log.info("resumed from %s at epoch %d, %d updates", path, self.epoch, self.updates)
-        return Path(path)
+        """Load the newest checkpoint of `run_dir` that verifies (training/resume.py resume_trainer)."""
+        return resume_trainer(self, run_dir, collective)
 
     def summary(self) -> dict[str, Any]:
         """The run's outcome in one flat-ish dict."""
