@@ -85,7 +85,7 @@ def test_a_run_that_finished_is_not_reported_as_failed(finished_run):
     """horovodrun exited 1 (a worker's wrapper died) but the run wrote its final summary for all
     its epochs: exit 0 and a warning naming the results, not `--resume` advice (a resume of a
     finished run is refused: 'that run already reached epoch 2')."""
-    from hvd_abs.commands.launch import job_outcome
+    from hvd_abs.launch.outcome import job_outcome
 
     out, args, started = finished_run
     code, line = job_outcome(args, "horovodrun exited 1", started, report=str(out / "elastic" / "x.txt"))
@@ -119,7 +119,7 @@ def test_an_elastic_resume_into_another_folder_with_overwrite_replaces_its_run(f
 
 
 def test_a_run_that_did_not_finish_gets_resume_advice_only_with_a_checkpoint(finished_run, tmp_path):
-    from hvd_abs.commands.launch import job_outcome
+    from hvd_abs.launch.outcome import job_outcome
 
     out, args, started = finished_run
     resume = f"rerun with --resume {out} among the train options"

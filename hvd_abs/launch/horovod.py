@@ -151,7 +151,7 @@ def run_horovodrun(cmd: list[str], held: list[str] | None = None, refusals: Refu
     (`[RANK]<stderr>:`) still pass. (A driver thread's traceback earlier on only delays the
     driver's later lines to the end, where the caller prints them.) Its stdout is not touched.
     horovodrun ends with that traceback whenever a worker process exited non-zero, also when the
-    job itself finished (see commands/launch.py `job_outcome`). refusals: gets the workers'
+    job itself finished (see hvd_abs/launch/outcome.py `job_outcome`). refusals: gets the workers'
     refusals and exit codes (its stdout then passes through this process line by line)."""
     import os
     import subprocess

@@ -1,7 +1,9 @@
 """Elastic Horovod on a Ray cluster: Horovod's own elastic driver, Ray actors as the workers.
 
-The only module of the project that imports Ray and `horovod.runner`; both are imported lazily
-so `hvd-abs --help` and the horovodrun path never pay for them.
+This module and its parts (ray_discovery: the cluster's nodes and slots; ray_warm_pool: warm
+joins; ray_workers: what runs in the actors) are the only modules of the project that import
+Ray and `horovod.runner`; both are imported lazily so `hvd-abs --help` and the horovodrun path
+never pay for them. The names of those parts are importable from here too.
 
 Why not `horovod.ray`: its elastic executors do not start on Ray 2.60 (`MiniSettings` has no
 `discovery`, the older one rejects `min_workers`), they use Ray APIs Ray removed (`ray.state`,
@@ -32,23 +34,25 @@ kept is the part that holds the semantics, used as is, the same objects `horovod
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from hvd_abs.launch.discovery import select_hosts
-from hvd_abs.errors import Refused, UserError
-from hvd_abs.elastic.world_signal import SignalError, read_wanted
+from hvd_abs.errors import UserError
+from hvd_abs.launch.ray_discovery import RayClusterDiscovery, node_slots, target_world_size
+from hvd_abs.launch.ray_warm_pool import WARM_TIMEOUT_S, WarmPool
+from hvd_abs.launch.ray_workers import (ScriptRefused, _Worker, script_worker, train_worker, warm_script_worker,
+                                        warm_train_worker)
+
+# (Re-exported: the executor's users import these from here.)
+__all__ = ["BoundRendezvousServer", "RayClusterDiscovery", "RayElasticExecutor", "RayExecutorError", "ScriptRefused",
+           "WARM_TIMEOUT_S", "WarmPool", "node_slots", "script_worker", "target_world_size", "train_worker",
+           "warm_script_worker", "warm_train_worker"]
 
 log = logging.getLogger(__name__)
-
-# How long a joining worker may warm up before its slot is offered anyway (--warm-timeout).
-WARM_TIMEOUT_S = 60.0
 
 # Seconds between polls of a worker's future for completion or a stop event; the driver's own
 # host discovery polls every second, so this is not the resize latency.
@@ -62,290 +66,6 @@ class RayExecutorError(RuntimeError):
     def __init__(self, message: str, input_error: str | None = None) -> None:
         super().__init__(message)
         self.input_error = input_error
-
-
-class ScriptRefused(RuntimeError):
-    """A worker (`hvd-abs train` or a --script) exited 2 after saying why in one line
-    (hvd_abs.errors.exit_2): it refused its input."""
-
-
-def _refusal(exc: SystemExit) -> ScriptRefused | None:
-    """The refusal a worker's SystemExit stands for: exit_2's Refused, which carries its line."""
-    return ScriptRefused(exc.message) if isinstance(exc, Refused) else None
-
-
-# ---------------------------------------------------------------------------------------------
-# Host discovery: the live Ray cluster meets the wanted world size
-# ---------------------------------------------------------------------------------------------
-
-def node_slots(resources: Mapping[str, float], cpus_per_worker: float, gpus_per_worker: float) -> int:
-    """How many workers fit on a node with these total `resources`."""
-    # The epsilon keeps 0.3 CPU / 0.1 per worker at 3 despite binary floating point.
-    slots = math.floor(resources.get("CPU", 0.0) / cpus_per_worker + 1e-9) if cpus_per_worker > 0 else math.inf
-    if gpus_per_worker > 0:
-        slots = min(slots, math.floor(resources.get("GPU", 0.0) / gpus_per_worker + 1e-9))
-    if slots == math.inf:
-        raise ValueError("a worker needs some resource: pass cpus_per_worker > 0 or gpus_per_worker > 0")
-    return int(slots)
-
-
-def target_world_size(wanted: int | None, min_workers: int, max_workers: int) -> int:
-    """The world size to advertise: `wanted` clamped to [min_workers, max_workers]; min_workers
-    while nothing was published (never more workers than asked for)."""
-    return max(min_workers, min(max_workers, wanted if wanted is not None else min_workers))
-
-
-class RayClusterDiscovery:
-    """Horovod `HostDiscovery` over the live Ray cluster, capped by the job's wanted size.
-
-    `find_available_hosts_and_slots()` is polled every second by Horovod's driver thread. It
-    returns {node_id: slots} covering `target_world_size(...)` slots, nodes in the order they
-    were first seen (so the oldest nodes keep the lowest ranks and a resize never swaps a host
-    out for an equal one). Without `run_dir` the job wants `max_workers`.
-
-    `nodes` and `request` default to `ray.nodes` and `ray.autoscaler.sdk.request_resources`;
-    tests pass fakes.
-    """
-
-    def __init__(self, *, min_workers: int, max_workers: int, cpus_per_worker: float = 1.0,
-                 gpus_per_worker: float = 0.0, run_dir: str | os.PathLike | None = None,
-                 nodes: Callable[[], list[dict[str, Any]]] | None = None,
-                 request: Callable[[list[dict[str, float]]], None] | None = None) -> None:
-        self.min_workers, self.max_workers = min_workers, max_workers
-        self.cpus_per_worker, self.gpus_per_worker = cpus_per_worker, gpus_per_worker
-        self.run_dir = run_dir
-        self._nodes = nodes
-        self._request = request
-        self._first_seen: dict[str, int] = {}
-        self._lock = threading.Lock()
-        self.requested: int | None = None  # workers last asked of the autoscaler; None: never asked
-        self._signal_warned = False
-        self._short_logged: int | None = None
-        # Called with the hosts the job should have, returns those to advertise now (the warm pool).
-        self.gate: Callable[[dict[str, int]], dict[str, int]] | None = None
-
-    # One bundle per worker: the autoscaler packs them onto node types that fit a whole worker.
-    def bundle(self) -> dict[str, float]:
-        b = {"CPU": float(self.cpus_per_worker)} if self.cpus_per_worker > 0 else {}
-        if self.gpus_per_worker > 0:
-            b["GPU"] = float(self.gpus_per_worker)
-        return b
-
-    def pool(self) -> list[tuple[str, int]]:
-        """[(node_id, slots)] of the alive nodes that fit at least one worker, oldest first."""
-        if self._nodes is None:
-            import ray
-            self._nodes = ray.nodes
-        pool = []
-        for node in self._nodes():
-            if not node.get("Alive", node.get("alive", False)):
-                continue
-            slots = node_slots(node.get("Resources", {}), self.cpus_per_worker, self.gpus_per_worker)
-            if slots > 0:
-                self._first_seen.setdefault(node["NodeID"], len(self._first_seen))
-                pool.append((node["NodeID"], slots))
-        return sorted(pool, key=lambda hs: self._first_seen[hs[0]])
-
-    def wanted(self) -> int | None:
-        if self.run_dir is None:
-            return self.max_workers
-        try:
-            return read_wanted(self.run_dir)
-        except SignalError as exc:
-            if not self._signal_warned:  # polled every second: say it once
-                log.warning("ignoring a malformed world-size signal (advertising min_workers): %s", exc)
-                self._signal_warned = True
-            return None
-
-    def find_available_hosts_and_slots(self) -> dict[str, int]:
-        with self._lock:
-            pool = self.pool()
-            target = target_world_size(self.wanted(), self.min_workers, self.max_workers)
-            capacity = sum(slots for _, slots in pool)
-            self._ask(target, capacity)
-            hosts = dict(select_hosts(pool, target))
-            return self.gate(hosts) if self.gate is not None else hosts
-
-    def _ask(self, target: int, capacity: int) -> None:
-        """Ask the autoscaler for `target` workers when the cluster holds fewer; once asked,
-        keep the request equal to the wanted size (lowering it lets the cluster shrink)."""
-        if target <= capacity and (self.requested is None or self.requested == target):
-            return
-        if target == self.requested:
-            return
-        if target > capacity and self._short_logged != target:
-            log.info("the job wants %d workers, the cluster hosts %d: asking the autoscaler for %d "
-                     "bundles of %s", target, capacity, target, self.bundle())
-            self._short_logged = target
-        self.request([self.bundle()] * target)
-        self.requested = target
-
-    def request(self, bundles: list[dict[str, float]]) -> None:
-        if self._request is None:
-            from ray.autoscaler.sdk import request_resources
-
-            def _request(b: list[dict[str, float]]) -> None:
-                request_resources(bundles=b)
-            self._request = _request
-        self._request(bundles)
-
-    def withdraw(self) -> None:
-        """Withdraw a standing autoscaler request (an empty request replaces it)."""
-        with self._lock:
-            if self.requested is not None:
-                self.request([])
-                self.requested = None
-
-
-# ---------------------------------------------------------------------------------------------
-# The worker actor
-# ---------------------------------------------------------------------------------------------
-
-class _Worker:
-    """One Horovod worker process (made a Ray actor by the executor)."""
-
-    def warm(self, warmup: Callable[[], Any], env: Mapping[str, str]) -> bool:
-        """The cold part of a join (imports, data), run before the slot is advertised, under the
-        job's extra environment (cache directories, thread counts are read on first use)."""
-        os.environ.update({k: str(v) for k, v in env.items()})
-        warmup()
-        return True
-
-    def run(self, env: Mapping[str, str], fn: Callable[..., Any], args: Sequence[Any],
-            kwargs: Mapping[str, Any]) -> tuple[int, Any]:
-        # Before fn runs: Horovod's init and notification manager read these from os.environ.
-        os.environ.update({k: str(v) for k, v in env.items()})
-        value = fn(*args, **kwargs)
-        rank = _final_rank(int(env["HOROVOD_RANK"]))
-        _shut_down_horovod()
-        return rank, value
-
-
-@dataclass
-class _Standby:
-    """An actor warming up (or warm) for a slot of one host."""
-
-    actor: Any
-    ref: Any
-    started: float
-    ready: bool = False
-    offered: bool = False  # its slot is in the answer to the driver, its worker not created yet
-
-
-class WarmPool:
-    """Warm joins on Ray: a slot is advertised to Horovod's driver only once an actor on its node
-    has run the job's warm-up (imports, data set), so survivors never wait on a cold start; the
-    job goes on (accumulating) meanwhile. The driver's worker for that slot then takes the warm
-    actor. A slot whose actor is still warming after `cold_after_s` is advertised anyway (its
-    run queues behind the warm-up on the same actor). An actor whose warm-up fails is dropped
-    and replaced; after `max_failures` failed warm-ups the pool goes cold (slots offered at once).
-
-    `start(host) -> (actor, ready_ref)`, `done(ref) -> bool` (raises the warm-up's error) and
-    `kill(actor)` are Ray calls in the executor; tests pass fakes.
-    """
-
-    def __init__(self, start: Callable[[str], tuple[Any, Any]], done: Callable[[Any], bool],
-                 kill: Callable[[Any], None], cold_after_s: float = WARM_TIMEOUT_S, max_failures: int = 2,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self._start, self._done, self._kill = start, done, kill
-        self.cold_after_s, self.max_failures, self._clock = cold_after_s, max_failures, clock
-        self._lock = threading.Lock()
-        self.advertised: dict[str, int] = {}  # slots in the last answer: workers + offered standbys
-        self._standby: dict[str, list[_Standby]] = {}
-        self.failures = 0
-        self.cold = False
-        self.warm_taken = 0
-
-    def __call__(self, hosts: dict[str, int]) -> dict[str, int]:
-        """The hosts (with slots) to advertise, out of the wanted `hosts`."""
-        with self._lock:
-            for host in [h for h in self._standby if h not in hosts]:  # node gone or not wanted
-                for sb in self._standby.pop(host):
-                    self._kill(sb.actor)
-            out: dict[str, int] = {}
-            for host, want in hosts.items():
-                standbys = self._standby.setdefault(host, [])
-                have = self.advertised.get(host, 0)
-                for sb in [sb for sb in standbys if sb.offered][:max(0, have - want)]:
-                    sb.offered = False  # the job shrank before the driver took these
-                have = min(have, want)
-                have = want if self.cold else have + self._admit(host, standbys, want - have)
-                if have > 0:
-                    out[host] = have
-            self.advertised = out
-            return dict(out)
-
-    def _admit(self, host: str, standbys: list[_Standby], need: int) -> int:
-        """Offers up to `need` more slots of `host` from its standbys; starts actors for the rest."""
-        for sb in [sb for sb in standbys if not sb.ready]:
-            try:
-                sb.ready = self._done(sb.ref)
-            except Exception as exc:  # noqa: BLE001 - a failed warm-up or a dead actor: replace it
-                standbys.remove(sb)
-                self._kill(sb.actor)
-                self.failures += 1
-                log.warning("a worker's warm-up failed on node %s (%d of %d allowed): %s", host[:12],
-                            self.failures, self.max_failures, exc)
-                if self.failures >= self.max_failures:
-                    log.warning("joins are cold from now on: slots are offered before their worker is warm")
-                    self.cold = True
-                    return need
-        admitted = 0
-        for sb in standbys:
-            if admitted < need and not sb.offered and (sb.ready or self._clock() - sb.started > self.cold_after_s):
-                sb.offered = True
-                admitted += 1
-        spare = sum(1 for sb in standbys if not sb.offered)
-        for _ in range(need - admitted - spare):  # one warming actor per slot still to come
-            actor, ref = self._start(host)
-            standbys.append(_Standby(actor, ref, self._clock()))
-        return admitted
-
-    def take(self, host: str) -> Any | None:
-        """A warm (or warming) actor of `host` for the driver's new worker; None: start a cold one."""
-        with self._lock:
-            standbys = self._standby.get(host, [])
-            if not standbys:
-                return None
-            # Offered ones first (their slot is the one being filled), ready before warming.
-            sb = min(standbys, key=lambda sb: (not sb.offered, not sb.ready))
-            standbys.remove(sb)
-            self.warm_taken += sb.ready
-            return sb.actor
-
-    def close(self) -> None:
-        with self._lock:
-            for standbys in self._standby.values():
-                for sb in standbys:
-                    self._kill(sb.actor)
-            self._standby.clear()
-            self.advertised = {}
-
-
-def _shut_down_horovod() -> None:
-    """End this worker's Horovod after its function returned: a coordinated shutdown of the
-    background loops, before the executor kills the actors (a killed peer's closed connections
-    made the other workers log `Horovod background loop uncaught exception: ... Connection
-    reset by peer` after every successful job). The function's last collective is behind every
-    worker by then, and a rank still finishing up (rank 0 writing the summary) needs no more."""
-    hvd = sys.modules.get("horovod.torch")
-    try:
-        if hvd is not None and hvd.is_initialized():
-            hvd.shutdown()
-    except Exception as exc:  # noqa: BLE001 - the job is done: a failed shutdown must not fail it
-        log.debug("horovod shutdown: %s", exc)
-
-
-def _final_rank(start_rank: int) -> int:
-    """This worker's rank at the end (ranks change across resets), else its starting rank."""
-    import sys
-    hvd = sys.modules.get("horovod.torch")
-    try:
-        if hvd is not None and hvd.is_initialized():
-            return int(hvd.rank())
-    except Exception:  # noqa: BLE001 - a shut-down Horovod raises ValueError; any failure: fall back
-        pass
-    return start_rank
 
 
 def _local_network(node_ips: Iterable[str], driver_ip: str) -> tuple[str, str]:
@@ -609,52 +329,3 @@ class RayElasticExecutor:
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
         self._owns_ray = False
-
-
-def warm_train_worker(train_args: Sequence[str]) -> None:
-    """The warm-up of `hvd-abs launch ray`'s workers: what a horovodrun standby does first."""
-    from hvd_abs.launch.standby import get_warm
-
-    get_warm(list(train_args))
-
-
-def train_worker(train_args: Sequence[str]) -> Any:
-    """The worker function of `hvd-abs launch ray`: `hvd-abs train TRAIN_ARGS` in this actor. A
-    refused input (its one line said, exit 2) is raised as ScriptRefused, for the launcher."""
-    from hvd_abs.elastic.worker import command
-
-    try:
-        return command.main(args=list(train_args), standalone_mode=False)
-    except SystemExit as exc:
-        refusal = _refusal(exc)
-        if refusal is not None:
-            raise refusal from None
-        raise
-
-
-def warm_script_worker() -> None:
-    """The warm-up of `launch ray --script` workers: the imports (the data is the script's)."""
-    from hvd_abs.launch.standby import get_warm
-
-    get_warm(None)
-
-
-def script_worker(script: str, cwd: str, argv: Sequence[str]) -> None:
-    """The worker function of `launch ray --script`: run SCRIPT as __main__ in this actor with
-    ARGV, from `cwd` when this node has it (the launcher's directory: the script's relative paths
-    then mean what they meant there). A non-zero exit is this worker's failure."""
-    from hvd_abs.launch.standby import run_as_main
-
-    saved_cwd = os.getcwd()
-    try:
-        if os.path.isdir(cwd):
-            os.chdir(cwd)
-        run_as_main(script, list(argv))
-    except SystemExit as exc:
-        refusal = _refusal(exc)
-        if refusal is not None:
-            raise refusal from None
-        if exc.code not in (None, 0):
-            raise RuntimeError(f"{script} exited with {exc.code}") from None
-    finally:
-        os.chdir(saved_cwd)
