@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from hvd_abs import data
-from hvd_abs.data import Splits, load_dataset
+from hvd_abs.data import Splits, decode, load_dataset, sources
 from hvd_abs.errors import UserError
 
 CLASSES = ("bird", "cat", "dog")  # sorted: labels 0, 1, 2
@@ -57,13 +57,13 @@ def cache(tmp_path: Path) -> Path:
 def decode_spy(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts calls of the decoder (one per split): a cache hit decodes nothing."""
     calls: list[int] = []
-    real = data._decode_files
+    real = decode._decode_files
 
     def spy(paths: list[str], image_size: int | None) -> torch.Tensor:
         calls.append(len(paths))
         return real(paths, image_size)
 
-    monkeypatch.setattr(data, "_decode_files", spy)
+    monkeypatch.setattr(sources, "_decode_files", spy)
     return calls
 
 
@@ -270,7 +270,7 @@ def test_threaded_decoding_matches_serial(tmp_path: Path, monkeypatch: pytest.Mo
     root = _make_folder(tmp_path / "pool", n_train=20, n_test=4)
     serial = load_dataset("imagefolder", data_dir=root, cache_dir=tmp_path / "c1")
     monkeypatch.setenv("HVD_ABS_DECODE_WORKERS", "2")
-    monkeypatch.setattr(data, "_FILES_PER_WORKER", 1)
+    monkeypatch.setattr(decode, "_FILES_PER_WORKER", 1)
     threaded = load_dataset("imagefolder", data_dir=root, cache_dir=tmp_path / "c2")
     assert torch.equal(serial.train_x, threaded.train_x) and torch.equal(serial.train_y, threaded.train_y)
 
@@ -279,7 +279,7 @@ def test_threaded_decoding_reports_a_bad_file(tmp_path: Path, monkeypatch: pytes
     root = _make_folder(tmp_path / "bad", n_train=6, n_test=1)
     (root / "train" / "cat" / "broken.png").write_bytes(b"not an image")
     monkeypatch.setenv("HVD_ABS_DECODE_WORKERS", "2")
-    monkeypatch.setattr(data, "_FILES_PER_WORKER", 1)
+    monkeypatch.setattr(decode, "_FILES_PER_WORKER", 1)
     with pytest.raises(UserError, match="broken.png"):
         load_dataset("imagefolder", data_dir=root, cache_dir=tmp_path / "c")
 
