@@ -11,6 +11,7 @@ Collectives over a list of tensors are fused (`hvd.grouped_allreduce`): one nego
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Sequence
 
 import torch
@@ -19,12 +20,16 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
+SEPARATE_HOSTS_ENV = "HVD_ABS_SEPARATE_HOSTS"  # set to 1 by a launcher whose pool has other machines
+
+
 class LocalComm:
     """A world of one process: every collective is the identity."""
 
     size = 1
     rank = 0
     local_rank = 0
+    workers_here = 1
 
     def allreduce_sum(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Sum over ranks (here: the tensors themselves)."""
@@ -76,6 +81,13 @@ class HorovodComm:
     @property
     def local_rank(self) -> int:
         return self._hvd.local_rank()
+
+    @property
+    def workers_here(self) -> int:
+        """Workers sharing this machine's cores: Horovod's local size when the launcher said the
+        hosts are separate machines (SEPARATE_HOSTS_ENV), else the whole world (the one-machine
+        pool names this machine twice, and Horovod counts workers per name)."""
+        return self._hvd.local_size() if os.environ.get(SEPARATE_HOSTS_ENV) == "1" else self._hvd.size()
 
     def allreduce_sum(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Sum over ranks, fused into one grouped allreduce."""

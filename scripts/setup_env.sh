@@ -22,9 +22,15 @@ pin() { # version pinned for package $1 in requirements.txt
   sed -n -E "s/^$1(\[[a-z]+\])?==([^ ]+)$/\2/p" "$req" | head -n1
 }
 
-# The patch applied to Horovod's sdist; its text is part of the cache key and the stamp.
+# The patches applied to Horovod's sdist; their text is part of the cache key and the stamp.
+# 1. torch's headers need C++20.
+# 2. A process set's Gloo device takes the interface of the global context (HOROVOD_GLOO_IFACE):
+#    0.28.1 gives it an empty one, so Gloo falls back to the hostname's address, 127.0.0.1 on
+#    hosts whose /etc/hosts maps their name to loopback (Debian's default), and a job across
+#    hosts dies at hvd.init() with "connect [127.0.0.1]: Connection refused".
 HVD_CXX_STD=20
-patch_desc="CMAKE_CXX_STANDARD 14->${HVD_CXX_STD} in CMakeLists.txt horovod/torch/CMakeLists.txt"
+patch_desc="CMAKE_CXX_STANDARD 14->${HVD_CXX_STD} in CMakeLists.txt horovod/torch/CMakeLists.txt;
+process-set gloo device iface from global_context in horovod/common/gloo/gloo_context.cc"
 
 # Two stamps: .venv/.stamp covers the environment's inputs, the pins, Horovod's patch and the
 # Python (a change rebuilds .venv from nothing); .venv/.ext-stamp covers the project's build
@@ -119,6 +125,9 @@ else
     grep -q 'set(CMAKE_CXX_STANDARD 14)' "$f" || die "patch target not found in $f: Horovod's sources changed"
     sed -i "s/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD ${HVD_CXX_STD})/" "$f"
   done
+  gctx="$src/horovod/common/gloo/gloo_context.cc"
+  sed -i '/^void GlooContext::InitializeForProcessSet/,/CreateDevice/ s/^  device_attr.iface = gloo_iface_;$/  gloo_iface_ = global_context.gloo_iface_;\n  device_attr.iface = gloo_iface_;/' "$gctx"
+  grep -q 'gloo_iface_ = global_context.gloo_iface_;' "$gctx" || die "patch target not found in $gctx: Horovod's sources changed"
   mkdir -p "$work/dist"
   # --no-build-isolation: the build must see the installed torch (horovod#3744).
   if ! HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1 HOROVOD_WITHOUT_TENSORFLOW=1 \

@@ -144,3 +144,14 @@ def test_warm_growth_waits_for_standbys_up_to_the_warm_timeout(tmp_path, capsys)
     assert "--warm-timeout" in capsys.readouterr().err
     cmd = build_command(["--out", str(tmp_path)], min_np=1, max_np=2, python="py", warm=True, warm_timeout=7.5)
     assert "--warm --warm-timeout 7.5" in cmd[cmd.index("--host-discovery-script") + 1]
+
+
+def test_a_pool_of_this_machine_uses_loopback():
+    from hvd_abs.launch.hosts import HostError, choose_interface, interface_address, remote_hosts
+
+    assert remote_hosts(["localhost", "127.0.0.1"]) == []
+    assert choose_interface(["localhost", "127.0.0.1"], None) == "lo"
+    assert choose_interface(["localhost"], "eth7") == "eth7"  # as given
+    assert interface_address("lo") == "127.0.0.1"
+    with pytest.raises(HostError, match="no IPv4 address on it; pick one of"):
+        interface_address("no-such-nic0")

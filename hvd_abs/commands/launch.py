@@ -5,12 +5,16 @@ The click commands only; what they check, rewrite and conclude is the launcher s
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import click
 
 from hvd_abs.errors import user_errors_exit_2
 from hvd_abs.launch.discovery import WARM_TIMEOUT_S as HOROVOD_WARM_TIMEOUT_S
 from hvd_abs.launch.ray_warm_pool import WARM_TIMEOUT_S as RAY_WARM_TIMEOUT_S
+
+if TYPE_CHECKING:
+    from hvd_abs.launch.hosts import Ssh
 
 
 @click.group("launch")
@@ -24,8 +28,17 @@ def command() -> None:
               help="Most workers; the job asks for min(max-np, global batch / base batch).")
 @click.option("--hostfile", type=click.Path(exists=True, dir_okay=False),
               help="Host pool, one 'HOST slots=N' line per host (default: localhost with max-np slots).")
-@click.option("--network-interface", default="lo", show_default=True,
-              help="NIC for Horovod's traffic; 'lo' for a single machine (without it the driver hangs).")
+@click.option("--network-interface", default=None,
+              help="NIC for Horovod's traffic (default: 'lo' when every host is this machine, else the interface "
+                   "that reaches the hostfile's other hosts). Every host must have it.")
+@click.option("--ssh-port", type=click.IntRange(1, 65535), default=None, help="ssh port of the remote hosts.")
+@click.option("--ssh-identity-file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="ssh private key for the remote hosts.")
+@click.option("--ssh-option", multiple=True, metavar="OPTION",
+              help="An ssh -o option for every connection to the remote hosts (repeatable), e.g. "
+                   "UserKnownHostsFile=FILE.")
+@click.option("--start-timeout", type=click.IntRange(min=1), default=30, show_default=True,
+              help="Seconds for checking the remote hosts and for horovodrun's own start checks.")
 @click.option("--blacklist-cooldown", default="5,30", show_default=True,
               help="Seconds MIN,MAX before a host whose worker failed may be used again ('' = never).")
 @click.option("--warm", type=click.IntRange(min=0), default=0, show_default=True,
@@ -39,32 +52,38 @@ def command() -> None:
                    "model and data with hvd_abs.fit and reads its options with hvd_abs.parse_train_args.")
 @click.option("--dry-run", is_flag=True, help="Print the horovodrun command without running it.")
 @click.argument("train_args", nargs=-1, type=click.UNPROCESSED)
-def horovod(min_np: int, max_np: int, hostfile: str | None, network_interface: str, blacklist_cooldown: str,
+def horovod(min_np: int, max_np: int, hostfile: str | None, network_interface: str | None, ssh_port: int | None,
+            ssh_identity_file: str | None, ssh_option: tuple[str, ...], start_timeout: int, blacklist_cooldown: str,
             warm: int, warm_timeout: float, script: str | None, dry_run: bool, train_args: tuple[str, ...]) -> None:
     """Build, print and run the elastic horovodrun command for `hvd-abs train TRAIN_ARGS`
     (or for `python SCRIPT TRAIN_ARGS` with --script).
 
     Example: hvd-abs launch horovod --min-np 1 --max-np 2 -- --dataset digits --method absa --out runs/x
     """
+    import os
     import shlex
     import signal
     import sys
     import time
+    from pathlib import Path
 
     from hvd_abs.launch.args import check_hostfile, out_of_resume, refuse_launcher_options
     from hvd_abs.launch.horovod import Refusals, build_command, run_with_standbys
+    from hvd_abs.launch.hosts import Ssh
 
     if max_np < min_np:
         raise click.BadParameter(f"--max-np ({max_np}) must be at least --min-np ({min_np})", param_hint="--max-np")
     train_args = out_of_resume(train_args)
     refuse_launcher_options(list(train_args), "hvd-abs launch horovod", max_np_option="--max-np")
-    if hostfile:
-        check_hostfile(hostfile, min_np)
+    pool = check_hostfile(hostfile, min_np) if hostfile else []
     _check_train(list(train_args), load_data=hostfile is None, script=script)  # (else the data lives on the hosts)
+    ssh = Ssh(ssh_port, ssh_identity_file and str(Path(ssh_identity_file).resolve()), list(ssh_option))
+    remote, nic, bind = _hosts(pool, network_interface, ssh, list(train_args), start_timeout, check=not dry_run)
     try:
         cmd = build_command(list(train_args), min_np=min_np, max_np=max_np, hostfile=hostfile,
-                            nic=network_interface, cooldown=blacklist_cooldown, warm=warm > 0,
-                            warm_timeout=warm_timeout, script=script)
+                            nic=nic, cooldown=blacklist_cooldown, warm=warm > 0,
+                            warm_timeout=warm_timeout, script=script, ssh=ssh, across_hosts=bool(remote),
+                            start_timeout=start_timeout if remote else None)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     click.echo("+ " + shlex.join(cmd), err=True)
@@ -75,18 +94,23 @@ def horovod(min_np: int, max_np: int, hostfile: str | None, network_interface: s
     from hvd_abs.launch.job_lock import locked
     from hvd_abs.launch.outcome import finished_epochs, keep_report, report_failure
 
+    from hvd_abs.comm import SEPARATE_HOSTS_ENV
+    from hvd_abs.launch.job_service import JobService
+
     started = time.time()
     lock = locked(run_dir_of(list(train_args)))  # the job's, while it runs (its workers come and go)
     start_job(run_dir_of(list(train_args)), min_np)
     held: list[str] = []  # horovodrun's own traceback, kept out of the output until the outcome is known
     refusals = Refusals()  # workers' "Error: ..." lines (a refused input, exit 2) and exit codes
     try:
-        with lock, stop_on_termination():
+        # The job's workers reach this launcher through its job service, from any host.
+        with lock, JobService(run_dir_of(list(train_args)), bind) as service, stop_on_termination():
+            env = {**os.environ, **service.env(), **({SEPARATE_HOSTS_ENV: "1"} if remote else {})}
             if warm:
                 code = run_with_standbys(cmd, list(train_args), max_np=max_np, keep=warm, held=held,
-                                         refusals=refusals, script=script is not None)
+                                         refusals=refusals, script=script is not None, env=env)
             else:
-                code = run_horovodrun(cmd, held, refusals)
+                code = run_horovodrun(cmd, held, refusals, env)
     except Terminated as stop:
         name = signal.Signals(stop.signum).name
         click.echo(f"hvd-abs launch horovod: {name} received: the job was stopped (its workers and standbys "
@@ -102,6 +126,28 @@ def horovod(min_np: int, max_np: int, hostfile: str | None, network_interface: s
     elif held:  # (a traceback and exit 0: never seen; show it rather than drop it)
         sys.stderr.write("".join(held))
     sys.exit(code)
+
+
+@user_errors_exit_2
+def _hosts(pool: list[tuple[str, int]], nic: str | None, ssh: "Ssh", train_args: list[str], timeout_s: int,
+           check: bool) -> tuple[list[str], str, str]:
+    """hvd_abs.launch.hosts.plan_hosts, each problem said in one line naming its host, exit 2."""
+    import sys
+
+    from hvd_abs.errors import UserError
+    from hvd_abs.launch.horovod import option_value
+    from hvd_abs.launch.hosts import HostError, plan_hosts
+
+    try:
+        remote, nic, bind, problems = plan_hosts(pool, nic, ssh, sys.executable, option_value(train_args, "--data-dir"),
+                                                 timeout_s, check)
+    except HostError as exc:
+        raise UserError(str(exc)) from None
+    for line in problems[:-1]:
+        click.echo(f"Error: {line}", err=True)
+    if problems:
+        raise UserError(problems[-1])
+    return remote, nic, bind
 
 
 @user_errors_exit_2

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from hvd_abs.batching.layout import wanted_world_size
-from hvd_abs.elastic.world_signal import write_wanted
+from hvd_abs.elastic.world_signal import publish_wanted
 from hvd_abs.metrics import MetricsWriter, cut_back
 from hvd_abs.training.events import Callback, Event
 from hvd_abs.training.run_dir import open_writer, prepare_out_dir
@@ -72,7 +72,7 @@ class ElasticCommit(Callback):
     def publish(self, trainer: Trainer) -> None:
         if trainer.comm.rank == 0:
             G = trainer.controller.global_batch
-            write_wanted(self.job.out, wanted_world_size(G, trainer.cfg.base_batch, trainer.cfg.max_np),
+            publish_wanted(self.job.out, wanted_world_size(G, trainer.cfg.base_batch, trainer.cfg.max_np),
                          reason=f"global batch {G}")
 
     def on_fit_start(self, trainer: Trainer) -> None:

@@ -1,14 +1,16 @@
-"""The world-size channel: the job publishes how many workers it wants, discovery reads it.
+"""The world-size signal: the job publishes how many workers it wants, discovery reads it.
 
-A JSON file in the run directory (`<run>/elastic/world_size.json`), replaced atomically so a
-reader never sees half a file, and readable by its owner only. No socket: nothing to bind, so
-nothing for another user of the machine to reach. Standard library only.
+A JSON file in the launcher's run directory (`<run>/elastic/world_size.json`), replaced
+atomically so a reader never sees half a file, and readable by its owner only. Rank 0 may run
+on another host: it then sends the request through the job channel (job_channel.py) and the
+launcher writes the file. Standard library only.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -33,6 +35,23 @@ def write_wanted(run_dir: str | os.PathLike, world_size: int, reason: str = "") 
     path.parent.mkdir(parents=True, exist_ok=True)
     body = json.dumps({"world_size": world_size, "reason": reason, "time": time.time(), "pid": os.getpid()})
     return write_text_atomic(path, body, mode=0o600)
+
+
+def publish_wanted(run_dir: str | os.PathLike, world_size: int, reason: str = "",
+                   env: dict[str, str] | None = None) -> None:
+    """Rank 0's request: through the launcher's job channel when it set one up, else the file.
+    A launcher out of reach is a warning, not the job's end: the request is advisory, and the
+    next one (at the next entry or growth) tries again."""
+    from hvd_abs.elastic.job_channel import ChannelError, JobChannel
+
+    channel = JobChannel.from_env(env)
+    if channel is None:
+        write_wanted(run_dir, world_size, reason)
+        return
+    try:
+        channel.request("world_size", world_size=world_size, reason=reason)
+    except ChannelError as exc:
+        print(f"hvd_abs: the world-size request ({world_size}) did not reach the launcher: {exc}", file=sys.stderr)
 
 
 def read_wanted(run_dir: str | os.PathLike) -> int | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import click
 
 
-def check_hostfile(hostfile: str, min_np: int) -> None:
+def check_hostfile(hostfile: str, min_np: int) -> list[tuple[str, int]]:
     """Parse the hostfile now: a bad line, or fewer slots than --min-np (a job that would wait
     for ever), is a one-line usage error, not a failure or a hang of a started job."""
     from pathlib import Path
@@ -21,6 +21,7 @@ def check_hostfile(hostfile: str, min_np: int) -> None:
     if slots < min_np:
         raise click.UsageError(f"--hostfile {hostfile} offers {slots} slots but --min-np is {min_np}: add hosts "
                                f"or slots, or lower --min-np")
+    return pool
 
 
 def check_train(train_args: list[str], load_data: bool, script: str | None = None) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from hvd_abs.launch.discovery import WARM_TIMEOUT_S
+from hvd_abs.launch.hosts import Ssh
 
 
 def option_value(args: list[str], name: str) -> str | None:
@@ -33,12 +34,15 @@ def run_dir_of(train_args: list[str]) -> Path:
 
 def build_command(train_args: list[str], *, min_np: int, max_np: int, hostfile: str | None = None,
                   nic: str = "lo", cooldown: str = "5,30", python: str | None = None,
-                  warm: bool = False, warm_timeout: float = WARM_TIMEOUT_S, script: str | None = None) -> list[str]:
+                  warm: bool = False, warm_timeout: float = WARM_TIMEOUT_S, script: str | None = None,
+                  ssh: Ssh | None = None, across_hosts: bool = False, start_timeout: int | None = None) -> list[str]:
     """horovodrun argv: elastic (discovery script + min/max np) over Gloo, running
     `python -m hvd_abs train --elastic --max-np N TRAIN_ARGS` (with `script`: `python SCRIPT
     --elastic --max-np N TRAIN_ARGS`). Raises ValueError naming the fix.
     warm: each worker slot starts through warm_exec, which hands it to a ready standby; growth
-    waits up to warm_timeout seconds for standbys, then adds the slots cold."""
+    waits up to warm_timeout seconds for standbys, then adds the slots cold.
+    across_hosts (a pool beyond this machine) or ssh options: Horovod's launcher runs through
+    hvd_abs.launch.horovodrun, which keeps `nic` and passes the ssh options on."""
     run_dir = str(run_dir_of(train_args))
     if cooldown and not re.fullmatch(r"\d+,\d+", cooldown):
         raise ValueError(f"--blacklist-cooldown must be MIN,MAX seconds like 5,30, got {cooldown!r}")
@@ -51,9 +55,14 @@ def build_command(train_args: list[str], *, min_np: int, max_np: int, hostfile: 
         discovery += ["--hostfile", str(Path(hostfile).resolve())]
     if warm:
         discovery += ["--warm", "--warm-timeout", f"{warm_timeout:g}"]
-    cmd = ["horovodrun" if python else str(Path(py).parent / "horovodrun"),
-           "--gloo", "-np", str(min_np), "--min-np", str(min_np), "--max-np", str(max_np),
+    ssh = ssh or Ssh()
+    if across_hosts or ssh.options:
+        runner = [py, "-m", "hvd_abs.launch.horovodrun", *(f"--ssh-option={o}" for o in ssh.options), "--"]
+    else:
+        runner = ["horovodrun" if python else str(Path(py).parent / "horovodrun")]
+    cmd = [*runner, "--gloo", "-np", str(min_np), "--min-np", str(min_np), "--max-np", str(max_np),
            "--network-interface", nic, "--host-discovery-script", shlex.join(discovery)]
+    cmd += ssh.horovodrun_args() + (["--start-timeout", str(start_timeout)] if start_timeout else [])
     if cooldown:
         # Horovod bars the host of a failed worker; the cooldown lets it back in later (the
         # default pool names this machine twice, so one failure never bars every worker).
@@ -143,7 +152,8 @@ def stop_on_termination() -> Iterator[None]:
             signal.signal(sig, old)
 
 
-def run_horovodrun(cmd: list[str], held: list[str] | None = None, refusals: Refusals | None = None) -> int:
+def run_horovodrun(cmd: list[str], held: list[str] | None = None, refusals: Refusals | None = None,
+                   env: dict[str, str] | None = None) -> int:
     """Run horovodrun `cmd`; returns its exit code. Its stderr passes through this process line
     by line (a carriage return ends a line too, for progress bars), except horovodrun's own
     traceback: from an unprefixed `Traceback (most recent call last):` on, its unprefixed lines
@@ -152,14 +162,15 @@ def run_horovodrun(cmd: list[str], held: list[str] | None = None, refusals: Refu
     driver's later lines to the end, where the caller prints them.) Its stdout is not touched.
     horovodrun ends with that traceback whenever a worker process exited non-zero, also when the
     job itself finished (see hvd_abs/launch/outcome.py `job_outcome`). refusals: gets the workers'
-    refusals and exit codes (its stdout then passes through this process line by line)."""
+    refusals and exit codes (its stdout then passes through this process line by line).
+    env: horovodrun's environment (it forwards it to every worker, remote ones included)."""
     import os
     import subprocess
     import threading
 
     if held is None:
-        return subprocess.call(cmd)
-    with subprocess.Popen(cmd, stderr=subprocess.PIPE,
+        return subprocess.call(cmd, env=env)
+    with subprocess.Popen(cmd, stderr=subprocess.PIPE, env=env,
                           stdout=subprocess.PIPE if refusals is not None else None) as proc:
         if refusals is not None:
             copier = threading.Thread(target=_copy_stdout, args=(proc.stdout, refusals), daemon=True,
@@ -197,10 +208,11 @@ def run_horovodrun(cmd: list[str], held: list[str] | None = None, refusals: Refu
 
 def run_with_standbys(cmd: list[str], train_args: list[str], max_np: int, keep: int,
                       python: str | None = None, held: list[str] | None = None,
-                      refusals: Refusals | None = None, script: bool = False) -> int:
+                      refusals: Refusals | None = None, script: bool = False,
+                      env: dict[str, str] | None = None) -> int:
     """Run horovodrun `cmd` while keeping `keep` warm standbys ready on this host (replacing each
     one a joining slot claims, up to max_np standbys in all); returns horovodrun's exit code.
-    held, refusals: as for run_horovodrun. script: the workers run a --script (the standbys
+    held, refusals, env: as for run_horovodrun (the standbys get env too). script: the workers run a --script (the standbys
     import ahead but do not load its data)."""
     import subprocess
     import threading
@@ -222,12 +234,12 @@ def run_with_standbys(cmd: list[str], train_args: list[str], max_np: int, keep: 
             claimed = {int(p.name.split(".")[0]) for p in directory.glob("*.claimed.*")}
             waiting = sum(1 for p in spawned if p.poll() is None and p.pid not in claimed)
             if waiting < keep and len(spawned) < max_np:
-                spawned.append(subprocess.Popen(standby_cmd, stdin=subprocess.DEVNULL))
+                spawned.append(subprocess.Popen(standby_cmd, stdin=subprocess.DEVNULL, env=env))
 
     thread = threading.Thread(target=supervise, daemon=True, name="hvd_abs-standbys")
     thread.start()
     try:
-        return run_horovodrun(cmd, held, refusals)
+        return run_horovodrun(cmd, held, refusals, env)
     finally:
         done.set()
         thread.join()

@@ -162,8 +162,8 @@ class Trainer:
         if self.cfg.threads is not None:
             torch.set_num_threads(self.cfg.threads)
         elif self.comm.size > 1:
-            # Workers share the machine's cores: oversubscription makes every rank slower.
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.comm.size))
+            # Workers on one machine share its cores: oversubscription makes every rank slower.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // getattr(self.comm, "workers_here", self.comm.size)))
 
     # --- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -1,0 +1,176 @@
+"""The hosts of a horovodrun pool as the launcher sees them: which are this machine, the network
+interface that reaches the others, how to ssh to them, and a check of each remote host before
+anything starts (ssh, the environment at the launcher's path, the interface, the data), so a
+bad host is one line naming it and the fix instead of a hang or a dead job."""
+from __future__ import annotations
+
+import json
+import shlex
+import socket
+import subprocess
+import threading
+from dataclasses import dataclass, field
+
+
+def local_addresses() -> dict[str, str]:
+    """This machine's IPv4 addresses -> the interface holding each."""
+    import psutil  # (Horovod's dependency: what horovodrun itself reads)
+
+    return {a.address: nic for nic, addrs in psutil.net_if_addrs().items() for a in addrs
+            if a.family == socket.AF_INET}
+
+
+def resolve(host: str) -> str | None:
+    try:
+        return socket.gethostbyname(host)
+    except OSError:
+        return None
+
+
+def remote_hosts(hosts: list[str]) -> list[str]:
+    """The hosts that are not this machine, as Horovod decides it (by resolved address)."""
+    mine = local_addresses()
+    return [h for h in hosts if resolve(h) not in mine and not (resolve(h) or "").startswith("127.")]
+
+
+class HostError(ValueError):
+    """A host the job cannot use: the message names the host and the fix."""
+
+
+def interface_towards(host: str) -> str:
+    """The interface this machine's traffic to `host` leaves by (the kernel's route to it)."""
+    address = resolve(host)
+    if address is None:
+        raise HostError(f"host {host}: its name does not resolve; use its address or fix its name")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((address, 9))  # (UDP: sends nothing, only asks the route)
+        except OSError as exc:
+            raise HostError(f"host {host}: no route from this machine ({exc.strerror})") from None
+        source = probe.getsockname()[0]
+    nic = local_addresses().get(source)
+    if nic is None:
+        raise HostError(f"host {host}: no interface found for this machine's address {source}; "
+                        f"pass --network-interface")
+    return nic
+
+
+def choose_interface(hosts: list[str], given: str | None) -> str:
+    """--network-interface as given; else `lo` when every host is this machine, else the
+    interface that reaches the first remote host (Horovod uses one interface for all traffic)."""
+    if given:
+        return given
+    remote = remote_hosts(hosts)
+    return interface_towards(remote[0]) if remote else "lo"
+
+
+def interface_address(nic: str) -> str:
+    """The IPv4 address of this machine on `nic` (where the launcher's job service listens)."""
+    for address, owner in local_addresses().items():
+        if owner == nic:
+            return address
+    raise HostError(f"--network-interface {nic}: this machine has no IPv4 address on it; "
+                    f"pick one of {', '.join(sorted(set(local_addresses().values())))}")
+
+
+@dataclass
+class Ssh:
+    """How the launcher and horovodrun reach the remote hosts (horovodrun's -p and -i, plus
+    ssh -o options)."""
+    port: int | None = None
+    identity_file: str | None = None
+    options: list[str] = field(default_factory=list)
+
+    def argv(self, host: str, command: str, timeout_s: float) -> list[str]:
+        argv = ["ssh", "-o", "PasswordAuthentication=no", "-o", "StrictHostKeyChecking=no", "-o", "BatchMode=yes",
+                "-o", f"ConnectTimeout={max(1, int(timeout_s))}"]
+        for option in self.options:
+            argv += ["-o", option]
+        if self.port is not None:
+            argv += ["-p", str(self.port)]
+        if self.identity_file:
+            argv += ["-i", self.identity_file]
+        return argv + [host, command]
+
+    def horovodrun_args(self) -> list[str]:
+        args = ["--ssh-port", str(self.port)] if self.port is not None else []
+        return args + (["--ssh-identity-file", self.identity_file] if self.identity_file else [])
+
+
+# Run on each remote host by its own python: what a worker there needs, as JSON.
+_CHECK = """
+import importlib.util, json, os, socket, sys
+nic, data = sys.argv[1], sys.argv[2]
+try:
+    import psutil
+    nics = {n: [a.address for a in addrs if a.family == socket.AF_INET] for n, addrs in psutil.net_if_addrs().items()}
+except ImportError:
+    nics = None
+print(json.dumps({"missing": [m for m in ("torch", "horovod", "hvd_abs") if importlib.util.find_spec(m) is None],
+                  "nic": None if nics is None else bool(nics.get(nic)), "nics": sorted(nics or {}),
+                  "data": (not data) or os.path.isdir(data)}))
+"""
+
+
+def check_host(host: str, ssh: Ssh, python: str, nic: str, data_dir: str | None, timeout_s: float) -> str | None:
+    """What stops `host` from running a worker (one line naming it and the fix), or None."""
+    command = (f"test -x {shlex.quote(python)} || {{ echo NO-PYTHON; exit 0; }}; "
+               f"{shlex.quote(python)} -c {shlex.quote(_CHECK)} {shlex.quote(nic)} {shlex.quote(data_dir or '')}")
+    try:
+        done = subprocess.run(ssh.argv(host, command, timeout_s), capture_output=True, text=True, timeout=timeout_s,
+                              stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return f"host {host}: no answer over ssh within {timeout_s:g} s; check that `ssh {host}` works from here"
+    if done.returncode == 255:
+        why = (done.stderr.strip().splitlines() or ["ssh failed"])[-1]
+        return f"host {host}: ssh failed ({why}); check --ssh-port, --ssh-identity-file and that sshd runs there"
+    lines = done.stdout.strip().splitlines()
+    if lines[-1:] == ["NO-PYTHON"]:
+        return (f"host {host}: no {python} there; install the same environment at the same path on every host "
+                f"(workers run the launcher's Python)")
+    try:
+        found = json.loads(lines[-1])
+    except (IndexError, ValueError):
+        return f"host {host}: {python} failed there: {(done.stderr.strip().splitlines() or ['no output'])[-1]}"
+    if found["missing"]:
+        return f"host {host}: {python} there lacks {', '.join(found['missing'])}; install the same environment there"
+    if found["nic"] is False:
+        return (f"host {host}: no IPv4 address on interface {nic} there (it has {', '.join(found['nics'])}); "
+                f"pass the --network-interface every host shares")
+    if not found["data"]:
+        return f"host {host}: no data folder {data_dir} there; copy the data set to that path on every host"
+    return None
+
+
+def check_hosts(hosts: list[str], ssh: Ssh, python: str, nic: str, data_dir: str | None,
+                timeout_s: float) -> list[str]:
+    """check_host on every host at once (so the whole check takes one timeout at most)."""
+    problems: dict[str, str | None] = {}
+
+    def one(host: str) -> None:
+        problems[host] = check_host(host, ssh, python, nic, data_dir, timeout_s)
+
+    threads = [threading.Thread(target=one, args=(h,), daemon=True) for h in dict.fromkeys(hosts)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout_s + 5)
+    unanswered = f"no answer within {timeout_s:g} s"
+    return [problems[h] if h in problems else f"host {h}: {unanswered}" for h in dict.fromkeys(hosts)
+            if problems.get(h, unanswered) is not None]
+
+
+def plan_hosts(pool: list[tuple[str, int]], nic: str | None, ssh: Ssh, python: str, data_dir: str | None,
+               timeout_s: float, check: bool) -> tuple[list[str], str, str, list[str]]:
+    """For a pool: its remote hosts, the interface for Horovod, the address the launcher's job
+    service listens on, and (with `check`) what stops each remote host from running a worker.
+    Raises HostError for a choice of interface that cannot work."""
+    hosts = [h for h, _ in pool]
+    remote = remote_hosts(hosts)
+    nic = choose_interface(hosts, nic)
+    bind = "127.0.0.1" if nic == "lo" else interface_address(nic)
+    if remote and nic == "lo":
+        raise HostError(f"--network-interface lo cannot reach {remote[0]}: drop it (the interface is found from "
+                        f"the hostfile) or name one every host has")
+    problems = check_hosts(remote, ssh, python, nic, data_dir, timeout_s) if check and remote else []
+    return remote, nic, bind, problems

@@ -1,0 +1,187 @@
+"""Elastic jobs across hosts: network namespaces on this machine, each with its own address, its
+own sshd and its own disk (/srv/hvd), made by scripts/local_cluster.sh as users make one. The
+launcher runs on host 1 over ssh, as a user's would; nothing is shared between the hosts but the
+read-only image (this checkout and its .venv). Skipped where namespaces cannot be made (not root)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, REPO
+from hvd_abs.metrics import read_metrics
+
+SCRIPT = REPO / "scripts" / "local_cluster.sh"
+DIGITS = ["--dataset", "digits", "--model", "cnn", "--base-batch", "32", "--quiet", "--threads", "1",
+          "--callback", "hvd_abs.testing.ledger:Ledger", "--commit-every", "1"]
+
+
+class Cluster:
+    def __init__(self, root: Path, count: int) -> None:
+        self.root = root
+        done = subprocess.run(["bash", str(SCRIPT), "up", str(count), str(root)], capture_output=True, text=True,
+                              timeout=120)
+        if done.returncode != 0:
+            pytest.fail(f"local_cluster.sh up failed:\n{done.stdout}\n{done.stderr}")
+        lines = [line.split() for line in done.stdout.splitlines()]
+        self.addresses = [w[2] for w in lines if w[0] == "host"]
+        self.ssh_flags = next(w[1:] for w in lines if w[0] == "ssh_flags")
+
+    def disk(self, i: int) -> Path:
+        """Host i's /srv/hvd, as seen from outside the hosts."""
+        return self.root / "hosts" / f"h{i}"
+
+    def hostfile(self, hosts: list[int], name: str = "hostfile") -> Path:
+        path = self.root / name
+        path.write_text("".join(f"{self.addresses[i - 1]} slots=1\n" for i in hosts))
+        return path
+
+    def run(self, i: int, argv: list[str], timeout: float) -> subprocess.CompletedProcess:
+        """`argv` on host i (over ssh, so in its namespaces), from this checkout."""
+        command = " ".join(subprocess.list2cmdline([a]) if a else "''" for a in argv)
+        env = "PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1"
+        try:
+            return subprocess.run(["bash", str(SCRIPT), "ssh", str(i), str(self.root), "--", f"{env} {command}"],
+                                  capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired as exc:
+            pytest.fail(f"host {i}: {command} timed out after {timeout}s\n{exc.stdout}\n{exc.stderr}")
+
+    def close(self) -> None:
+        subprocess.run(["bash", str(SCRIPT), "down", str(self.root)], capture_output=True, timeout=60)
+
+
+def _can_make_namespaces() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root to make network namespaces (CI runs these as root)"
+    if shutil.which("ip") is None or shutil.which("unshare") is None:
+        return "needs iproute2 and util-linux"
+    return None
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    why = _can_make_namespaces()
+    if why:
+        pytest.skip(why)
+    c = Cluster(tmp_path_factory.mktemp("cluster"), 3)
+    yield c
+    c.close()
+
+
+def launch(cluster: Cluster, hostfile: Path, *train_args: str, launcher: list[str] = ()) -> list[str]:
+    return [str(BIN / "hvd-abs"), "launch", "horovod", "--hostfile", str(hostfile), *cluster.ssh_flags,
+            *launcher, "--", *train_args]
+
+
+@pytest.mark.multiprocess
+def test_the_batch_grows_onto_a_second_host(cluster):
+    """Launcher and rank 0 on host 1, the pool hosts 1 and 2 (by address): the job starts on
+    host 1 alone, its batch doubles after epoch 2, and host 2's worker joins over ssh (the
+    rendezvous on the routable interface, the world-size request through the job channel);
+    the job finishes on the one-process schedule."""
+    out = "/srv/hvd/grow"
+    (cluster.disk(1) / "grow" / "ledger").mkdir(parents=True)
+    (cluster.disk(1) / "grow" / "ledger" / "hold-95-world-2").touch()  # the join comes before the end
+    args = [*DIGITS, "--method", "absa", "--epochs", "4", "--batch", "32", "--max-batch", "64", "--duration", "1"]
+    done = cluster.run(1, launch(cluster, cluster.hostfile([1, 2]), *args, "--out", out,
+                                 launcher=["--min-np", "1", "--max-np", "2"]), timeout=300)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-6000:]
+    assert "--network-interface eth0" in done.stderr  # found from the pool, not given
+    epochs, events = read_metrics(cluster.disk(1) / "grow")
+    assert [e["global_batch"] for e in epochs] == [32, 32, 64, 64]
+    assert [e["world_size"] for e in epochs][-1] == 2
+    # Host 2's worker ran (its own ledger on its own disk) and trained samples of the job.
+    remote = [json.loads(line) for f in (cluster.disk(2) / "grow" / "ledger").glob("rank-*.jsonl")
+              for line in f.read_text().splitlines()]
+    assert remote and {r["world_size"] for r in remote} == {2} and all(r["ids"] for r in remote)
+    assert not (cluster.disk(2) / "grow" / "metrics.jsonl").exists()  # rank 0's outputs: host 1
+
+
+@pytest.mark.multiprocess
+def test_a_host_the_job_cannot_use_is_one_line_naming_it(cluster):
+    """Before anything starts, each remote host is checked over ssh: a data folder missing
+    there is one line naming the host and the fix, exit 2; so is a host nothing answers on."""
+    (cluster.disk(1) / "data").mkdir(exist_ok=True)  # only host 1 has the data folder
+    args = [*DIGITS, "--method", "sgd", "--epochs", "1", "--data-dir", "/srv/hvd/data", "--out", "/srv/hvd/bad"]
+    done = cluster.run(1, launch(cluster, cluster.hostfile([1, 2], "pool12"), *args), timeout=120)
+    assert done.returncode == 2, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"Error: host {cluster.addresses[1]}: no data folder /srv/hvd/data there"), last
+    assert "Traceback" not in done.stderr
+    assert not (cluster.disk(1) / "bad").exists()  # nothing started
+
+    dead = cluster.root / "pool-dead"
+    dead.write_text(f"{cluster.addresses[0]} slots=1\n10.231.254.77 slots=1\n")  # an address no host has
+    done = cluster.run(1, launch(cluster, dead, *args, launcher=["--start-timeout", "5"]), timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "host 10.231.254.77:" in done.stderr.strip().splitlines()[-1], done.stderr
+
+
+def test_the_interface_is_found_from_the_pool(cluster):
+    """From host 1, a pool naming host 2 runs Horovod's launcher through hvd_abs.launch.horovodrun
+    on eth0 (the interface routing to host 2) with the ssh options; `lo` with a remote host is
+    refused in one line. (--dry-run: nothing starts.)"""
+    args = ["--dataset", "digits", "--out", "/srv/hvd/dry"]
+    done = cluster.run(1, launch(cluster, cluster.hostfile([1, 2], "pool-dry"), *args, launcher=["--dry-run"]),
+                       timeout=60)
+    assert done.returncode == 0, done.stderr
+    printed = done.stderr.splitlines()[-1]
+    assert "-m hvd_abs.launch.horovodrun --ssh-option=UserKnownHostsFile=" in printed, printed
+    assert "--network-interface eth0" in printed and "--ssh-identity-file" in printed, printed
+    done = cluster.run(1, launch(cluster, cluster.root / "pool-dry", *args,
+                                 launcher=["--dry-run", "--network-interface", "lo"]), timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (f"Error: --network-interface lo cannot reach "
+                                                    f"{cluster.addresses[1]}: drop it (the interface is found "
+                                                    f"from the hostfile) or name one every host has")
+
+
+@pytest.mark.multiprocess
+def test_a_lost_host_rolls_the_job_back_and_it_finishes(cluster):
+    """Hosts 1 (launcher, rank 0) and 3: once host 3's worker has run update 30 and waits inside
+    update 31's allreduce (rank 0 is held after 30), every process on host 3 is SIGKILLed, its
+    sshd too. The job rolls back to its last commit (update 24) and finishes alone on host 1:
+    every sample of the committed history once, the rolled-back ones redone, the failure and its
+    stall in host 1's metrics. (Run last: host 3 stays dead.)"""
+    import time
+
+    from test_faults_horovod import COMMIT_EVERY, SGD2, rollback_report
+
+    out, run = "/srv/hvd/lost", cluster.disk(1) / "lost"
+    (run / "ledger").mkdir(parents=True)
+    for gate in ("hold-1-world-2", "hold-30"):
+        (run / "ledger" / gate).touch()
+    argv = launch(cluster, cluster.hostfile([1, 3], "pool13"), *SGD2, "--epochs", "4", "--out", out,
+                  launcher=["--min-np", "1", "--max-np", "2"])
+    command = " ".join(subprocess.list2cmdline([a]) for a in argv)
+    with open(cluster.root / "lost.log", "w") as log:
+        job = subprocess.Popen(["bash", str(SCRIPT), "ssh", "1", str(cluster.root), "--",
+                                f"PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 {command}"],
+                               stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            remote_ledger = cluster.disk(3) / "lost" / "ledger"
+            deadline = time.monotonic() + 240
+            while not any('"update": 30' in f.read_text() for f in remote_ledger.glob("rank-*.jsonl")):
+                assert job.poll() is None and time.monotonic() < deadline, (cluster.root / "lost.log").read_text()
+                time.sleep(0.05)
+            time.sleep(0.5)  # inside update 31's allreduce, waiting for rank 0
+            subprocess.run(["bash", str(SCRIPT), "kill", "3", str(cluster.root)], check=True, timeout=30)
+            (run / "ledger" / "hold-30").unlink()
+            code = job.wait(timeout=300)
+        finally:
+            if job.poll() is None:
+                job.kill()
+    text = (cluster.root / "lost.log").read_text()
+    assert code == 0, text[-6000:]
+    epochs, events = read_metrics(run)
+    assert [e["epoch"] for e in epochs] == [1, 2, 3, 4] and epochs[-1]["world_size"] == 1, text[-3000:]
+    failures = [e for e in events if e["event"] == "failure"]
+    assert len(failures) == 1 and failures[0]["stall_s"] >= 0, events
+    for f in remote_ledger.glob("*.jsonl"):  # one ledger of the whole job, on host 1's disk
+        shutil.copy(f, run / "ledger" / f.name)
+    report = rollback_report(run, COMMIT_EVERY)
+    assert report["rolled_back_updates"][:6] == list(range(25, 31)), report
