@@ -47,6 +47,7 @@ def parse_train_args(argv: Sequence[str] | None = None, prog: str | None = None,
     this is a script's command line, not a library call."""
     import click
 
+    from hvd_abs.elastic.outputs_relay import fetch_resume
     from hvd_abs.elastic.worker import command
     from hvd_abs.errors import exit_2
     from hvd_abs.training.options import check_script_extras, config_from_options
@@ -69,6 +70,7 @@ def parse_train_args(argv: Sequence[str] | None = None, prog: str | None = None,
                             f"reads it as cfg.{clash[0].lstrip('-').replace('-', '_')}): rename its own")
         ctx = script_command.make_context(name, args, ignore_unknown_options=True, allow_extra_args=True)
         check_script_extras([a for a in ctx.args if a.split("=", 1)[0] not in own])
+        fetch_resume(ctx.params)  # (a relayed job's --resume folder is on the launcher's host)
         cfg = config_from_options(ctx.params, ctx)
         # Which options the command line gave: fit resolves a --resume with them (a value equal to
         # the default, --epochs 90, is still given).

@@ -218,12 +218,12 @@ def test_a_run_leaves_its_trained_model_for_load_model_and_torch_load(digits, tm
     # keep the weights): a crash on the way leaves no stale model.pt for load_model to give.
     from hvd_abs.training import TrainConfig, open_writer
 
-    open_writer(tmp_path / "cnn", TrainConfig(out=str(tmp_path / "cnn")), rank=0).close()  # a new run: kept
+    open_writer(tmp_path / "cnn", TrainConfig(out=str(tmp_path / "cnn")).resumes_in_place, rank=0).close()  # a new run: kept
     assert (tmp_path / "cnn" / "model.pt").exists()
     cfg = TrainConfig(out=str(tmp_path / "cnn"), resume=str(tmp_path / "cnn"))
-    open_writer(tmp_path / "cnn", cfg, rank=1).close()  # (rank 0's to drop)
+    open_writer(tmp_path / "cnn", cfg.resumes_in_place, rank=1).close()  # (rank 0's to drop)
     assert (tmp_path / "cnn" / "model.pt").exists()
-    open_writer(tmp_path / "cnn", cfg, rank=0).close()
+    open_writer(tmp_path / "cnn", cfg.resumes_in_place, rank=0).close()
     assert not (tmp_path / "cnn" / "model.pt").exists() and (tmp_path / "cnn" / "summary.json").exists()
     with pytest.raises(hvd_abs.UserError, match=r"model.pt does not exist \(no run ended there"):
         hvd_abs.load_model(tmp_path / "nowhere")

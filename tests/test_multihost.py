@@ -140,6 +140,136 @@ def test_the_interface_is_found_from_the_pool(cluster):
                                                     f"from the hostfile) or name one every host has")
 
 
+class Job:
+    """`argv` on host 1 in the background (the launcher, as a user's), its output in `log`."""
+
+    def __init__(self, cluster: Cluster, argv: list[str], name: str) -> None:
+        self.cluster, self.log = cluster, cluster.root / f"{name}.log"
+        command = " ".join(subprocess.list2cmdline([a]) for a in argv)
+        self.proc = subprocess.Popen(["bash", str(SCRIPT), "ssh", "1", str(cluster.root), "--",
+                                      f"PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 {command}"],
+                                     stdout=open(self.log, "w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def wait_for(self, ledger: Path, text: str, limit_s: float = 240) -> None:
+        """Until some rank's ledger in `ledger` (a host's disk) holds `text`."""
+        import time
+
+        deadline = time.monotonic() + limit_s
+        while not any(text in f.read_text() for f in ledger.glob("rank-*.jsonl")):
+            assert self.proc.poll() is None and time.monotonic() < deadline, self.output()
+            time.sleep(0.05)
+
+    def finish(self, limit_s: float = 300) -> int:
+        try:
+            return self.proc.wait(timeout=limit_s)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+
+    def output(self) -> str:
+        return self.log.read_text()[-6000:]
+
+
+def merged_ledger(into: Path, *ledgers: Path) -> None:
+    """The job's ledger in one folder (each host kept its ranks' own)."""
+    for d in ledgers:
+        for f in d.glob("*.jsonl"):
+            shutil.copy(f, into / f.name)
+
+
+@pytest.mark.multiprocess
+def test_a_host_leaving_the_hostfile_shrinks_the_job(cluster):
+    """Hosts 1 and 2 with the pool [1, 2]; once host 2's worker has run update 30, the user
+    takes host 2 out of the hostfile: Horovod stops its worker, the job goes on alone on host 1
+    (accumulating to keep the global batch) with a resize event, and every sample of the
+    committed history is trained once."""
+    from test_faults_horovod import COMMIT_EVERY, SGD2, rollback_report
+
+    out, run = "/srv/hvd/leave", cluster.disk(1) / "leave"
+    (run / "ledger").mkdir(parents=True)
+    for gate in ("hold-1-world-2", "hold-30"):
+        (run / "ledger" / gate).touch()
+    hostfile = cluster.hostfile([1, 2], "pool-leave")
+    job = Job(cluster, launch(cluster, hostfile, *SGD2, "--epochs", "3", "--out", out,
+                              launcher=["--min-np", "1", "--max-np", "2"]), "leave")
+    remote = cluster.disk(2) / "leave" / "ledger"
+    job.wait_for(remote, '"update": 30')
+    hostfile.write_text(f"{cluster.addresses[0]} slots=1\n")  # host 2 leaves the pool
+    (run / "ledger" / "hold-30").unlink()
+    code = job.finish()
+    assert code == 0, job.output()
+    epochs, events = read_metrics(run)
+    assert [e["epoch"] for e in epochs] == [1, 2, 3] and epochs[-1]["world_size"] == 1, job.output()
+    assert epochs[-1]["global_batch"] == 64 and epochs[-1]["accum_steps"] == 2
+    shrinks = [e for e in events if e["event"] in ("resize", "failure") and e["world_size"] == 1]
+    assert shrinks and all(e["stall_s"] is not None for e in shrinks), events
+    merged_ledger(run / "ledger", remote)
+    rollback_report(run, COMMIT_EVERY)  # (no sample lost; repeats only inside a rolled-back window)
+
+
+@pytest.mark.multiprocess
+def test_a_run_on_another_host_resumes_from_the_launchers_out(cluster):
+    """The launcher on host 1, the only worker on host 2: the run's files are in host 1's OUT;
+    `--resume OUT --epochs 3` from there continues it (host 2 fetches the newest checkpoint)
+    to the same table a 3-epoch run has, and host 2's disk holds no output."""
+    args = [*DIGITS, "--method", "sgd", "--batch", "32"]
+    pool = cluster.hostfile([2], "pool2")
+    out = "/srv/hvd/resumed"
+    done = cluster.run(1, launch(cluster, pool, *args, "--epochs", "2", "--out", out), timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    done = cluster.run(1, launch(cluster, pool, "--resume", out, "--epochs", "3"), timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    whole = "/srv/hvd/whole"
+    done = cluster.run(1, launch(cluster, pool, *args, "--epochs", "3", "--out", whole), timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    timing = ("epoch_s", "samples_per_s", "second_order_s")
+    table = [[{k: v for k, v in e.items() if k not in timing} for e in read_metrics(cluster.disk(1) / name)[0]]
+             for name in ("resumed", "whole")]
+    assert [e["epoch"] for e in table[0]] == [1, 2, 3] and table[0] == table[1]
+    resumed_from = json.loads((cluster.disk(1) / "resumed" / "summary.json").read_text())["resumed_from"]
+    assert resumed_from == f"{out}/checkpoints/ckpt-{table[0][1]['updates']:06d}.pt"  # the launcher's file
+    assert not (cluster.disk(2) / "resumed").exists() or {p.name for p in (cluster.disk(2) / "resumed").iterdir()} <= {"ledger"}
+
+
+@pytest.mark.multiprocess
+def test_rank_0s_host_dies_and_the_outputs_are_whole_on_the_launchers_host(cluster):
+    """The launcher on host 1, the pool [2, 1]: rank 0 runs on host 2 and sends the run's
+    outputs to host 1. Once host 1's worker waits inside update 31 (rank 0 is held after 30),
+    every process on host 2 dies. Host 1's worker becomes rank 0, rolls back to update 24 and
+    finishes: metrics.jsonl, checkpoints, summary and model.pt are in host 1's OUT, every epoch
+    and growth line once, and host 2's disk holds no output (only its ledger). (Host 2 stays
+    dead.)"""
+    from test_faults_horovod import COMMIT_EVERY, SGD2, rollback_report
+
+    out, run = "/srv/hvd/rank0", cluster.disk(1) / "rank0"
+    gates = cluster.disk(2) / "rank0" / "ledger"
+    gates.mkdir(parents=True)
+    for gate in ("hold-1-world-2", "hold-30"):
+        (gates / gate).touch()
+    args = [*SGD2, "--epochs", "4", "--checkpoint-every", "1", "--out", out]
+    job = Job(cluster, launch(cluster, cluster.hostfile([2, 1], "pool21"), *args,
+                              launcher=["--min-np", "1", "--max-np", "2"]), "rank0")
+    job.wait_for(run / "ledger", '"update": 30')
+    import time
+
+    time.sleep(0.5)  # inside update 31's allreduce, waiting for rank 0
+    subprocess.run(["bash", str(SCRIPT), "kill", "2", str(cluster.root)], check=True, timeout=30)
+    code = job.finish()
+    assert code == 0, job.output()
+    epochs, events = read_metrics(run)
+    assert [e["epoch"] for e in epochs] == [1, 2, 3, 4] and epochs[-1]["world_size"] == 1, job.output()
+    checkpoints = [e["updates"] for e in events if e["event"] == "checkpoint"]
+    assert len(checkpoints) == len(set(checkpoints)) and [e for e in events if e["event"] == "failure"], events
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["epochs"] == 4 and summary["weights"] == f"{out}/model.pt" and (run / "plots.png").exists()
+    assert (run / "model.pt").exists() and sorted(p.name for p in (run / "checkpoints").iterdir())
+    left = {p.name for p in (cluster.disk(2) / "rank0").iterdir()}
+    assert left == {"ledger"}, left  # rank 0 kept nothing on its own host
+    merged_ledger(run / "ledger", gates)
+    report = rollback_report(run, COMMIT_EVERY)
+    assert report["rolled_back_updates"][:6] == list(range(25, 31)), report
+
+
 @pytest.mark.multiprocess
 def test_a_lost_host_rolls_the_job_back_and_it_finishes(cluster):
     """Hosts 1 (launcher, rank 0) and 3: once host 3's worker has run update 30 and waits inside

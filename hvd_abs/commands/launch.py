@@ -90,7 +90,7 @@ def horovod(min_np: int, max_np: int, hostfile: str | None, network_interface: s
     if dry_run:
         return
     from hvd_abs.elastic.world_signal import start_job
-    from hvd_abs.launch.horovod import Terminated, run_dir_of, run_horovodrun, stop_on_termination
+    from hvd_abs.launch.horovod import Terminated, option_value, run_dir_of, run_horovodrun, stop_on_termination
     from hvd_abs.launch.job_lock import locked
     from hvd_abs.launch.outcome import finished_epochs, keep_report, report_failure
 
@@ -104,7 +104,10 @@ def horovod(min_np: int, max_np: int, hostfile: str | None, network_interface: s
     refusals = Refusals()  # workers' "Error: ..." lines (a refused input, exit 2) and exit codes
     try:
         # The job's workers reach this launcher through its job service, from any host.
-        with lock, JobService(run_dir_of(list(train_args)), bind) as service, stop_on_termination():
+        resume = option_value(list(train_args), "--resume")
+        in_place = bool(resume) and Path(resume).expanduser().resolve() == run_dir_of(list(train_args))
+        with lock, JobService(run_dir_of(list(train_args)), bind, resume=resume, in_place=in_place) as service, \
+                stop_on_termination():
             env = {**os.environ, **service.env(), **({SEPARATE_HOSTS_ENV: "1"} if remote else {})}
             if warm:
                 code = run_with_standbys(cmd, list(train_args), max_np=max_np, keep=warm, held=held,

@@ -26,7 +26,8 @@ from hvd_abs.batching.layout import wanted_world_size
 from hvd_abs.elastic.world_signal import publish_wanted
 from hvd_abs.metrics import MetricsWriter, cut_back
 from hvd_abs.training.events import Callback, Event
-from hvd_abs.training.run_dir import open_writer, prepare_out_dir
+from hvd_abs.training.outputs import LocalOutputs
+from hvd_abs.training.run_dir import prepare_out_dir
 from hvd_abs.training.session import Session
 from hvd_abs.training.trainer import Trainer
 
@@ -115,6 +116,13 @@ class ElasticSession(Session):
         self.commit = ElasticCommit(self)
         self._rank_of_writer: int | None = None
 
+    def make_outputs(self) -> Any:
+        # Relayed to the launcher's host when it set up a job channel (rank 0 may be anywhere).
+        from hvd_abs.elastic.outputs_relay import RelayOutputs, relay_channel
+
+        channel = relay_channel()
+        return RelayOutputs(channel) if channel is not None else LocalOutputs(self.out)
+
     def make_comm(self) -> Any:
         from hvd_abs.comm import HorovodComm
 
@@ -123,7 +131,10 @@ class ElasticSession(Session):
     @contextlib.contextmanager
     def hold_out_dir(self, resumed_at: tuple[int, int] | None) -> Iterator[None]:
         if self.comm.rank == 0:
-            _prepare_once(self.out, self.cfg.replaces_out, resumed_at)
+            if isinstance(self.outputs, LocalOutputs):
+                _prepare_once(self.out, self.cfg.replaces_out, resumed_at)
+            else:
+                self.outputs.prepare(self.cfg.replaces_out, resumed_at)
         yield
 
     def writer(self) -> MetricsWriter:
@@ -131,7 +142,7 @@ class ElasticSession(Session):
         rank = self.comm.rank
         if self._writer is None or self._rank_of_writer != rank:
             self.close_writers()
-            self._writer, self._rank_of_writer = open_writer(self.out, self.cfg, rank), rank
+            self._writer, self._rank_of_writer = self.outputs.writer(rank, self.cfg.resumes_in_place), rank
         return self._writer
 
     def job_callbacks(self) -> list[Callback]:

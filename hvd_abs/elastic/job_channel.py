@@ -1,5 +1,6 @@
 """The channel from a job's workers to its launcher, on whatever host each runs: one
-authenticated request per TCP connection (the world size rank 0 wants, later its outputs).
+authenticated request per TCP connection (the world size rank 0 wants; the run's outputs:
+outputs_relay.py).
 
 The launcher makes a per-job key and hands it, with its address, to every worker in the
 environment (horovodrun forwards the launcher's environment to remote workers). Each request
@@ -24,6 +25,7 @@ GREETING = b"HVDABS-JOB/1 "
 NONCE_BYTES = 32
 MAX_HEADER = 64 * 1024
 MAX_PAYLOAD = 1 << 34  # 16 GiB: the largest checkpoint a request may carry
+MAX_ANSWER = 16 << 20  # an answer's JSON line (a summary's additions)
 
 
 class ChannelError(RuntimeError):
@@ -105,14 +107,23 @@ class JobChannel:
                 delay = min(1.0, delay * 2)
 
     def _once(self, header: bytes, payload: bytes, timeout_s: float) -> dict[str, Any]:
-        with socket.create_connection((self.host, self.port), timeout=timeout_s) as sock:
-            greeting = recv_line(sock)
-            if not greeting.startswith(GREETING):
+        with socket.create_connection((self.host, self.port), timeout=timeout_s) as sock, sock.makefile("rb") as rfile:
+            greeting = rfile.readline(4096)
+            if not greeting.startswith(GREETING) or not greeting.endswith(b"\n"):
                 raise ChannelError(f"{self.address} is not an hvd_abs job service")
-            nonce = bytes.fromhex(greeting[len(GREETING):].decode())
+            nonce = bytes.fromhex(greeting[len(GREETING):-1].decode())
             sock.sendall(struct.pack(">I", len(header)) + header + mac(self.key, nonce, header))
             sock.sendall(payload)
-            answer = json.loads(recv_line(sock, MAX_HEADER))
+            line = rfile.readline(MAX_ANSWER)
+            if not line.endswith(b"\n"):
+                raise ConnectionError("the launcher's answer was cut off")
+            answer = json.loads(line)
+            size = int(answer.get("size") or 0)
+            if size:  # an answer with a payload (a checkpoint): checked against its hash
+                body = rfile.read(size)
+                if len(body) != size or hashlib.sha256(body).hexdigest() != answer.get("sha256"):
+                    raise ConnectionError("the launcher's answer payload was cut off or damaged")
+                answer["payload"] = body
         if not answer.get("ok"):
             raise ChannelError(f"the launcher refused {json.loads(header)['op']!r}: {answer.get('error')}")
         return answer

@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from hvd_abs.elastic.outputs_relay import fetch_resume
 from hvd_abs.errors import run_command, user_errors_exit_2
 from hvd_abs.training.config import TrainConfig
 from hvd_abs.training.options import config_from_options, train_command
@@ -29,6 +30,7 @@ def train(cfg: TrainConfig, **kwargs: Any) -> dict[str, Any]:
 @user_errors_exit_2
 def _train_body(**options: Any) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    fetch_resume(options)  # (a relayed job's --resume folder is on the launcher's host)
     cfg = config_from_options(options, click.get_current_context())
     on_epoch = None if cfg.quiet else (lambda r: click.echo(epoch_line(r), err=True))
     summary = train(cfg, on_epoch=on_epoch)

@@ -1,7 +1,10 @@
 """The launcher's end of the job channel (hvd_abs/elastic/job_channel.py): a small TCP service
 that takes authenticated requests from the job's workers on any host and carries them out on
-this host, so nothing needs storage the hosts share. Requests now: `world_size` (what rank 0
-wants; written where discovery reads it)."""
+this host, so nothing needs storage the hosts share. Requests: `world_size` (what rank 0 wants;
+written where discovery reads it); the run's outputs (elastic/outputs_relay.py: prepare,
+metrics, summary, checkpoint, weights, finish), carried out with a training.outputs.LocalOutputs
+whose metrics writer lives as long as the job, so a line sent again by a later rank 0 is
+written once; resume_checkpoint (the newest good checkpoint of the job's --resume folder)."""
 from __future__ import annotations
 
 import hashlib
@@ -20,6 +23,10 @@ from typing import Any, Callable
 from hvd_abs.elastic.job_channel import (ADDRESS_ENV, GREETING, KEY_ENV, MAX_HEADER, MAX_PAYLOAD, NONCE_BYTES, mac,
                                          new_key, recv_exact)
 from hvd_abs.elastic.world_signal import write_wanted
+from hvd_abs.metrics import MetricsWriter
+from hvd_abs.training.checkpoint import CheckpointError, load_checkpoint, list_checkpoints
+from hvd_abs.training.outputs import LocalOutputs
+from hvd_abs.training.run_dir import CHECKPOINT_DIR
 
 Handler = Callable[[dict[str, Any], bytes], dict[str, Any]]
 PEER_TIMEOUT_S = 120.0  # a peer that stalls mid-request holds one thread this long at most
@@ -34,11 +41,20 @@ class JobService:
     """Serve the job's requests on `bind` (an address of this host the workers can reach) until
     stopped. env() is what each worker needs to reach it."""
 
-    def __init__(self, run_dir: str | os.PathLike, bind: str = "127.0.0.1") -> None:
-        self.run_dir = Path(run_dir)
+    def __init__(self, run_dir: str | os.PathLike, bind: str = "127.0.0.1", resume: str | None = None,
+                 in_place: bool = False) -> None:
+        self.run_dir = Path(run_dir).expanduser()
+        self.resume = Path(resume).expanduser().resolve() if resume else None  # the one folder it reads from
+        self.in_place = in_place  # the run continues in its folder (--resume OUT): model.pt goes until it ends
         self.key = new_key()
         self.refused = 0  # requests without the key (for tests and the launcher's log)
-        self.handlers: dict[str, Handler] = {"world_size": self._world_size}
+        self.outputs = LocalOutputs(self.run_dir)
+        self._writer: MetricsWriter | None = None
+        self._weights: str | None = None
+        self.handlers: dict[str, Handler] = {
+            "world_size": self._world_size, "prepare": self._prepare, "metrics": self._metrics,
+            "summary": self._summary, "checkpoint": self._checkpoint, "weights": self._save_weights,
+            "finish": self._finish, "resume_checkpoint": self._resume_checkpoint}
         self._lock = threading.Lock()  # requests act one at a time: their order is the job's
         service = self
 
@@ -60,6 +76,7 @@ class JobService:
     def __exit__(self, *exc: Any) -> None:
         self._server.shutdown()
         self._server.server_close()
+        self.close()
 
     def _serve(self, sock: socket.socket) -> None:
         sock.settimeout(PEER_TIMEOUT_S)
@@ -85,9 +102,12 @@ class JobService:
             with self._lock:
                 try:
                     answer = {"ok": True, **handler(header, payload)}
-                except (ValueError, OSError) as exc:
-                    answer = {"ok": False, "error": str(exc)}
-            self._answer(sock, answer)
+                except Exception as exc:  # noqa: BLE001 - whatever failed, the worker hears why, the service goes on
+                    answer = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            body = answer.pop("payload", b"")
+            if body:
+                answer.update(size=len(body), sha256=hashlib.sha256(body).hexdigest())
+            self._answer(sock, answer, body)
         except (OSError, ValueError, ConnectionError):
             return  # a peer that went away or spoke nonsense: nothing was done for it
 
@@ -97,12 +117,76 @@ class JobService:
         self._answer(sock, {"ok": False, "error": why})
 
     @staticmethod
-    def _answer(sock: socket.socket, answer: dict[str, Any]) -> None:
+    def _answer(sock: socket.socket, answer: dict[str, Any], body: bytes = b"") -> None:
         try:
             sock.sendall(json.dumps(answer).encode() + b"\n")
+            if body:
+                sock.sendall(body)
         except OSError:
             pass
 
     def _world_size(self, header: dict[str, Any], payload: bytes) -> dict[str, Any]:
         write_wanted(self.run_dir, header.get("world_size"), reason=str(header.get("reason", "")))
         return {}
+
+    # --- the run's outputs, as LocalOutputs writes them -----------------------------------------
+    def writer(self) -> MetricsWriter:
+        if self._writer is None:
+            self._writer = self.outputs.writer(0, self.in_place)
+        return self._writer
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+    def _prepare(self, header: dict[str, Any], payload: bytes) -> dict[str, Any]:
+        if self._writer is None:  # once per job: a later rank 0 must not clear what this job wrote
+            at = header.get("resumed_at")
+            self.outputs.prepare(bool(header.get("overwrite")), (int(at[0]), int(at[1])) if at else None)
+            self.writer()
+        return {}
+
+    def _metrics(self, header: dict[str, Any], payload: bytes) -> dict[str, Any]:
+        record = _json_object(payload)
+        if "event" in record:
+            self.writer().event(str(record.pop("event")), **record)
+        else:
+            self.writer().epoch(**record)
+        return {}
+
+    def _summary(self, header: dict[str, Any], payload: bytes) -> dict[str, Any]:
+        self.writer().summary(**_json_object(payload))
+        return {}
+
+    def _checkpoint(self, header: dict[str, Any], payload: bytes) -> dict[str, Any]:
+        return {"path": self.outputs.save_checkpoint_payload(payload, header.get("updates"))}
+
+    def _save_weights(self, header: dict[str, Any], payload: bytes) -> dict[str, Any]:
+        self._weights = self.outputs.save_weights(payload)
+        return {}
+
+    def _finish(self, header: dict[str, Any], payload: bytes) -> dict[str, Any]:
+        sent = _json_object(payload)
+        done = self.outputs.complete({**sent, **({"weights": self._weights} if self._weights else {})},
+                                     bool(header.get("plot")), self.writer())
+        return {"added": {k: v for k, v in done.items() if k not in sent}}
+
+    def _resume_checkpoint(self, header: dict[str, Any], payload: bytes) -> dict[str, Any]:
+        asked = Path(str(header.get("run_dir"))).expanduser().resolve()
+        if self.resume is None or asked != self.resume:
+            raise ValueError(f"{asked} is not this job's --resume folder")
+        for path in reversed(list_checkpoints(self.resume / CHECKPOINT_DIR)):
+            try:
+                load_checkpoint(path)
+            except CheckpointError as exc:
+                print(f"hvd-abs job service: skipping damaged checkpoint: {exc}", file=sys.stderr)
+                continue
+            return {"name": path.name, "payload": path.read_bytes()}
+        raise ValueError(f"--resume {self.resume}: no checkpoint there verifies")
+
+
+def _json_object(payload: bytes) -> dict[str, Any]:
+    record = json.loads(payload)
+    if not isinstance(record, dict):
+        raise ValueError("expected a JSON object")
+    return record

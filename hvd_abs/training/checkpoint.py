@@ -49,11 +49,17 @@ def checkpoint_name(updates: int) -> str:
 
 def save_checkpoint(directory: str | os.PathLike, state: dict[str, Any], updates: int, keep: int = 3) -> Path:
     """Write `state` as `directory/ckpt-<updates>.pt` atomically; keep the newest `keep` files."""
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     torch.save(state, buf)
-    payload = buf.getvalue()
+    return save_payload(directory, buf.getvalue(), updates, keep)
+
+
+def save_payload(directory: str | os.PathLike, payload: bytes, updates: int, keep: int = 3) -> Path:
+    """save_checkpoint for a state already serialized with torch.save (a relayed checkpoint)."""
+    if type(updates) is not int or updates < 0:
+        raise ValueError(f"a checkpoint's update count must be a whole number >= 0, got {updates!r}")
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
     header = MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n"
     path = write_atomic(d / checkpoint_name(updates), lambda f: (f.write(header), f.write(payload)),
                         mode=0o600, sync_dir=True)

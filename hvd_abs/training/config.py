@@ -3,6 +3,7 @@ place; the CLI's options are made from these fields by training/options.py)."""
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -10,7 +11,7 @@ from typing import Any, Sequence
 from hvd_abs.batching.controller import TRIGGERS
 from hvd_abs.batching.lr import SCALINGS, SCHEDULES
 from hvd_abs.errors import UserError
-from hvd_abs.training.run_dir import CHECKPOINT_DIR, check_out_dir
+from hvd_abs.training.run_dir import CHECKPOINT_DIR, RELAY_ENV, check_out_dir, checkpoints_of
 
 
 # (Imported when asked: both modules import torch, and `hvd-abs --help` should not.)
@@ -253,7 +254,7 @@ class TrainConfig:
             if value is not None:
                 positive(value, flag)
         positive(self.max_np, "--max-np")
-        if self.resume is not None and not (Path(self.resume).expanduser() / CHECKPOINT_DIR).is_dir():
+        if self.resume is not None and not checkpoints_of(self.resume).is_dir():
             raise UserError(f"--resume {self.resume}: no {CHECKPOINT_DIR}/ folder there; pass the --out "
                             f"directory of the run to continue")
         if self.growth_trigger not in TRIGGERS:
@@ -270,6 +271,8 @@ class TrainConfig:
         # or when it is the folder of the elastic job this worker belongs to (the launcher made
         # <out>/elastic/ after its own checks). Resuming A into another dir B is a new run in B.
         joins_job = self.elastic and (Path(self.out).expanduser() / "elastic").is_dir()
+        if self.elastic and os.environ.get(RELAY_ENV):
+            return  # the launcher checked --out on its host, where this worker's outputs go
         check_out_dir(self.out, self.overwrite or self.resumes_in_place or joins_job, resuming=self.resume is not None)
 
     @property

@@ -8,6 +8,7 @@ one run at a time (the lock), and where a resume reads its checkpoint.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -27,6 +28,24 @@ RUN_FILES = (METRICS_FILE, SUMMARY_FILE, "plots.png", WEIGHTS_FILE)  # files who
 CHECKPOINT_DIR = "checkpoints"
 RUN_DIRS = (CHECKPOINT_DIR, "ledger")  # folders of a run's own, cleared with its files by --overwrite
 REPLACED_DIR = ".replaced-run"  # where --overwrite keeps the old run until the new one finishes
+# {"run_dir": R, "copy": S}: a worker whose run dir R is on the launcher's host reads R's
+# checkpoints from its copy S (elastic/outputs_relay.py fetch_resume)
+RESUME_COPY_ENV = "HVD_ABS_RESUME_COPY"
+# Set in the workers of a launcher that relays their outputs (elastic/job_channel.py ADDRESS_ENV)
+RELAY_ENV = "HVD_ABS_JOB_SERVICE"
+
+
+def checkpoints_of(run_dir: str | os.PathLike) -> Path:
+    """The folder --resume RUN_DIR's checkpoints are read from: RUN_DIR/checkpoints, or this
+    worker's copy of the newest one when RUN_DIR is on the launcher's host."""
+    path = Path(run_dir).expanduser()
+    try:
+        mapped = json.loads(os.environ.get(RESUME_COPY_ENV) or "{}")
+    except json.JSONDecodeError:
+        mapped = {}
+    if isinstance(mapped, dict) and mapped.get("run_dir") == str(path.resolve()) and mapped.get("copy"):
+        return Path(mapped["copy"]) / CHECKPOINT_DIR
+    return path / CHECKPOINT_DIR
 
 
 def check_out_dir(out: str | os.PathLike, overwrite: bool, resuming: bool = False) -> None:
@@ -89,12 +108,12 @@ def prepare_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
     return path
 
 
-def open_writer(out: Path, cfg: Any, rank: int) -> MetricsWriter:
+def open_writer(out: Path, in_place: bool, rank: int) -> MetricsWriter:
     """The run's metrics writer (it refuses a damaged metrics.jsonl before anything changes). A
-    run resumed in its folder then drops its model.pt, no longer the weights where the run ends
+    run resumed in its folder (in_place) then drops its model.pt, no longer the weights where the run ends
     (the checkpoints keep them), so a crash on the way leaves none behind; finish writes anew."""
     writer = MetricsWriter(out, enabled=rank == 0)
-    if rank == 0 and cfg.resumes_in_place:
+    if rank == 0 and in_place:
         (out / WEIGHTS_FILE).unlink(missing_ok=True)
     return writer
 
@@ -105,7 +124,7 @@ def saved_run_config(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     predates configs in checkpoints (the caller's options are then taken as they are)."""
     from hvd_abs.training.checkpoint import load_latest  # (torch: not for `--help`)
 
-    found = load_latest(Path(run_dir).expanduser() / CHECKPOINT_DIR)
+    found = load_latest(checkpoints_of(run_dir))
     return with_planned_epochs(found[1]) if found is not None else None
 
 
@@ -125,7 +144,7 @@ def read_newest_checkpoint(run_dir: str | os.PathLike) -> tuple[str, dict[str, A
     """(path, state) of the newest checkpoint of `run_dir` that verifies; UserError if none."""
     from hvd_abs.training.checkpoint import load_latest  # (torch: not for `--help`)
 
-    found = load_latest(Path(run_dir).expanduser() / CHECKPOINT_DIR)
+    found = load_latest(checkpoints_of(run_dir))
     if found is None:
         raise UserError(f"--resume {run_dir}: no checkpoint there verifies (all missing or damaged); "
                         f"start a new run with another --out")

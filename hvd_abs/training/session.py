@@ -12,21 +12,19 @@ Nothing is written before the config, the data and the model were all accepted.
 from __future__ import annotations
 
 import contextlib
-import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from hvd_abs.atomic import write_atomic
-from hvd_abs.metrics import METRICS_FILE, MetricsWriter, cut_back, read_metrics
+from hvd_abs.metrics import MetricsWriter
 from hvd_abs.training.callbacks import run_callbacks
-from hvd_abs.training.checkpoint import to_host
 from hvd_abs.training.config import TrainConfig
 from hvd_abs.training.events import Callback
+from hvd_abs.training.outputs import LocalOutputs, elastic_resets, weights_bytes  # noqa: F401 (elastic_resets: re-exported)
 from hvd_abs.training.resume import refuse_finished
-from hvd_abs.training.run_dir import REPLACED_DIR, WEIGHTS_FILE, check_out_dir, open_writer, prepare_out_dir, run_lock
+from hvd_abs.training.run_dir import CHECKPOINT_DIR, check_out_dir, run_lock
 from hvd_abs.training.trainer import EigenFn, Trainer
 
 
@@ -44,10 +42,14 @@ class Session:
         self.cfg, self.comm, self.eigen_fn, self.model, self.data = cfg, comm, eigen_fn, model, data
         self.on_epoch, self.plot, self.extra = on_epoch, plot, list(callbacks)
         self.out = Path(cfg.out).expanduser()
+        self.outputs: Any = self.make_outputs()
         self._writer: MetricsWriter | None = None
         self.trainer: Trainer | None = None
 
     # --- what a subclass changes ---------------------------------------------------------------
+    def make_outputs(self) -> Any:
+        return LocalOutputs(self.out)
+
     def make_comm(self) -> Any:
         from hvd_abs.comm import make_comm
 
@@ -61,14 +63,12 @@ class Session:
         with run_lock(self.out) if rank == 0 else contextlib.nullcontext():  # (rank 0 alone writes there)
             if rank == 0:
                 check_out_dir(self.out, cfg.overwrite or cfg.resumes_in_place, resuming=cfg.resume is not None)
-                prepare_out_dir(self.out, cfg.replaces_out)
-                if resumed_at is not None:  # lines of an attempt after the checkpoint: redone now
-                    cut_back(self.out, *resumed_at)
+                self.outputs.prepare(cfg.replaces_out, resumed_at)
             yield
 
     def writer(self) -> MetricsWriter:
         if self._writer is None:
-            self._writer = open_writer(self.out, self.cfg, self.comm.rank)
+            self._writer = self.outputs.writer(self.comm.rank, self.cfg.resumes_in_place)
         return self._writer
 
     def close_writers(self) -> None:
@@ -88,6 +88,7 @@ class Session:
             self.comm = self.make_comm()
         trainer = self.trainer = Trainer(cfg, comm=self.comm, eigen_fn=self.eigen_fn, model=self.model,
                                          data=self.data, broadcast=self.broadcast)
+        trainer.checkpoints = self.outputs
         resumed_from = None
         if cfg.resume is not None:
             resumed_from = trainer.resume(cfg.resume, collective=self.broadcast)
@@ -99,8 +100,9 @@ class Session:
             finally:
                 self.close_writers()
             if resumed_from is not None:  # which checkpoint it continued from (a damaged newest is skipped)
-                summary["resumed_from"] = str(resumed_from)
-            return finish(trainer, summary, self.writer(), self.out, self.plot)
+                # (named in the run dir: a relayed worker read its copy of that file)
+                summary["resumed_from"] = str(Path(cfg.resume).expanduser() / CHECKPOINT_DIR / resumed_from.name)
+            return finish(trainer, summary, self.writer(), self.outputs, self.plot)
 
     def fit(self, resumed: bool) -> dict[str, Any]:
         """The training itself: fit and a last checkpoint (an elastic job enters it again after
@@ -133,35 +135,9 @@ def record_history(trainer: Trainer, writer: MetricsWriter) -> None:
         writer.event("growth", **{k: v for k, v in growth.items() if k != "event"})
 
 
-def elastic_resets(out: Path) -> list[dict[str, Any]]:
-    """The run's elastic resets (a join or leave: "resize"; a lost worker: "failure") from its
-    metrics.jsonl, each with its epoch, update, new world size and stall; [] for a fixed world."""
-    if not (out / METRICS_FILE).exists():
-        return []
-    _, events = read_metrics(out)
-    return [{k: e.get(k) for k in ("event", "epoch", "updates", "world_size", "stall_s")}
-            for e in events if e["event"] in ("resize", "failure")]
-
-
-def save_weights(model: nn.Module, path: Path) -> Path:
-    """The model's state_dict, on the host, as a plain torch file written atomically: loadable
-    without hvd_abs (torch.load(path, weights_only=True)), unlike the checksummed checkpoints."""
-    state = to_host(model.state_dict())
-    return write_atomic(path, lambda fh: torch.save(state, fh))
-
-
-def finish(trainer: Trainer, summary: dict[str, Any], writer: MetricsWriter, out: Path, plot: bool) -> dict[str, Any]:
-    """Rank 0: model.pt, plots.png and the final summary.json."""
+def finish(trainer: Trainer, summary: dict[str, Any], writer: MetricsWriter, outputs: Any,
+           plot: bool) -> dict[str, Any]:
+    """Rank 0: model.pt, plots.png and the final summary.json, wherever the run's outputs go."""
     if trainer.comm.rank != 0:
         return summary
-    summary["weights"] = str(save_weights(trainer.model, out / WEIGHTS_FILE))
-    summary["resets"] = elastic_resets(out)
-    if plot:
-        if trainer.history:  # a run stopped before its first epoch end has nothing to draw
-            from hvd_abs.plotting import plot_run
-
-            summary["plot"] = str(plot_run(out))
-        summary["metrics"] = str(out / METRICS_FILE)
-    writer.summary(**summary)
-    shutil.rmtree(out / REPLACED_DIR, ignore_errors=True)  # the new run is whole: the one it replaced can go
-    return summary
+    return outputs.finish(weights_bytes(trainer.model), summary, plot, writer)

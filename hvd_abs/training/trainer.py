@@ -57,12 +57,12 @@ from hvd_abs.metrics import MetricsWriter
 from hvd_abs.precision import forward_model
 from hvd_abs.running_stats import RunningStats, frozen_stats, running_buffers
 from hvd_abs.sampling import EpochSampler, rank_micro_batches
-from hvd_abs.training.checkpoint import save_checkpoint, to_host
+from hvd_abs.training.checkpoint import to_host
 from hvd_abs.training.config import EIG_BATCH, TrainConfig
 from hvd_abs.training.events import Callback, Event, fire
 from hvd_abs.training.resume import resume_trainer, saved_config
 from hvd_abs.training.run_data import data_id, run_data
-from hvd_abs.training.run_dir import CHECKPOINT_DIR
+from hvd_abs.training.outputs import LocalOutputs
 from hvd_abs.training.user_model import check_model_fits, make_model
 
 log = logging.getLogger(__name__)
@@ -130,6 +130,7 @@ class Trainer:
         self.elapsed_s = 0.0
         self.second_order_total_s = 0.0
         self.history: list[dict[str, Any]] = []  # epoch lines so far (rank 0's summary)
+        self.checkpoints: Any = LocalOutputs(cfg.out)  # where save_checkpoint writes (a session's outputs)
         self.growths: list[dict[str, Any]] = []
         # loss_sum, correct, count (global) of the epoch so far. Kept on the device and read once
         # an epoch: reading it every update would stop a GPU's queue from running ahead of Python.
@@ -434,13 +435,14 @@ class Trainer:
 
     # --- disk checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self, writer: MetricsWriter) -> Path | None:
-        """Rank 0 writes the whole state (and torch's RNG) atomically to <out>/checkpoints/."""
+        """Rank 0 writes the whole state (and torch's RNG) atomically to <out>/checkpoints/ (on the
+        launcher's host when the outputs are relayed)."""
         if self.comm.rank != 0:
             return None
         t0 = time.perf_counter()
         state = to_host({**self.state_dict(), "rng": torch.get_rng_state(), "config": saved_config(self.cfg),
                          "data": self.data_id})
-        path = save_checkpoint(Path(self.cfg.out).expanduser() / CHECKPOINT_DIR, state, self.updates)
+        path = self.checkpoints.save_checkpoint(state, self.updates)
         writer.event("checkpoint", epoch=self.epoch, updates=self.updates, path=str(path),
                      seconds=time.perf_counter() - t0)
         return path
