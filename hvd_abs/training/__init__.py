@@ -8,6 +8,7 @@ _NAMES = {
     "DEFAULT_MODELS": "config", "METHODS": "config",
     "CHECKPOINT_DIR": "run_dir", "WEIGHTS_FILE": "run_dir", "RUN_FILES": "run_dir", "REPLACED_DIR": "run_dir",
     "check_out_dir": "run_dir", "prepare_out_dir": "run_dir", "open_writer": "run_dir",
+    "LocalOutputs": "outputs",
     "resumed_options": "resume", "refuse_finished": "resume",
     "Trainer": "trainer", "StopRequested": "trainer",
     "Event": "events", "Callback": "events",
