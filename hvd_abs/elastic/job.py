@@ -24,10 +24,9 @@ from typing import Any, Callable, Iterator
 
 from hvd_abs.batching.layout import wanted_world_size
 from hvd_abs.elastic.world_signal import publish_wanted
-from hvd_abs.metrics import MetricsWriter, cut_back
+from hvd_abs.metrics import MetricsWriter
 from hvd_abs.training.events import Callback, Event
 from hvd_abs.training.outputs import LocalOutputs
-from hvd_abs.training.run_dir import prepare_out_dir
 from hvd_abs.training.session import Session
 from hvd_abs.training.trainer import Trainer
 
@@ -118,9 +117,10 @@ class ElasticSession(Session):
 
     def make_outputs(self) -> Any:
         # Relayed to the launcher's host when it set up a job channel (rank 0 may be anywhere).
-        from hvd_abs.elastic.outputs_relay import RelayOutputs, relay_channel
+        from hvd_abs.elastic.job_channel import JobChannel
+        from hvd_abs.elastic.outputs_relay import RelayOutputs
 
-        channel = relay_channel()
+        channel = JobChannel.from_env()
         return RelayOutputs(channel) if channel is not None else LocalOutputs(self.out)
 
     def make_comm(self) -> Any:
@@ -176,8 +176,6 @@ def _prepare_once(out: Path, overwrite: bool, resumed_at: tuple[int, int] | None
     marker = out / "elastic" / "job"
     if marker.exists() and marker.read_text() == job:
         return
-    prepare_out_dir(out, overwrite)
-    if resumed_at is not None:
-        cut_back(out, *resumed_at)
+    LocalOutputs(out).prepare(overwrite, resumed_at)
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(job)

@@ -69,16 +69,11 @@ class RelayOutputs:
         return {**summary, **done["added"]}
 
 
-def relay_channel(env: dict[str, str] | None = None) -> JobChannel | None:
-    """The job channel when this process is an elastic worker of a launcher that relays outputs."""
-    return JobChannel.from_env(env)
-
-
 def fetch_resume(options: dict[str, Any]) -> None:
     """Before an elastic worker reads --resume DIR (the launcher's): the newest checkpoint there
     that verifies, copied into a temp folder that run_dir.checkpoints_of then reads for DIR."""
     resume = options.get("resume")
-    channel = relay_channel() if options.get("elastic") and resume else None
+    channel = JobChannel.from_env() if options.get("elastic") and resume else None
     if channel is None:
         return
     answer = _ask(channel, "resume_checkpoint", run_dir=str(resume))

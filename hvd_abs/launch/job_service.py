@@ -24,7 +24,7 @@ from hvd_abs.elastic.job_channel import (ADDRESS_ENV, GREETING, KEY_ENV, MAX_HEA
                                          new_key, recv_exact)
 from hvd_abs.elastic.world_signal import write_wanted
 from hvd_abs.metrics import MetricsWriter
-from hvd_abs.training.checkpoint import CheckpointError, load_checkpoint, list_checkpoints
+from hvd_abs.training.checkpoint import load_latest
 from hvd_abs.training.outputs import LocalOutputs
 from hvd_abs.training.run_dir import CHECKPOINT_DIR
 
@@ -175,14 +175,10 @@ class JobService:
         asked = Path(str(header.get("run_dir"))).expanduser().resolve()
         if self.resume is None or asked != self.resume:
             raise ValueError(f"{asked} is not this job's --resume folder")
-        for path in reversed(list_checkpoints(self.resume / CHECKPOINT_DIR)):
-            try:
-                load_checkpoint(path)
-            except CheckpointError as exc:
-                print(f"hvd-abs job service: skipping damaged checkpoint: {exc}", file=sys.stderr)
-                continue
-            return {"name": path.name, "payload": path.read_bytes()}
-        raise ValueError(f"--resume {self.resume}: no checkpoint there verifies")
+        found = load_latest(self.resume / CHECKPOINT_DIR)  # (a damaged newest is skipped, with a warning)
+        if found is None:
+            raise ValueError(f"--resume {self.resume}: no checkpoint there verifies")
+        return {"name": found[0].name, "payload": found[0].read_bytes()}
 
 
 def _json_object(payload: bytes) -> dict[str, Any]:

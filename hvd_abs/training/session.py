@@ -15,14 +15,13 @@ import contextlib
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-import torch
 from torch import nn
 
 from hvd_abs.metrics import MetricsWriter
 from hvd_abs.training.callbacks import run_callbacks
 from hvd_abs.training.config import TrainConfig
 from hvd_abs.training.events import Callback
-from hvd_abs.training.outputs import LocalOutputs, elastic_resets, weights_bytes  # noqa: F401 (elastic_resets: re-exported)
+from hvd_abs.training.outputs import LocalOutputs, weights_bytes
 from hvd_abs.training.resume import refuse_finished
 from hvd_abs.training.run_dir import CHECKPOINT_DIR, check_out_dir, run_lock
 from hvd_abs.training.trainer import EigenFn, Trainer

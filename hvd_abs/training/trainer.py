@@ -434,7 +434,7 @@ class Trainer:
         return summary
 
     # --- disk checkpoints ----------------------------------------------------------------------------
-    def save_checkpoint(self, writer: MetricsWriter) -> Path | None:
+    def save_checkpoint(self, writer: MetricsWriter) -> str | None:
         """Rank 0 writes the whole state (and torch's RNG) atomically to <out>/checkpoints/ (on the
         launcher's host when the outputs are relayed)."""
         if self.comm.rank != 0:
