@@ -41,6 +41,9 @@ from ray_fake_nodes import FakeRayCluster  # noqa: E402
 
 from hvd_abs.atomic import write_text_atomic  # noqa: E402
 
+# The fake cluster and its drivers on loopback (Ray's node IP 127.0.0.1), as in the tests.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 
 def launcher(address: str):
     def launch(n: int) -> list[str]:

@@ -223,6 +223,7 @@ def fit(cfg: TrainConfig | None = None, *, model: nn.Module | Callable[[], nn.Mo
     to stderr and stdout as the CLI does. Returns the summary (complete on rank 0)."""
     import click
 
+    from hvd_abs.elastic.outputs_relay import launcher_prints_summary
     from hvd_abs.training.progress import epoch_line, format_summary
 
     defaults = TrainConfig()
@@ -257,7 +258,8 @@ def fit(cfg: TrainConfig | None = None, *, model: nn.Module | Callable[[], nn.Mo
         raise UserError(f"model must be a torch.nn.Module or a function returning one, got {type(model).__name__}")
     on_epoch = (lambda r: click.echo(epoch_line(r), err=True)) if echo and not cfg.quiet else None
     summary = train(cfg, on_epoch=on_epoch, model=model, data=data)
-    if echo and summary is not None and "plot" in summary:  # rank 0's final summary
+    # Rank 0's final summary; in a relayed job the launcher prints it, from its OUT.
+    if echo and summary is not None and "plot" in summary and not launcher_prints_summary(cfg.elastic):
         click.echo(format_summary(summary))
     return summary
 

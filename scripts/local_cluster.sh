@@ -10,17 +10,19 @@
 #   scripts/local_cluster.sh ssh I [DIR] -- CMD   run CMD on host I (cwd: this directory)
 #   scripts/local_cluster.sh kill I [DIR]     SIGKILL every process on host I (a lost host)
 #   scripts/local_cluster.sh cut|heal I [DIR] take host I's link down / up (a partition)
+#   scripts/local_cluster.sh ray I [DIR]      start a Ray node on host I: the head on host 1, else one
+#                                             joining it (1 CPU each, token auth); prints the driver's env
 # DIR defaults to $HVD_ABS_CLUSTER_DIR or /tmp/hvd_abs_cluster.
 set -euo pipefail
 
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 die() { echo "local_cluster: $*" >&2; exit 2; }
 
 action=${1:-}; [ -n "$action" ] || usage; shift
 count=""
 case "$action" in
     up) count=${1:-}; [[ "$count" =~ ^[1-9][0-9]?$ ]] || die "up N: N must be 1..99, got '${count}'"; shift ;;
-    ssh|kill|cut|heal) host_i=${1:-}; [[ "$host_i" =~ ^[0-9]+$ ]] || die "$action I: I must be a host number"; shift ;;
+    ssh|kill|cut|heal|ray) host_i=${1:-}; [[ "$host_i" =~ ^[0-9]+$ ]] || die "$action I: I must be a host number"; shift ;;
     down|status) ;;
     *) usage ;;
 esac
@@ -106,6 +108,26 @@ up() {
     for i in $(seq 1 "$count"); do echo "host $i $(addr_of "$i") $(ns_of "$i") disk $DIR/hosts/h$i"; done
 }
 
+ray_node() {
+    # Ray's files in the host's own disk (RAY_TMPDIR; /tmp is shared), its token and home in DIR:
+    # nothing lands in the user's ~/.ray. The head listens on host 1's address, port 6379.
+    load
+    [ "$host_i" -ge 1 ] && [ "$host_i" -le "$COUNT" ] || die "no host $host_i (1..$COUNT)"
+    local ray=${RAY:-$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/ray} head
+    [ -x "$ray" ] || die "no Ray at $ray: run 'make env' first, or set RAY=/path/to/ray"
+    mkdir -p "$DIR/ray/home"
+    [ -s "$DIR/ray/token" ] || (umask 077; od -An -tx1 -N32 /dev/urandom | tr -d ' \n' > "$DIR/ray/token")
+    head="$(addr_of 1):6379"
+    local env="HOME=$DIR/ray/home RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$DIR/ray/token RAY_TMPDIR=$SRV/ray"
+    local start="--head --port 6379 --include-dashboard false"
+    [ "$host_i" = 1 ] || start="--address $head"
+    # shellcheck disable=SC2046
+    ssh $(ssh_flags) "root@$(addr_of "$host_i")" "env $env $ray start $start --node-ip-address $(addr_of "$host_i") \
+        --num-cpus 1 --disable-usage-stats > $DIR/logs/h$host_i.ray.log 2>&1" \
+        || die "ray start on host $host_i failed; see $DIR/logs/h$host_i.ray.log"
+    echo "ray_env RAY_ADDRESS=$head RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$DIR/ray/token RAY_TMPDIR=$SRV/ray"
+}
+
 down() {
     need_root
     [ -f "$STATE" ] || { echo "local_cluster: nothing in $DIR"; return 0; }
@@ -132,6 +154,7 @@ case "$action" in
          # shellcheck disable=SC2046
          exec ssh $(ssh_flags) "root@$(addr_of "$host_i")" "cd $(printf %q "$PWD") && $*" ;;
     kill) need_root; load; ip netns pids "$(ns_of "$host_i")" | xargs -r kill -9 ;;
+    ray) ray_node ;;
     cut) need_root; load; ip -n "$(ns_of "$host_i")" link set eth0 down ;;
     heal) need_root; load; ip -n "$(ns_of "$host_i")" link set eth0 up ;;
 esac

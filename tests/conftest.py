@@ -16,6 +16,11 @@ WORKERS = Path(__file__).resolve().parent / "workers"
 sys.path.insert(0, str(WORKERS))
 from ray_fake_nodes import FakeClusterError, FakeRayCluster  # noqa: E402
 
+# Ray of the one-machine tests on loopback (node IP 127.0.0.1, a Linux switch of Ray's): its
+# traffic, and Horovod's, which follows Ray's node IP, stay on lo. The namespace hosts of the
+# multi-host tests are started over ssh, with their own environment.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 
 def run_checked(cmd: list[str], timeout: float, env: dict[str, str] | None = None,
                 cwd: str | Path | None = None) -> subprocess.CompletedProcess:

@@ -497,7 +497,10 @@ def test_launch_ray_runs_a_script_in_the_actors(tmp_path, monkeypatch):
     seen: dict = {}
 
     class Recorder:  # stands in for the executor: this test is about what the actors are given
-        def __init__(self, **kwargs: object) -> None: ...
+        driver_address, spans_machines = "127.0.0.1", False
+
+        def __init__(self, **kwargs: object) -> None:
+            self.env: dict = {}
 
         def start(self) -> None: ...
 

@@ -134,7 +134,7 @@ def test_ray_rendezvous_listens_on_loopback_only() -> None:
 
     from hvd_abs.launch.ray_executor import BoundRendezvousServer, _local_network
 
-    assert _local_network(["10.1.1.1"], "10.1.1.1") == ("lo", "127.0.0.1")  # one machine: loopback
+    assert _local_network("127.0.0.1") == ("lo", "127.0.0.1")  # a cluster on loopback: loopback
     server = BoundRendezvousServer("127.0.0.1")
     port = server.start(RendezvousHandler)
     try:

@@ -5,66 +5,21 @@ read-only image (this checkout and its .venv). Skipped where namespaces cannot b
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import BIN, REPO
+from conftest import BIN
 from hvd_abs.metrics import read_metrics
+from namespace_cluster import Cluster, Job, can_make_namespaces, merged_ledger
 
-SCRIPT = REPO / "scripts" / "local_cluster.sh"
 DIGITS = ["--dataset", "digits", "--model", "cnn", "--base-batch", "32", "--quiet", "--threads", "1",
           "--callback", "hvd_abs.testing.ledger:Ledger", "--commit-every", "1"]
 
 
-class Cluster:
-    def __init__(self, root: Path, count: int) -> None:
-        self.root = root
-        done = subprocess.run(["bash", str(SCRIPT), "up", str(count), str(root)], capture_output=True, text=True,
-                              timeout=120)
-        if done.returncode != 0:
-            pytest.fail(f"local_cluster.sh up failed:\n{done.stdout}\n{done.stderr}")
-        lines = [line.split() for line in done.stdout.splitlines()]
-        self.addresses = [w[2] for w in lines if w[0] == "host"]
-        self.ssh_flags = next(w[1:] for w in lines if w[0] == "ssh_flags")
-
-    def disk(self, i: int) -> Path:
-        """Host i's /srv/hvd, as seen from outside the hosts."""
-        return self.root / "hosts" / f"h{i}"
-
-    def hostfile(self, hosts: list[int], name: str = "hostfile") -> Path:
-        path = self.root / name
-        path.write_text("".join(f"{self.addresses[i - 1]} slots=1\n" for i in hosts))
-        return path
-
-    def run(self, i: int, argv: list[str], timeout: float) -> subprocess.CompletedProcess:
-        """`argv` on host i (over ssh, so in its namespaces), from this checkout."""
-        command = " ".join(subprocess.list2cmdline([a]) if a else "''" for a in argv)
-        env = "PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1"
-        try:
-            return subprocess.run(["bash", str(SCRIPT), "ssh", str(i), str(self.root), "--", f"{env} {command}"],
-                                  capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired as exc:
-            pytest.fail(f"host {i}: {command} timed out after {timeout}s\n{exc.stdout}\n{exc.stderr}")
-
-    def close(self) -> None:
-        subprocess.run(["bash", str(SCRIPT), "down", str(self.root)], capture_output=True, timeout=60)
-
-
-def _can_make_namespaces() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root to make network namespaces (CI runs these as root)"
-    if shutil.which("ip") is None or shutil.which("unshare") is None:
-        return "needs iproute2 and util-linux"
-    return None
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    why = _can_make_namespaces()
+    why = can_make_namespaces()
     if why:
         pytest.skip(why)
     c = Cluster(tmp_path_factory.mktemp("cluster"), 3)
@@ -140,43 +95,6 @@ def test_the_interface_is_found_from_the_pool(cluster):
                                                     f"from the hostfile) or name one every host has")
 
 
-class Job:
-    """`argv` on host 1 in the background (the launcher, as a user's), its output in `log`."""
-
-    def __init__(self, cluster: Cluster, argv: list[str], name: str) -> None:
-        self.cluster, self.log = cluster, cluster.root / f"{name}.log"
-        command = " ".join(subprocess.list2cmdline([a]) for a in argv)
-        self.proc = subprocess.Popen(["bash", str(SCRIPT), "ssh", "1", str(cluster.root), "--",
-                                      f"PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 {command}"],
-                                     stdout=open(self.log, "w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-
-    def wait_for(self, ledger: Path, text: str, limit_s: float = 240) -> None:
-        """Until some rank's ledger in `ledger` (a host's disk) holds `text`."""
-        import time
-
-        deadline = time.monotonic() + limit_s
-        while not any(text in f.read_text() for f in ledger.glob("rank-*.jsonl")):
-            assert self.proc.poll() is None and time.monotonic() < deadline, self.output()
-            time.sleep(0.05)
-
-    def finish(self, limit_s: float = 300) -> int:
-        try:
-            return self.proc.wait(timeout=limit_s)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-
-    def output(self) -> str:
-        return self.log.read_text()[-6000:]
-
-
-def merged_ledger(into: Path, *ledgers: Path) -> None:
-    """The job's ledger in one folder (each host kept its ranks' own)."""
-    for d in ledgers:
-        for f in d.glob("*.jsonl"):
-            shutil.copy(f, into / f.name)
-
-
 @pytest.mark.multiprocess
 def test_a_host_leaving_the_hostfile_shrinks_the_job(cluster):
     """Hosts 1 and 2 with the pool [1, 2]; once host 2's worker has run update 30, the user
@@ -224,6 +142,8 @@ def test_a_run_on_another_host_resumes_from_the_launchers_out(cluster):
     assert done.returncode == 0, done.stderr[-4000:]
     done = cluster.run(1, launch(cluster, pool, "--resume", out, "--epochs", "3"), timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
+    # The table is the launcher's, from its OUT (host 2, rank 0, has no metrics file to read).
+    assert f"metrics: {out}/metrics.jsonl" in done.stdout and "Error" not in done.stderr, done.stderr[-4000:]
     whole = "/srv/hvd/whole"
     done = cluster.run(1, launch(cluster, pool, *args, "--epochs", "3", "--out", whole), timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -234,6 +154,51 @@ def test_a_run_on_another_host_resumes_from_the_launchers_out(cluster):
     resumed_from = json.loads((cluster.disk(1) / "resumed" / "summary.json").read_text())["resumed_from"]
     assert resumed_from == f"{out}/checkpoints/ckpt-{table[0][1]['updates']:06d}.pt"  # the launcher's file
     assert not (cluster.disk(2) / "resumed").exists() or {p.name for p in (cluster.disk(2) / "resumed").iterdir()} <= {"ledger"}
+
+
+def _records(ledger: Path) -> list[dict]:
+    return [json.loads(line) for f in ledger.glob("rank-*.jsonl") for line in f.read_text().splitlines()
+            if line.endswith("}")]
+
+
+@pytest.mark.multiprocess
+def test_a_host_cut_off_is_barred_and_rejoins_after_the_cooldown(cluster):
+    """Hosts 1 (launcher, rank 0) and 2: once host 2's worker waits inside update 31, host 2's
+    link goes down. Rank 0's allreduce times out, host 2's ssh session ends on its keep-alives,
+    Horovod bars host 2, and the job rolls back to update 24 and goes on alone. The link comes
+    back; after the cooldown host 2 gets a worker again and the job ends at world size 2: every
+    sample of the committed history once, the failure and the rejoin in host 1's metrics."""
+    import time
+
+    from test_faults_horovod import COMMIT_EVERY, SGD2, rollback_report
+
+    out, run = "/srv/hvd/cut", cluster.disk(1) / "cut"
+    (run / "ledger").mkdir(parents=True)
+    for gate in ("hold-1-world-2", "hold-30", "hold-70-world-2"):  # (the rejoin comes before the end)
+        (run / "ledger" / gate).touch()
+    job = Job(cluster, launch(cluster, cluster.hostfile([1, 2], "pool-cut"), *SGD2, "--epochs", "4", "--out", out,
+                              launcher=["--min-np", "1", "--max-np", "2", "--blacklist-cooldown", "5,6"]), "cut",
+              env="HOROVOD_GLOO_TIMEOUT_SECONDS=15")
+    remote = cluster.disk(2) / "cut" / "ledger"
+    job.wait_for(remote, '"update": 30')
+    time.sleep(0.5)  # inside update 31's allreduce, waiting for rank 0
+    cluster.cut(2)
+    (run / "ledger" / "hold-30").unlink()
+    deadline = time.monotonic() + 120
+    while not any(r["update"] > 24 and r["world_size"] == 1 for r in _records(run / "ledger")):
+        assert job.proc.poll() is None and time.monotonic() < deadline, job.output()
+        time.sleep(0.2)
+    cluster.heal(2)  # the job runs alone meanwhile
+    assert job.finish() == 0, job.output()
+    epochs, events = read_metrics(run)
+    assert [e["epoch"] for e in epochs] == [1, 2, 3, 4] and epochs[-1]["world_size"] == 2, job.output()
+    failure = next(i for i, e in enumerate(events) if e["event"] == "failure")
+    assert events[failure]["world_size"] == 1 and events[failure]["stall_s"] is not None, events
+    assert any(e["event"] == "resize" and e["world_size"] == 2 for e in events[failure:]), events
+    assert any(r["update"] > 70 for r in _records(remote))  # host 2 trained again after the rejoin
+    merged_ledger(run / "ledger", remote)
+    report = rollback_report(run, COMMIT_EVERY)
+    assert report["rolled_back_updates"][:6] == list(range(25, 31)), report
 
 
 @pytest.mark.multiprocess
@@ -258,7 +223,7 @@ def test_rank_0s_host_dies_and_the_outputs_are_whole_on_the_launchers_host(clust
     import time
 
     time.sleep(0.5)  # inside update 31's allreduce, waiting for rank 0
-    subprocess.run(["bash", str(SCRIPT), "kill", "2", str(cluster.root)], check=True, timeout=30)
+    cluster.kill(2)
     code = job.finish()
     assert code == 0, job.output()
     epochs, events = read_metrics(run)
@@ -290,33 +255,19 @@ def test_a_lost_host_rolls_the_job_back_and_it_finishes(cluster):
     (run / "ledger").mkdir(parents=True)
     for gate in ("hold-1-world-2", "hold-30"):
         (run / "ledger" / gate).touch()
-    argv = launch(cluster, cluster.hostfile([1, 3], "pool13"), *SGD2, "--epochs", "4", "--out", out,
-                  launcher=["--min-np", "1", "--max-np", "2"])
-    command = " ".join(subprocess.list2cmdline([a]) for a in argv)
-    with open(cluster.root / "lost.log", "w") as log:
-        job = subprocess.Popen(["bash", str(SCRIPT), "ssh", "1", str(cluster.root), "--",
-                                f"PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 {command}"],
-                               stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        try:
-            remote_ledger = cluster.disk(3) / "lost" / "ledger"
-            deadline = time.monotonic() + 240
-            while not any('"update": 30' in f.read_text() for f in remote_ledger.glob("rank-*.jsonl")):
-                assert job.poll() is None and time.monotonic() < deadline, (cluster.root / "lost.log").read_text()
-                time.sleep(0.05)
-            time.sleep(0.5)  # inside update 31's allreduce, waiting for rank 0
-            subprocess.run(["bash", str(SCRIPT), "kill", "3", str(cluster.root)], check=True, timeout=30)
-            (run / "ledger" / "hold-30").unlink()
-            code = job.wait(timeout=300)
-        finally:
-            if job.poll() is None:
-                job.kill()
-    text = (cluster.root / "lost.log").read_text()
-    assert code == 0, text[-6000:]
+    job = Job(cluster, launch(cluster, cluster.hostfile([1, 3], "pool13"), *SGD2, "--epochs", "4", "--out", out,
+                              launcher=["--min-np", "1", "--max-np", "2"]), "lost")
+    remote_ledger = cluster.disk(3) / "lost" / "ledger"
+    job.wait_for(remote_ledger, '"update": 30')
+    time.sleep(0.5)  # inside update 31's allreduce, waiting for rank 0
+    cluster.kill(3)
+    (run / "ledger" / "hold-30").unlink()
+    code = job.finish()
+    assert code == 0, job.output()
     epochs, events = read_metrics(run)
-    assert [e["epoch"] for e in epochs] == [1, 2, 3, 4] and epochs[-1]["world_size"] == 1, text[-3000:]
+    assert [e["epoch"] for e in epochs] == [1, 2, 3, 4] and epochs[-1]["world_size"] == 1, job.output()
     failures = [e for e in events if e["event"] == "failure"]
     assert len(failures) == 1 and failures[0]["stall_s"] >= 0, events
-    for f in remote_ledger.glob("*.jsonl"):  # one ledger of the whole job, on host 1's disk
-        shutil.copy(f, run / "ledger" / f.name)
+    merged_ledger(run / "ledger", remote_ledger)  # one ledger of the whole job, on host 1's disk
     report = rollback_report(run, COMMIT_EVERY)
     assert report["rolled_back_updates"][:6] == list(range(25, 31)), report

@@ -192,22 +192,25 @@ def test_launch_ray_usage_errors(argv: list[str], message: str) -> None:
 
 
 def test_network_choice() -> None:
-    assert _local_network(["10.9.9.9", "10.9.9.9"], "10.9.9.9") == ("lo", "127.0.0.1")  # one machine
+    assert _local_network("127.0.0.1") == ("lo", "127.0.0.1")  # a cluster on loopback
     with pytest.raises(RayExecutorError, match="pass nic=NAME"):
-        _local_network(["10.9.9.9", "10.9.9.8"], "203.0.113.77")  # no local interface holds it
+        _local_network("203.0.113.77")  # no local interface holds it
 
 
 def test_launch_ray_builds_train_elastic_with_absolute_out(tmp_path, monkeypatch) -> None:
     seen: dict = {}
 
     class Recorder:  # stands in for the executor: this test is about the command line only
+        driver_address, spans_machines = "127.0.0.1", False
+
         def __init__(self, **kwargs: object) -> None:
             seen["kwargs"] = kwargs
+            self.env: dict = {}
 
         def start(self) -> None: ...
 
         def run(self, fn: object, args: tuple, *, warmup: object) -> list:
-            seen["fn"], seen["args"], seen["warmup"] = fn, args, warmup
+            seen["fn"], seen["args"], seen["warmup"], seen["env"] = fn, args, warmup, dict(self.env)
             return []
 
         def shutdown(self) -> None:
@@ -223,6 +226,8 @@ def test_launch_ray_builds_train_elastic_with_absolute_out(tmp_path, monkeypatch
     assert seen["args"] == (["--elastic", "--max-np", "2", "--dataset", "digits", f"--out={out}"],)
     # Workers warm up (imports, data) on the same command line before their slot is offered.
     assert seen["warmup"].func is ray_executor.warm_train_worker and seen["warmup"].args == seen["args"]
+    # The workers reach the launcher's job service (its address on the driver's, a per-job key).
+    assert seen["env"]["HVD_ABS_JOB_SERVICE"].startswith("127.0.0.1:") and len(seen["env"]["HVD_ABS_JOB_KEY"]) == 64
     assert seen["kwargs"]["warm_timeout"] == 60.0
     result = CliRunner().invoke(cli, ["launch", "ray", "--address", "local", "--warm-timeout", "5", "--", "--out=runs/x"])
     assert result.exit_code == 0 and seen["kwargs"]["warm_timeout"] == 5.0, result.output
@@ -288,8 +293,8 @@ def test_trainer_grows_onto_an_added_node_and_asks_the_autoscaler(tmp_path, jobs
     check_every_sample_once(out)
     assert check_ranks_identical_after_sync(out) >= 1  # the joiner's sync: equal to rank 0
     # The workers' lines reach the log (not a terminal) without colour codes.
-    worker_lines = [line for line in job.output().splitlines() if "pid=" in line]
-    assert worker_lines and not any("\x1b[" in line for line in worker_lines), worker_lines[:3]
+    # The run's table is the launcher's, from its OUT (rank 0 sends the outputs there).
+    assert "workers: 1 (epoch" in job.output() and "\x1b[" not in job.output(), job.output()[-3000:]
 
 
 @pytest.mark.multiprocess
@@ -356,3 +361,37 @@ def test_a_script_runs_as_the_ray_workers(tmp_path, jobs, fake_ray):
     assert "background loop uncaught exception" not in job.output(), job.output()[-3000:]
     check_every_sample_once(out)
     check_ranks_identical_after_sync(out)
+
+
+def test_the_address_comes_from_RAY_ADDRESS_as_ray_init_reads_it(monkeypatch) -> None:
+    monkeypatch.setenv("RAY_ADDRESS", "nowhere")
+    result = CliRunner().invoke(cli, ["launch", "ray", "--", "--out", "x"])
+    assert result.exit_code == 2 and "--address must be auto, local or HOST:PORT" in result.output, result.output
+    monkeypatch.delenv("RAY_ADDRESS")
+    result = CliRunner().invoke(cli, ["launch", "ray", "--", "--out", "x"])
+    assert result.exit_code == 2 and "Missing option '--address'" in result.output, result.output
+
+
+def test_a_cluster_that_wants_a_token_is_one_line_naming_what_to_set(monkeypatch) -> None:
+    from hvd_abs.launch.ray_address import auth_problem
+
+    def failed_connect(cause: str) -> ConnectionError:
+        try:
+            try:
+                raise RuntimeError(cause)
+            except RuntimeError as exc:
+                raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.1:6379") from exc
+        except ConnectionError as exc:
+            return exc
+
+    denied = failed_connect("Failed to connect to GCS: Unauthenticated: InvalidAuthToken: token is missing")
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    assert auth_problem(denied, "10.0.0.1:6379") == (
+        "the Ray cluster at 10.0.0.1:6379 requires token authentication (InvalidAuthToken): set RAY_AUTH_MODE=token, "
+        "with the cluster's token in ~/.ray/auth_token, in a file named by RAY_AUTH_TOKEN_PATH or in RAY_AUTH_TOKEN")
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", "/etc/ray-token")
+    assert "refused this machine's token (InvalidAuthToken): give it the token of the cluster's head" in \
+        auth_problem(denied, "10.0.0.1:6379") and "/etc/ray-token" in auth_problem(denied, "10.0.0.1:6379")
+    assert auth_problem(failed_connect("Timed out while waiting for GCS"), "10.0.0.1:6379") is None

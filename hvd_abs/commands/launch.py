@@ -171,9 +171,9 @@ def _refused(message: str) -> None:
 
 
 @command.command("ray", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
-@click.option("--address", required=True,
+@click.option("--address", envvar="RAY_ADDRESS", required=True,
               help="Ray cluster: 'auto' (the one this machine belongs to), HOST:PORT of its head, or "
-                   "'local' (start one on this machine, no dashboard).")
+                   "'local' (start one on this machine, no dashboard). Default: $RAY_ADDRESS.")
 @click.option("--min-workers", type=click.IntRange(min=1), default=1, show_default=True, help="Fewest workers to run with.")
 @click.option("--max-workers", type=click.IntRange(min=1), default=8, show_default=True,
               help="Most workers; the job asks for min(max-workers, global batch / base batch).")
@@ -182,8 +182,8 @@ def _refused(message: str) -> None:
 @click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Ray GPUs each worker actor holds (use with --device cuda).")
 @click.option("--network-interface", default=None,
-              help="NIC for Horovod's traffic (default: 'lo' when every Ray node is this machine, else the "
-                   "interface holding this node's Ray IP).")
+              help="NIC for Horovod's traffic (default: the interface holding this node's Ray IP, the way "
+                   "Ray's traffic goes; 'lo' with --address local).")
 @click.option("--warm/--cold", default=True, show_default=True,
               help="Offer a joining worker's slot to the job only once the worker has imported and loaded the "
                    "data (the job goes on meanwhile), or right away (the running workers wait for it).")
@@ -200,8 +200,8 @@ def ray(address: str, min_workers: int, max_workers: int, cpus_per_worker: float
 
     Workers are placed by resources on the cluster's nodes; the job grows when its batch grows
     (up to --max-workers and what the cluster holds, asking the autoscaler for more) and rolls
-    back and continues when a worker or node is lost. --out must be on storage this machine and
-    every node share.
+    back and continues when a worker or node is lost. The run's outputs are written into --out on
+    this machine, whichever node rank 0 is on; each node needs the data itself.
 
     Example: hvd-abs launch ray --address local --max-workers 2 -- --dataset digits --method absa --out runs/x
     """
@@ -226,10 +226,14 @@ def ray(address: str, min_workers: int, max_workers: int, cpus_per_worker: float
     # Actors do not run in this directory: the run directory travels as an absolute path.
     run_dir = str(Path(out).resolve())
     args = with_option(list(train_args), "--out", run_dir)
+    resume = option_value(args, "--resume")
+    if resume:  # (read by this launcher's job service, which serves it to the workers)
+        args = with_option(args, "--resume", str(Path(resume).expanduser().resolve()))
+        resume = option_value(args, "--resume")
     worker_argv = ["--elastic", "--max-np", str(max_workers), *args]
 
-    from hvd_abs.launch.ray_executor import (RayElasticExecutor, RayExecutorError, script_worker, train_worker,
-                                              warm_script_worker, warm_train_worker)
+    from hvd_abs.launch.ray_executor import (RayAuthError, RayElasticExecutor, RayExecutorError, script_worker,
+                                              train_worker, warm_script_worker, warm_train_worker)
 
     executor = RayElasticExecutor(min_workers=min_workers, max_workers=max_workers, cpus_per_worker=cpus_per_worker,
                                   gpus_per_worker=gpus_per_worker, address=address, run_dir=run_dir,
@@ -245,11 +249,17 @@ def ray(address: str, min_workers: int, max_workers: int, cpus_per_worker: float
                f"{gpus_per_worker:g}) running {running} {' '.join(worker_argv)}", err=True)
     try:
         executor.start()
+    except RayAuthError as exc:
+        from hvd_abs.errors import exit_2
+
+        exit_2(str(exc))
     except ConnectionError as exc:
         raise click.UsageError(f"no Ray cluster at --address {address} ({exc}): start one with "
                                f"`ray start --head`, or pass --address local") from None
+    from hvd_abs.comm import SEPARATE_HOSTS_ENV
     from hvd_abs.elastic.world_signal import start_job
     from hvd_abs.launch.job_lock import locked
+    from hvd_abs.launch.job_service import JobService
     from hvd_abs.launch.outcome import finished_epochs, report_failure
 
     started = time.time()
@@ -259,7 +269,13 @@ def ray(address: str, min_workers: int, max_workers: int, cpus_per_worker: float
         executor.shutdown()
         raise
     start_job(run_dir, min_workers)  # only once connected: a refused job leaves its --out as it was
-    with lock:  # (released after the shutdown: the actors are gone by then)
+    # The workers reach this launcher through its job service from any node: the world size
+    # they want, the run's outputs (written here), --resume's checkpoint.
+    service = JobService(run_dir, executor.driver_address, resume=resume, in_place=resume == run_dir)
+    executor.env.update(service.env())
+    if executor.spans_machines:
+        executor.env[SEPARATE_HOSTS_ENV] = "1"  # (threads per worker from the workers on its node)
+    with lock, service:  # (released after the shutdown: the actors are gone by then)
         try:
             # Warm joins: a joining worker imports (and loads the data) before the job waits for it.
             executor.run(work, work_args, warmup=warmup)

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from hvd_abs.elastic.job_channel import ChannelError, JobChannel
+from hvd_abs.elastic.job_channel import ADDRESS_ENV, ChannelError, JobChannel
 from hvd_abs.errors import UserError
 from hvd_abs.metrics import MetricsWriter
 from hvd_abs.training.run_dir import CHECKPOINT_DIR, RESUME_COPY_ENV
@@ -67,6 +67,12 @@ class RelayOutputs:
         _ask(self.channel, "weights", weights)
         done = _ask(self.channel, "finish", json.dumps(summary).encode(), plot=bool(plot))
         return {**summary, **done["added"]}
+
+
+def launcher_prints_summary(elastic: bool) -> bool:
+    """Whether the launcher prints the run's final table (from OUT, on its host, where the
+    metrics are), so rank 0 must not: an elastic worker of a job with a job channel."""
+    return bool(elastic) and bool(os.environ.get(ADDRESS_ENV))
 
 
 def fetch_resume(options: dict[str, Any]) -> None:

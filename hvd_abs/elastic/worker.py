@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from hvd_abs.elastic.outputs_relay import fetch_resume
+from hvd_abs.elastic.outputs_relay import fetch_resume, launcher_prints_summary
 from hvd_abs.errors import run_command, user_errors_exit_2
 from hvd_abs.training.config import TrainConfig
 from hvd_abs.training.options import config_from_options, train_command
@@ -34,7 +34,8 @@ def _train_body(**options: Any) -> None:
     cfg = config_from_options(options, click.get_current_context())
     on_epoch = None if cfg.quiet else (lambda r: click.echo(epoch_line(r), err=True))
     summary = train(cfg, on_epoch=on_epoch)
-    if summary is not None and "plot" in summary:  # ranks other than 0 print nothing
+    # Ranks other than 0 print nothing; in a relayed job the launcher prints it, from its OUT.
+    if summary is not None and "plot" in summary and not launcher_prints_summary(cfg.elastic):
         click.echo(format_summary(summary))
 
 

@@ -57,7 +57,8 @@ def build_command(train_args: list[str], *, min_np: int, max_np: int, hostfile: 
         discovery += ["--warm", "--warm-timeout", f"{warm_timeout:g}"]
     ssh = ssh or Ssh()
     if across_hosts or ssh.options:
-        runner = [py, "-m", "hvd_abs.launch.horovodrun", *(f"--ssh-option={o}" for o in ssh.options), "--"]
+        options = ssh.worker_options() if across_hosts else ssh.options
+        runner = [py, "-m", "hvd_abs.launch.horovodrun", *(f"--ssh-option={o}" for o in options), "--"]
     else:
         runner = ["horovodrun" if python else str(Path(py).parent / "horovodrun")]
     cmd = [*runner, "--gloo", "-np", str(min_np), "--min-np", str(min_np), "--max-np", str(max_np),

@@ -73,6 +73,9 @@ def interface_address(nic: str) -> str:
                     f"pick one of {', '.join(sorted(set(local_addresses().values())))}")
 
 
+KEEPALIVE = ("ServerAliveInterval=5", "ServerAliveCountMax=3")
+
+
 @dataclass
 class Ssh:
     """How the launcher and horovodrun reach the remote hosts (horovodrun's -p and -i, plus
@@ -80,6 +83,14 @@ class Ssh:
     port: int | None = None
     identity_file: str | None = None
     options: list[str] = field(default_factory=list)
+
+    def worker_options(self) -> list[str]:
+        """The -o options of the workers' ssh sessions: the user's, plus keep-alives unless the
+        user set them. A host cut off mid-job then ends its session within 15 s (a failed
+        worker: its host is barred until the cooldown, and rejoins after it) instead of when
+        TCP gives up, many minutes later, with the job waiting for it."""
+        given = {o.split("=", 1)[0].strip().lower() for o in self.options}
+        return [*self.options, *(o for o in KEEPALIVE if o.split("=", 1)[0].lower() not in given)]
 
     def argv(self, host: str, command: str, timeout_s: float) -> list[str]:
         argv = ["ssh", "-o", "PasswordAuthentication=no", "-o", "StrictHostKeyChecking=no", "-o", "BatchMode=yes",

@@ -26,6 +26,7 @@ from hvd_abs.elastic.world_signal import write_wanted
 from hvd_abs.metrics import MetricsWriter
 from hvd_abs.training.checkpoint import load_latest
 from hvd_abs.training.outputs import LocalOutputs
+from hvd_abs.training.progress import format_summary
 from hvd_abs.training.run_dir import CHECKPOINT_DIR
 
 Handler = Callable[[dict[str, Any], bytes], dict[str, Any]]
@@ -169,6 +170,8 @@ class JobService:
         sent = _json_object(payload)
         done = self.outputs.complete({**sent, **({"weights": self._weights} if self._weights else {})},
                                      bool(header.get("plot")), self.writer())
+        if "plot" in done:  # the table a local run prints, from the files here (rank 0 may have none)
+            print(format_summary(done), flush=True)
         return {"added": {k: v for k, v in done.items() if k not in sent}}
 
     def _resume_checkpoint(self, header: dict[str, Any], payload: bytes) -> dict[str, Any]:

@@ -40,7 +40,8 @@ class RayClusterDiscovery:
     `find_available_hosts_and_slots()` is polled every second by Horovod's driver thread. It
     returns {node_id: slots} covering `target_world_size(...)` slots, nodes in the order they
     were first seen (so the oldest nodes keep the lowest ranks and a resize never swaps a host
-    out for an equal one). Without `run_dir` the job wants `max_workers`.
+    out for an equal one), `first` (the driver's node) ahead of all: rank 0 runs beside the
+    launcher when it can. Without `run_dir` the job wants `max_workers`.
 
     `nodes` and `request` default to `ray.nodes` and `ray.autoscaler.sdk.request_resources`;
     tests pass fakes.
@@ -49,8 +50,10 @@ class RayClusterDiscovery:
     def __init__(self, *, min_workers: int, max_workers: int, cpus_per_worker: float = 1.0,
                  gpus_per_worker: float = 0.0, run_dir: str | os.PathLike | None = None,
                  nodes: Callable[[], list[dict[str, Any]]] | None = None,
-                 request: Callable[[list[dict[str, float]]], None] | None = None) -> None:
+                 request: Callable[[list[dict[str, float]]], None] | None = None,
+                 first: str | None = None) -> None:
         self.min_workers, self.max_workers = min_workers, max_workers
+        self.first = first
         self.cpus_per_worker, self.gpus_per_worker = cpus_per_worker, gpus_per_worker
         self.run_dir = run_dir
         self._nodes = nodes
@@ -62,6 +65,9 @@ class RayClusterDiscovery:
         self._short_logged: int | None = None
         # Called with the hosts the job should have, returns those to advertise now (the warm pool).
         self.gate: Callable[[dict[str, int]], dict[str, int]] | None = None
+        # Whether the driver bars a node (its worker failed): its slots go to the next node at
+        # once, not after Ray has noticed a dead node (seconds to tens of seconds).
+        self.barred: Callable[[str], bool] = lambda node_id: False
 
     # One bundle per worker: the autoscaler packs them onto node types that fit a whole worker.
     def bundle(self) -> dict[str, float]:
@@ -83,7 +89,7 @@ class RayClusterDiscovery:
             if slots > 0:
                 self._first_seen.setdefault(node["NodeID"], len(self._first_seen))
                 pool.append((node["NodeID"], slots))
-        return sorted(pool, key=lambda hs: self._first_seen[hs[0]])
+        return sorted(pool, key=lambda hs: (hs[0] != self.first, self._first_seen[hs[0]]))
 
     def wanted(self) -> int | None:
         if self.run_dir is None:
@@ -102,7 +108,7 @@ class RayClusterDiscovery:
             target = target_world_size(self.wanted(), self.min_workers, self.max_workers)
             capacity = sum(slots for _, slots in pool)
             self._ask(target, capacity)
-            hosts = dict(select_hosts(pool, target))
+            hosts = dict(select_hosts([(h, n) for h, n in pool if not self.barred(h)], target))
             return self.gate(hosts) if self.gate is not None else hosts
 
     def _ask(self, target: int, capacity: int) -> None:

@@ -48,7 +48,7 @@ from hvd_abs.launch.ray_workers import (ScriptRefused, _Worker, script_worker, t
                                         warm_train_worker)
 
 # (Re-exported: the executor's users import these from here.)
-__all__ = ["BoundRendezvousServer", "RayClusterDiscovery", "RayElasticExecutor", "RayExecutorError", "ScriptRefused",
+__all__ = ["BoundRendezvousServer", "RayAuthError", "RayClusterDiscovery", "RayElasticExecutor", "RayExecutorError", "ScriptRefused",
            "WARM_TIMEOUT_S", "WarmPool", "node_slots", "script_worker", "target_world_size", "train_worker",
            "warm_script_worker", "warm_train_worker"]
 
@@ -57,6 +57,11 @@ log = logging.getLogger(__name__)
 # Seconds between polls of a worker's future for completion or a stop event; the driver's own
 # host discovery polls every second, so this is not the resize latency.
 _POLL_S = 0.2
+
+
+class RayAuthError(ConnectionError):
+    """The Ray cluster wants token authentication this process cannot give: the message names
+    what to set."""
 
 
 class RayExecutorError(RuntimeError):
@@ -68,17 +73,19 @@ class RayExecutorError(RuntimeError):
         self.input_error = input_error
 
 
-def _local_network(node_ips: Iterable[str], driver_ip: str) -> tuple[str, str]:
-    """(network interface, driver address) for Horovod's traffic. All nodes on this machine:
-    loopback (the elastic driver hangs on a single machine without an interface, see notes).
-    Otherwise the interface holding the driver's node IP, which must route to every node."""
-    if set(node_ips) <= {driver_ip}:
-        return "lo", "127.0.0.1"
+def _local_network(driver_ip: str) -> tuple[str, str]:
+    """(network interface, driver address) for Horovod's traffic: the way Ray's own goes, the
+    interface holding this node's Ray IP (loopback for a cluster on loopback). Not judged from
+    the nodes of the moment: a node joining later from another machine must reach the job."""
+    import ipaddress
     import psutil
     import socket
+
     for name, addrs in psutil.net_if_addrs().items():
         if any(a.family == socket.AF_INET and a.address == driver_ip for a in addrs):
             return name, driver_ip
+    if ipaddress.ip_address(driver_ip).is_loopback:
+        return "lo", driver_ip
     raise RayExecutorError(f"no network interface holds the driver's IP {driver_ip}: pass nic=NAME "
                            f"(`--network-interface`) naming the interface that reaches every node")
 
@@ -117,9 +124,9 @@ class RayElasticExecutor:
             already initialised in this process, that connection is used.
         run_dir [None]: the job's run directory; its world-size signal caps the workers. None:
             always `max_workers` (as many as the cluster hosts).
-        env [None]: extra environment variables for every worker.
-        nic [None]: network interface for Horovod's traffic; None: "lo" when every node is this
-            machine, else the interface holding the driver's node IP.
+        env [None]: extra environment variables for every worker (`.env`, may be added to before run()).
+        nic [None]: network interface for Horovod's traffic; None: the interface holding the
+            driver's Ray node IP ("lo" for a cluster this executor started, `address="local"`).
         elastic_timeout [600]: seconds to wait for min_workers slots.
         cooldown_range [(5, 30)]: seconds (min, max) a node whose worker failed stays barred;
             None bars it for good (Horovod's default).
@@ -184,18 +191,39 @@ class RayElasticExecutor:
             log.info("connecting to Ray at %s", address)
             if not sys.stdout.isatty():  # the workers' lines without colour codes in a log file or pipe
                 os.environ.setdefault("RAY_COLOR_PREFIX", "0")
-            ray.init(address=address, **kwargs)
+            try:
+                ray.init(address=address, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - Ray's own error types vary by version: judged by content
+                from hvd_abs.launch.ray_address import auth_problem
+                why = auth_problem(exc, address)
+                if why is None:
+                    raise
+                raise RayAuthError(why) from None
             self._owns_ray = True
+        driver_ip = ray.util.get_node_ip_address()
         if self.nic is not None:
-            self._network = (self.nic, ray.util.get_node_ip_address())
+            self._network = (self.nic, driver_ip)
+        elif self._owns_ray and self.address == "local":  # a new cluster of this machine alone
+            self._network = ("lo", "127.0.0.1")
         else:
-            ips = [n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")]
-            self._network = _local_network(ips, ray.util.get_node_ip_address())
+            self._network = _local_network(driver_ip)
         self.discovery = RayClusterDiscovery(
             min_workers=self.min_workers, max_workers=self.max_workers, cpus_per_worker=self.cpus_per_worker,
-            gpus_per_worker=self.gpus_per_worker, run_dir=self.run_dir)
+            gpus_per_worker=self.gpus_per_worker, run_dir=self.run_dir, first=ray.get_runtime_context().get_node_id())
         log.info("Ray executor ready: %d..%d workers of %s, Horovod over %s", self.min_workers,
                  self.max_workers, self.discovery.bundle(), self._network[0])
+
+    @property
+    def driver_address(self) -> str:
+        """The address of this process that every worker reaches (after start())."""
+        if self._network is None:
+            raise RayExecutorError("call start() first")
+        return self._network[1]
+
+    @property
+    def spans_machines(self) -> bool:
+        """Whether Horovod's traffic leaves this machine (after start()): nodes on other machines."""
+        return self._network is not None and self._network[0] != "lo"
 
     def run(self, fn: Callable[..., Any], args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None, *,
             warmup: Callable[[], Any] | None = None) -> list[Any]:
@@ -251,6 +279,13 @@ class RayElasticExecutor:
             driver = ElasticDriver(rendezvous, self.discovery, min_num_proc=self.min_workers,
                                    max_num_proc=self.max_workers, timeout=self.elastic_timeout,
                                    reset_limit=self.reset_limit, cooldown_range=self.cooldown_range)
+            # Barred: in its cooldown. A host past it must be offered again, or Horovod never lets
+            # it back. (The driver's HostManager holds that record; Horovod has no public getter.)
+            def barred(node_id: str) -> bool:
+                state = driver._host_manager._hosts_state.get(node_id)
+                return state is not None and state.is_blacklisted() and not state.is_resurrected()
+
+            self.discovery.barred = barred
             port = rendezvous.start(create_rendezvous_handler(driver))
             base_env = {**{k: str(v) for k, v in create_run_env_vars(server_ip, [nic], port, elastic=True).items()},
                         "PYTHONUNBUFFERED": "1", **self.env}
@@ -303,6 +338,7 @@ class RayElasticExecutor:
             if driver is not None:
                 driver.stop()
             self.discovery.gate = None
+            self.discovery.barred = lambda node_id: False
             if pool is not None:
                 pool.close()
                 log.info("warm joins: %d of the job's workers started warm", pool.warm_taken)

@@ -49,6 +49,9 @@ def standing_request() -> list[list]:
     return counts
 
 
+LOOPBACK = "127.0.0.1"
+
+
 class FakeClusterError(RuntimeError):
     """The holder did not start or did not answer a command."""
 
@@ -126,18 +129,20 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--nodes", type=int, default=2, help="fake nodes at the start, the head included")
     args = p.parse_args()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    # Every node on loopback: the tests' traffic (Ray's and Horovod's) stays on this machine.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
+                                                            "node_ip_address": LOOPBACK})
     added = []
     try:
         for _ in range(args.nodes - 1):
-            added.append(cluster.add_node(num_cpus=1))
+            added.append(cluster.add_node(num_cpus=1, node_ip_address=LOOPBACK))
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False)
         print(f"ADDRESS {cluster.address}", flush=True)
         for line in sys.stdin:
             cmd = line.strip()
             if cmd == "add":
-                added.append(cluster.add_node(num_cpus=1))
+                added.append(cluster.add_node(num_cpus=1, node_ip_address=LOOPBACK))
                 cluster.wait_for_nodes()
                 print(f"ADDED {added[-1].node_id}", flush=True)
             elif cmd == "remove" and added:
