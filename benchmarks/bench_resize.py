@@ -37,13 +37,14 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def ledger(out: Path) -> list[dict]:
-    return sorted((json.loads(line) for f in (out / "ledger").glob("rank-*.jsonl") for line in f.read_text().splitlines()),
-                  key=lambda r: r["t"])
+def ledger(*outs: Path) -> list[dict]:
+    """The run's ledger records by time, from the run dir `outs` (one per host on separate disks)."""
+    return sorted((json.loads(line) for out in outs for f in (out / "ledger").glob("rank-*.jsonl")
+                   for line in f.read_text().splitlines()), key=lambda r: r["t"])
 
 
-def world_sizes(out: Path) -> list[int]:
-    return [r["world_size"] for r in ledger(out) if r["rank"] == 0] if (out / "ledger").is_dir() else []
+def world_sizes(*outs: Path) -> list[int]:
+    return [r["world_size"] for r in ledger(*outs) if r["rank"] == 0]
 
 
 def step_time(records: list[dict]) -> float | None:
@@ -73,14 +74,17 @@ def train_args(args: argparse.Namespace, out: Path) -> list[str]:
 
 
 def drive_in_place(launcher: list[str], args: argparse.Namespace, out: Path, grow: Callable[[], object],
-                   shrink: Callable[[], object]) -> None:
+                   shrink: Callable[[], object], ledgers: list[Path] | None = None,
+                   on_host: Callable[[list[str]], list[str]] = list) -> None:
     """Run the job under `launcher`; after --k updates on 1 worker call `grow` (1 -> 2), after --k
-    more on 2 call `shrink` (2 -> 1); raise if the job fails. Shared with bench_resize_ray."""
-    proc = subprocess.Popen([*launcher, "--", *train_args(args, out)], stdout=subprocess.PIPE,
+    more on 2 call `shrink` (2 -> 1); raise if the job fails. Shared with bench_resize_ray and
+    bench_resize_multihost: `on_host` wraps the command to run it on a host, `ledgers` are where
+    the run dir of each host is seen from here (default: `out`)."""
+    proc = subprocess.Popen(on_host([*launcher, "--", *train_args(args, out)]), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     deadline, phase = time.time() + args.timeout, 0
     while proc.poll() is None and time.time() < deadline and phase < 2:
-        sizes = world_sizes(out)
+        sizes = world_sizes(*(ledgers or [out]))
         if phase == 0 and sizes.count(1) >= args.k:
             grow()
             phase = 1
@@ -111,8 +115,8 @@ def update_times(out: Path) -> dict:
 def in_place(args: argparse.Namespace, work: Path, warm: bool) -> dict:
     out, hostfile = work / ("warm" if warm else "cold"), work / f"hosts-{warm}"
     hostfile.write_text("localhost slots=1\n")
-    cmd = [str(BIN / "hvd-abs"), "launch", "horovod", "--min-np", "1", "--max-np", "2", "--hostfile", str(hostfile)]
-    cmd += ["--warm", "1"] if warm else []
+    cmd = [str(BIN / "hvd-abs"), "launch", "horovod", "--min-np", "1", "--max-np", "2", "--hostfile", str(hostfile),
+           "--warm", "1" if warm else "0"]
     drive_in_place(cmd, args, out,
                    grow=lambda: hostfile.write_text("localhost slots=2\n"),  # a slot joins the pool: 1 -> 2 in place
                    shrink=lambda: hostfile.write_text("localhost slots=1\n"))  # it leaves again: 2 -> 1 in place
@@ -128,25 +132,38 @@ def launch_horovod(n: int) -> list[str]:
 
 
 def restart(args: argparse.Namespace, work: Path, old: int, new: int,
-            launch: Callable[[int], list[str]] = launch_horovod) -> dict:
+            launch: Callable[[int], list[str]] = launch_horovod, ledgers: list[Path] | None = None,
+            on_host: Callable[[list[str]], list[str]] = list) -> dict:
     """Stop at the old size after --k updates (checkpoint), relaunch at the new size with --resume.
-    `launch(n)`: the launcher command line for a fixed-size job of n workers."""
+    `launch(n)`: the launcher command line for a fixed-size job of n workers; `ledgers`, `on_host`:
+    as for drive_in_place."""
     out = work / f"restart-{old}-{new}"
+    ledgers = ledgers or [out]
     first = train_args(args, out) + ["--stop-at-update", str(args.k)]
     run = lambda n, extra: subprocess.run(  # noqa: E731
-        [*launch(n), "--", *extra], capture_output=True, text=True, timeout=args.timeout)
+        on_host([*launch(n), "--", *extra]), capture_output=True, text=True, timeout=args.timeout)
     p1 = run(old, first)
-    before = ledger(out)
+    before = ledger(*ledgers)
     second = [a for a in train_args(args, out) if a != "--overwrite"] + ["--resume", str(out), "--stop-at-update", str(2 * args.k)]
     p2 = run(new, second)
     for p in (p1, p2):
         if p.returncode != 0:
             raise RuntimeError(f"restart run failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
-    after = [r for r in ledger(out) if r["t"] > before[-1]["t"]]
+    after = [r for r in ledger(*ledgers) if r["t"] > before[-1]["t"]]
     last_before = max(r["t"] for r in before if r["update"] == args.k)
     first_after = min(r["t"] for r in after if r["update"] == args.k + 1)
     step = step_time(after)
     return {"stall_s": None if step is None else max(0.0, first_after - last_before - step), "update_s": step}
+
+
+def stalls(cold: dict, warm: dict, up: dict, down: dict) -> dict:
+    """The measured sections and their ratios (in place / restart); shared with bench_resize_ray
+    and bench_resize_multihost."""
+    ratio = lambda a, b: (a / b) if b else None  # noqa: E731 (a restart stall of 0: no ratio)
+    return {"in_place_cold": cold, "in_place_warm": warm, "restart_1_to_2": up, "restart_2_to_1": down,
+            "ratio_join_cold": ratio(cold["join_stall_s"], up["stall_s"]),
+            "ratio_join_warm": ratio(warm["join_stall_s"], up["stall_s"]),
+            "ratio_leave": ratio(warm["leave_stall_s"], down["stall_s"])}
 
 
 # What `plot` reads from a result ("a.b": key b of section a).
@@ -276,16 +293,12 @@ def main() -> int:
         warm = measured("in place, warm", in_place(args, work, warm=True))
         up = measured("restart 1 -> 2", restart(args, work, 1, 2))
         down = measured("restart 2 -> 1", restart(args, work, 2, 1))
-    ratio = lambda a, b: (a / b) if b else None  # noqa: E731 (a restart stall of 0: no ratio)
     # A full Cifar-10 run: 90 epochs of 50,000 samples at the measured update time on 2 workers.
     full_run_s = 90 * 50_000 / (2 * args.base_batch) * warm["update_s_2"]
     result = {
         "machine": f"{os.cpu_count()} CPU cores, CPU only", "model": "resnet20", "data": "cifar10 JPEG subset",
         "train_subset": args.train_subset, "global_batch": 2 * args.base_batch, "updates_before_resize": args.k,
-        "in_place_cold": cold, "in_place_warm": warm, "restart_1_to_2": up, "restart_2_to_1": down,
-        "ratio_join_cold": ratio(cold["join_stall_s"], up["stall_s"]),
-        "ratio_join_warm": ratio(warm["join_stall_s"], up["stall_s"]),
-        "ratio_leave": ratio(warm["leave_stall_s"], down["stall_s"]),
+        **stalls(cold, warm, up, down),
         "full_run_s_estimate": full_run_s,
         "share_of_full_run_warm": (warm["join_stall_s"] + warm["leave_stall_s"]) / full_run_s,
         "share_of_full_run_restart": (up["stall_s"] + down["stall_s"]) / full_run_s,

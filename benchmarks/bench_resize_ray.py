@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests" / "workers"))
 from _args import check_out  # noqa: E402
-from bench_resize import BIN, check_job_options, drive_in_place, job_options, measured, restart, update_times  # noqa: E402
+from bench_resize import BIN, check_job_options, drive_in_place, job_options, measured, restart, stalls, update_times  # noqa: E402
 from ray_fake_nodes import FakeRayCluster  # noqa: E402
 
 from hvd_abs.atomic import write_text_atomic  # noqa: E402
@@ -88,16 +88,12 @@ def main() -> int:
             launch = launcher(cluster.address)
             up = measured("restart 1 -> 2", restart(args, work, 1, 2, launch))
             down = measured("restart 2 -> 1", restart(args, work, 2, 1, launch))
-    ratio = lambda a, b: (a / b) if b else None  # noqa: E731 (a restart stall of 0: no ratio)
     result = {
         "machine": f"{os.cpu_count()} CPU cores, CPU only", "launcher": "hvd-abs launch ray",
         "cluster": "ray.cluster_utils.Cluster, 1-CPU fake nodes on this machine, one worker per node",
         "model": "resnet20", "data": "cifar10 JPEG subset", "train_subset": args.train_subset,
         "global_batch": 2 * args.base_batch, "updates_before_resize": args.k,
-        "in_place_cold": cold, "in_place_warm": warm, "restart_1_to_2": up, "restart_2_to_1": down,
-        "ratio_join_cold": ratio(cold["join_stall_s"], up["stall_s"]),
-        "ratio_join_warm": ratio(warm["join_stall_s"], up["stall_s"]),
-        "ratio_leave": ratio(warm["leave_stall_s"], down["stall_s"]),
+        **stalls(cold, warm, up, down),
         "leave_is": "a node removed (worker lost, rollback to the last commit)",
         "bench_s": time.time() - t0,
     }

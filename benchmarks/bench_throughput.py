@@ -80,7 +80,7 @@ def _measure(args: argparse.Namespace, tmp: Path) -> None:
 
         comm = HorovodComm()  # hvd.init()
         W, rank = hvd.size(), hvd.rank()
-    torch.set_num_threads(_threads(W) if W > 1 else torch.get_num_threads())
+    torch.set_num_threads(args.threads or (_threads(W) if W > 1 else torch.get_num_threads()))
     threads = torch.get_num_threads()
     device = worker_device(args.device, comm.local_rank)  # the Trainer pins the same GPU
     if device.type == "cuda":
@@ -162,7 +162,7 @@ def _measure(args: argparse.Namespace, tmp: Path) -> None:
 
     # ABS / ABSA: the update with FGSM on, and one epoch-end estimate.
     split = {}
-    for method in ("abs", "absa"):
+    for method in () if args.no_split else ("abs", "absa"):
         t = make_trainer(method)
         t.controller.global_batch = G  # (already G: the initial batch)
         adv_s = [0.0]
@@ -211,6 +211,20 @@ def _measure(args: argparse.Namespace, tmp: Path) -> None:
         Path(args.worker_out).write_text(json.dumps(out, indent=1))
 
 
+def _horovodrun(args: argparse.Namespace, hosts: list[str] | None, world: int) -> list[str]:
+    """horovodrun's argv for `world` workers: on this machine over lo, or one on each of `hosts`
+    (through hvd_abs.launch.horovodrun, as `hvd-abs launch horovod` runs it across hosts)."""
+    if not hosts:
+        return [str(Path(sys.executable).with_name("horovodrun")), "-np", str(world), "--gloo",
+                "--network-interface", "lo", "-H", f"localhost:{world}"]
+    from hvd_abs.launch.hosts import choose_interface
+
+    nic = choose_interface(hosts, None)
+    return [sys.executable, "-m", "hvd_abs.launch.horovodrun", *(f"--ssh-option={o}" for o in args.ssh_option), "--",
+            "-np", str(world), "--gloo", "--network-interface", nic, "-H", ",".join(f"{h}:1" for h in hosts),
+            *(["--ssh-identity-file", args.ssh_identity_file] if args.ssh_identity_file else [])]
+
+
 def parse_worlds(text: str) -> list[int]:
     """`--worlds` "1,2" -> [1, 2]; ValueError saying what to pass."""
     worlds = [w.strip() for w in text.split(",")]
@@ -233,6 +247,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--local", action="store_true",
                    help="one process without Horovod: a plain torch loop vs Trainer.step (e.g. on a GPU host "
                         "without Horovod); the ratio is then vs plain PyTorch, not vs plain Horovod")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads per worker (default: the trainer's policy, the cores / the world size)")
+    p.add_argument("--no-split", action="store_true", help="skip the ABS/ABSA split (plain vs trainer only)")
+    p.add_argument("--hosts", default=None,
+                   help="HOST,HOST,...: one worker on each (over ssh; the interface found as `hvd-abs launch "
+                        "horovod` finds it) instead of --worlds on this machine")
+    p.add_argument("--ssh-identity-file", default=None, help="with --hosts: ssh private key for the hosts")
+    p.add_argument("--ssh-option", action="append", default=[], metavar="OPTION",
+                   help="with --hosts: an ssh -o option for every connection (repeatable)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -245,6 +268,11 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--pairs must be >= 1, got {args.pairs}")
     if args.warmup < 0:
         p.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.threads < 0:
+        p.error(f"--threads must be >= 0 (0: the trainer's policy), got {args.threads}")
+    hosts = [h.strip() for h in args.hosts.split(",")] if args.hosts else None
+    if hosts is not None and (not all(hosts) or args.local):
+        p.error("--hosts takes HOST,HOST,... (one worker on each), and not with --local")
     if not args.worker:
         check_out(p, Path(args.out))
     if not args.worker:
@@ -271,15 +299,14 @@ def main(argv: list[str] | None = None) -> None:
     from hvd_abs.data import load_dataset
 
     load_dataset("cifar10", data_dir=args.data_dir)  # build the decode cache once, before the workers
-    horovodrun = str(Path(sys.executable).with_name("horovodrun"))
     results = []
-    for W in worlds:
+    for W in [len(hosts)] if hosts else worlds:
         with tempfile.TemporaryDirectory() as d:
             wout = Path(d) / "w.json"
-            cmd = [horovodrun, "-np", str(W), "--gloo", "--network-interface", "lo", "-H", f"localhost:{W}",
-                   sys.executable, str(Path(__file__).resolve()), "--worker", "--worker-out", str(wout),
-                   "--model", args.model, "--pairs", str(args.pairs), "--warmup", str(args.warmup), "--data-dir", args.data_dir, "--device", args.device,
-                   "--precision", args.precision]
+            cmd = [*_horovodrun(args, hosts, W), sys.executable, str(Path(__file__).resolve()), "--worker",
+                   "--worker-out", str(wout), "--model", args.model, "--pairs", str(args.pairs), "--warmup",
+                   str(args.warmup), "--data-dir", args.data_dir, "--device", args.device,
+                   "--precision", args.precision, "--threads", str(args.threads), *(["--no-split"] if args.no_split else [])]
             print("$", " ".join(cmd), flush=True)
             code = subprocess.call(cmd)
             if code != 0 or not wout.exists():  # its own output above says why; nothing is written
@@ -301,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
     write_text_atomic(args.out, json.dumps(doc, indent=1) + "\n")
     print(json.dumps({k: doc[k] for k in ("ratio_vs_plain_horovod", "ratio_by_world_size")}, indent=1))
     for r in results:
-        for m, s in r["abs_split"].items():
+        for m, s in r.get("abs_split", {}).items():
             print(f"W={r['world_size']} {m}: epoch {s['epoch_total_s']:.0f}s = training {s['share']['training']:.0%}, "
                   f"adversarial {s['share']['adversarial']:.0%}, second-order {s['share']['second_order']:.0%}; "
                   f"{s['samples_per_s_with_machinery']:.0f} samples/s with machinery vs "

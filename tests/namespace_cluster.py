@@ -2,11 +2,13 @@
 its own sshd and its own disk (/srv/hvd), made by scripts/local_cluster.sh as users make one."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -67,14 +69,6 @@ class Cluster:
         subprocess.run(["bash", str(SCRIPT), "down", str(self.root)], capture_output=True, timeout=60)
 
 
-def _can_make_namespaces() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root to make network namespaces (CI runs these as root)"
-    if shutil.which("ip") is None or shutil.which("unshare") is None:
-        return "needs iproute2 and util-linux"
-    return None
-
-
 def can_make_namespaces() -> str | None:
     """Why this machine cannot make the hosts, else None."""
     if os.geteuid() != 0:
@@ -82,6 +76,24 @@ def can_make_namespaces() -> str | None:
     if shutil.which("ip") is None or shutil.which("unshare") is None:
         return "needs iproute2 and util-linux"
     return None
+
+
+@contextlib.contextmanager
+def hosts(tmp_path_factory, name: str, count: int = 3) -> Iterator[Cluster]:
+    """A module's cluster of `count` hosts (skipped where namespaces cannot be made), removed
+    after, even on failure."""
+    why = can_make_namespaces()
+    if why:
+        pytest.skip(why)
+    cluster = Cluster(tmp_path_factory.mktemp(name), count)
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+DIGITS = ["--dataset", "digits", "--model", "cnn", "--base-batch", "32", "--quiet", "--threads", "1",
+          "--callback", "hvd_abs.testing.ledger:Ledger", "--commit-every", "1"]
 
 
 class Job:

@@ -2,6 +2,7 @@
 the horovodrun command line."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -146,6 +147,45 @@ def test_warm_growth_waits_for_standbys_up_to_the_warm_timeout(tmp_path, capsys)
     assert "--warm --warm-timeout 7.5" in cmd[cmd.index("--host-discovery-script") + 1]
 
 
+def test_warm_growth_goes_only_where_the_next_slots_standby_is_ready(tmp_path, capsys):
+    """Slots are filled in pool order: a standby ready on host C does not make host B's slot
+    warm; and a ready standby promised to a slot not yet claimed is not counted twice."""
+    from hvd_abs.launch import discovery
+    from hvd_abs.launch.standby_pool import ready_path
+
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("A slots=1\nB slots=1\nC slots=2\n")
+
+    def poll() -> list[str]:
+        assert discovery.main(["--run-dir", str(tmp_path), "--hostfile", str(hostfile), "--max-np", "4", "--warm",
+                               "--warm-timeout", "3600"]) == 0
+        return capsys.readouterr().out.split()
+
+    def standbys(ready: dict, claimed: dict) -> None:
+        ready_path(tmp_path).write_text(json.dumps({"ready": ready, "claimed": claimed,
+                                                    "machine": {"A": "local", "B": "B", "C": "C"}}))
+
+    start_job(tmp_path, 1)
+    assert poll() == ["A:1"]
+    write_wanted(tmp_path, 4)
+    ready_path(tmp_path).parent.mkdir(parents=True, exist_ok=True)
+    standbys({"C": 2}, {})
+    assert poll() == ["A:1"]  # B's slot comes first and B has no standby
+    standbys({"B": 1, "C": 2}, {})
+    assert poll() == ["A:1", "B:1", "C:2"]
+    write_wanted(tmp_path, 1)
+    assert poll() == ["A:1"]
+    write_wanted(tmp_path, 2)
+    standbys({"B": 1}, {"B": 1})
+    assert poll() == ["A:1", "B:1"]  # B's second standby, ready: the slot is promised to it
+    write_wanted(tmp_path, 1)
+    assert poll() == ["A:1"]
+    write_wanted(tmp_path, 2)
+    assert poll() == ["A:1"]  # still unclaimed: promised already, not free for another slot
+    standbys({"B": 1}, {"B": 2})  # claimed, and a third one ready
+    assert poll() == ["A:1", "B:1"]
+
+
 def test_a_pool_of_this_machine_uses_loopback():
     from hvd_abs.launch.hosts import HostError, choose_interface, interface_address, remote_hosts
 
@@ -155,3 +195,41 @@ def test_a_pool_of_this_machine_uses_loopback():
     assert interface_address("lo") == "127.0.0.1"
     with pytest.raises(HostError, match="no IPv4 address on it; pick one of"):
         interface_address("no-such-nic0")
+
+
+def test_a_slot_looks_for_its_standby_on_its_own_host():
+    """warm_exec: a slot of a remote host (HOROVOD_HOSTNAME) claims from that host's folder, where
+    the launcher started its standbys; a slot of this machine, from the run dir's."""
+    from hvd_abs.launch.warm_exec import standby_folder
+
+    options = {"--standby-dir": "/run/OUT/elastic/standby", "--remote-dir": "/tmp/hvd_abs-standby-ab12",
+               "--local-hosts": "localhost,10.0.0.1"}
+    assert standby_folder(options, "10.0.0.2") == "/tmp/hvd_abs-standby-ab12/10.0.0.2"
+    assert standby_folder(options, "10.0.0.1") == "/run/OUT/elastic/standby"
+    assert standby_folder(options, None) == "/run/OUT/elastic/standby"
+    assert standby_folder({"--standby-dir": "/d"}, "10.0.0.2") == "/d"  # a pool of this machine only
+
+
+def test_next_slots_follow_the_pool_order():
+    from hvd_abs.launch.standby_pool import pool_slots
+
+    assert pool_slots([("A", 1), ("B", 2), ("C", 1)]) == ["A", "B", "B", "C"]
+
+
+@pytest.mark.multiprocess
+def test_a_standby_says_ready_and_leaves_when_the_launchers_pipe_closes(tmp_path):
+    """A standby on a remote host is reached only through ssh: its stdout tells the launcher it
+    is ready, and when the launcher's pipe closes (the launcher gone) it exits, leaving nothing
+    running there."""
+    from hvd_abs.launch.standby import READY_WORD
+
+    proc = subprocess.Popen([sys.executable, "-m", "hvd_abs.launch.standby", "--dir", str(tmp_path / "s"),
+                             "--until-stdin-closes", "--script", "--"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == READY_WORD
+        assert list((tmp_path / "s").glob("*.ready"))
+        proc.stdin.close()
+        assert proc.wait(timeout=20) == 0
+    finally:
+        proc.kill()

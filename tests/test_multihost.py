@@ -11,20 +11,13 @@ import pytest
 
 from conftest import BIN
 from hvd_abs.metrics import read_metrics
-from namespace_cluster import Cluster, Job, can_make_namespaces, merged_ledger
-
-DIGITS = ["--dataset", "digits", "--model", "cnn", "--base-batch", "32", "--quiet", "--threads", "1",
-          "--callback", "hvd_abs.testing.ledger:Ledger", "--commit-every", "1"]
+from namespace_cluster import DIGITS, Cluster, Job, hosts, merged_ledger
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    why = can_make_namespaces()
-    if why:
-        pytest.skip(why)
-    c = Cluster(tmp_path_factory.mktemp("cluster"), 3)
-    yield c
-    c.close()
+    with hosts(tmp_path_factory, "cluster") as c:
+        yield c
 
 
 def launch(cluster: Cluster, hostfile: Path, *train_args: str, launcher: list[str] = ()) -> list[str]:
@@ -36,8 +29,9 @@ def launch(cluster: Cluster, hostfile: Path, *train_args: str, launcher: list[st
 def test_the_batch_grows_onto_a_second_host(cluster):
     """Launcher and rank 0 on host 1, the pool hosts 1 and 2 (by address): the job starts on
     host 1 alone, its batch doubles after epoch 2, and host 2's worker joins over ssh (the
-    rendezvous on the routable interface, the world-size request through the job channel);
-    the job finishes on the one-process schedule."""
+    rendezvous on the routable interface, the world-size request through the job channel),
+    warm: into a standby the launcher started there ahead of the growth. The job finishes on
+    the one-process schedule, and the standby's folder on host 2 is gone."""
     out = "/srv/hvd/grow"
     (cluster.disk(1) / "grow" / "ledger").mkdir(parents=True)
     (cluster.disk(1) / "grow" / "ledger" / "hold-95-world-2").touch()  # the join comes before the end
@@ -54,6 +48,12 @@ def test_the_batch_grows_onto_a_second_host(cluster):
               for line in f.read_text().splitlines()]
     assert remote and {r["world_size"] for r in remote} == {2} and all(r["ids"] for r in remote)
     assert not (cluster.disk(2) / "grow" / "metrics.jsonl").exists()  # rank 0's outputs: host 1
+    host2 = cluster.addresses[1]
+    assert f"a slot on host {host2} went to a warm standby" in done.stderr, done.stderr[-6000:]
+    resizes = [e for e in events if e["event"] == "resize"]
+    assert len(resizes) == 1 and resizes[0]["stall_s"] is not None
+    remote_dir = done.stderr.split("--remote-dir ", 1)[1].split()[0]
+    assert not Path(remote_dir).exists()  # (/tmp: the one folder the hosts share here)
 
 
 @pytest.mark.multiprocess

@@ -25,17 +25,27 @@ def _epoch(n: int, **changes) -> dict:
     return {**{k: 0 for k in EPOCH_FIELDS}, "epoch": n, "updates": 10 * n, **changes}
 
 
+def relay(service: JobService) -> RelayOutputs:
+    """A rank's outputs as a worker of `service`'s job has them (RELAY_ENV set)."""
+    return RelayOutputs(JobChannel.from_env(service.env()))
+
+
+def in_workers_env(monkeypatch, service: JobService) -> None:
+    for k, v in service.env().items():
+        monkeypatch.setenv(k, v)
+
+
 def test_lines_sent_again_by_a_later_rank_0_are_written_once(tmp_path):
     out = tmp_path / "out"
     with JobService(out) as service:
-        first = RelayOutputs(JobChannel.from_env(service.env()))
+        first = relay(service)
         first.prepare(False, None)
         w = first.writer(0, False)
         w.epoch(**_epoch(1, train_loss=float("nan")))
         w.event("growth", epoch=1, updates=10, old_batch=32, new_batch=64)
         w.event("checkpoint", epoch=1, updates=10, path="x", seconds=0.1)
         # Rank 0's host is lost; the new rank 0 rolled back to update 10 and redoes epoch 2.
-        second = RelayOutputs(JobChannel.from_env(service.env()))
+        second = relay(service)
         second.prepare(True, None)  # once per job: this changes nothing
         w2 = second.writer(0, False)
         assert second.writer(1, False).enabled is False  # other ranks send nothing
@@ -55,18 +65,18 @@ def test_lines_sent_again_by_a_later_rank_0_are_written_once(tmp_path):
 def test_checkpoints_weights_and_summary_land_in_the_launchers_out(tmp_path):
     out = tmp_path / "out"
     with JobService(out) as service:
-        relay = RelayOutputs(JobChannel.from_env(service.env()))
-        relay.prepare(False, None)
-        w = relay.writer(0, False)
+        outputs = relay(service)
+        outputs.prepare(False, None)
+        w = outputs.writer(0, False)
         w.epoch(**_epoch(1))
         w.event("failure", epoch=1, updates=7, world_size=2, stall_s=1.5)
-        path = relay.save_checkpoint({"updates": 10, "w": torch.arange(4.0)}, 10)
+        path = outputs.save_checkpoint({"updates": 10, "w": torch.arange(4.0)}, 10)
         for n in (20, 30, 40):
-            relay.save_checkpoint({"updates": n}, n)
+            outputs.save_checkpoint({"updates": n}, n)
         weights = {"layer.weight": torch.ones(2, 2)}
         buf = io.BytesIO()
         torch.save(weights, buf)
-        summary = relay.finish(buf.getvalue(), {"epochs": 1, "updates": 10, "final": math.inf}, plot=False, writer=w)
+        summary = outputs.finish(buf.getvalue(), {"epochs": 1, "updates": 10, "final": math.inf}, plot=False, writer=w)
     assert path == str(out / "checkpoints" / "ckpt-000010.pt")
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["ckpt-000020.pt", "ckpt-000030.pt",
                                                                        "ckpt-000040.pt"]  # the newest 3 kept
@@ -82,7 +92,7 @@ def test_checkpoints_weights_and_summary_land_in_the_launchers_out(tmp_path):
 
 def test_a_line_the_launcher_cannot_take_is_one_line_to_the_worker(tmp_path):
     with JobService(tmp_path / "out") as service:
-        w = RelayOutputs(JobChannel.from_env(service.env())).writer(0, False)
+        w = relay(service).writer(0, False)
         with pytest.raises(UserError, match=r"outputs cannot reach the launcher's host \(metrics\): .*refused"):
             w._write({"epoch": 1, "nonsense": 1})  # (not EPOCH_FIELDS: the launcher's writer refuses it)
         assert not (tmp_path / "out" / "metrics.jsonl").exists()
@@ -97,8 +107,7 @@ def test_a_worker_fetches_the_newest_good_checkpoint_of_the_jobs_resume_folder_o
     save_checkpoint(other / "checkpoints", {"updates": 1}, 1)
     monkeypatch.setenv(RESUME_COPY_ENV, "")  # (restored after the test: fetch_resume sets it)
     with JobService(tmp_path / "out", resume=str(run)) as service:
-        for k, v in service.env().items():
-            monkeypatch.setenv(k, v)
+        in_workers_env(monkeypatch, service)
         with pytest.raises(UserError, match="is not this job's --resume folder"):
             fetch_resume({"elastic": True, "resume": str(other)})
         fetch_resume({"elastic": True, "resume": str(run)})
@@ -112,8 +121,7 @@ def test_a_worker_fetches_the_newest_good_checkpoint_of_the_jobs_resume_folder_o
 def test_without_an_elastic_resume_nothing_is_fetched(tmp_path, monkeypatch):
     monkeypatch.setenv(RESUME_COPY_ENV, "")
     with JobService(tmp_path / "out") as service:
-        for k, v in service.env().items():
-            monkeypatch.setenv(k, v)
+        in_workers_env(monkeypatch, service)
         fetch_resume({"elastic": False, "resume": str(tmp_path)})
         fetch_resume({"elastic": True, "resume": None})
     assert os.environ[RESUME_COPY_ENV] == ""

@@ -41,10 +41,11 @@ def command() -> None:
               help="Seconds for checking the remote hosts and for horovodrun's own start checks.")
 @click.option("--blacklist-cooldown", default="5,30", show_default=True,
               help="Seconds MIN,MAX before a host whose worker failed may be used again ('' = never).")
-@click.option("--warm", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Keep this many pre-started, pre-imported standby workers ready on this host; "
-                   "growth adds slots only as standbys are ready, so joins skip the cold start "
-                   "(with --script, the imports: the script still loads its data at the join).")
+@click.option("--warm", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Keep this many pre-started, pre-imported standby workers ready for the next slots, on the "
+                   "hosts those slots go to (over ssh for a remote one); growth adds a slot only as its standby "
+                   "is ready, so joins skip the cold start (with --script, the imports: the script still loads "
+                   "its data at the join). 0: cold joins.")
 @click.option("--warm-timeout", type=click.FloatRange(min=0), default=HOROVOD_WARM_TIMEOUT_S, show_default=True,
               help="With --warm: seconds growth waits for ready standbys before adding the slots cold.")
 @click.option("--script", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -60,6 +61,7 @@ def horovod(min_np: int, max_np: int, hostfile: str | None, network_interface: s
 
     Example: hvd-abs launch horovod --min-np 1 --max-np 2 -- --dataset digits --method absa --out runs/x
     """
+    import contextlib
     import os
     import shlex
     import signal
@@ -68,8 +70,10 @@ def horovod(min_np: int, max_np: int, hostfile: str | None, network_interface: s
     from pathlib import Path
 
     from hvd_abs.launch.args import check_hostfile, out_of_resume, refuse_launcher_options
-    from hvd_abs.launch.horovod import Refusals, build_command, run_with_standbys
-    from hvd_abs.launch.hosts import Ssh
+    from hvd_abs.launch.discovery import local_pool
+    from hvd_abs.launch.horovod import Refusals, build_command
+    from hvd_abs.launch.hosts import Ssh, SshMasters
+    from hvd_abs.launch.standby_pool import StandbyPool, new_remote_dir
 
     if max_np < min_np:
         raise click.BadParameter(f"--max-np ({max_np}) must be at least --min-np ({min_np})", param_hint="--max-np")
@@ -79,47 +83,61 @@ def horovod(min_np: int, max_np: int, hostfile: str | None, network_interface: s
     _check_train(list(train_args), load_data=hostfile is None, script=script)  # (else the data lives on the hosts)
     ssh = Ssh(ssh_port, ssh_identity_file and str(Path(ssh_identity_file).resolve()), list(ssh_option))
     remote, nic, bind = _hosts(pool, network_interface, ssh, list(train_args), start_timeout, check=not dry_run)
+    remote_dir = new_remote_dir()
+    standby_hosts = (remote_dir, [h for h, _ in pool if h not in remote]) if warm and remote else None
+    # (no processes until ensure(); a dry run shows the command without the shared connections)
+    masters = SshMasters(ssh) if remote and not dry_run and SshMasters.wanted(ssh) else None
+    job_ssh = masters.ssh if masters else ssh
     try:
         cmd = build_command(list(train_args), min_np=min_np, max_np=max_np, hostfile=hostfile,
                             nic=nic, cooldown=blacklist_cooldown, warm=warm > 0,
-                            warm_timeout=warm_timeout, script=script, ssh=ssh, across_hosts=bool(remote),
-                            start_timeout=start_timeout if remote else None)
+                            warm_timeout=warm_timeout, script=script, ssh=job_ssh, across_hosts=bool(remote),
+                            start_timeout=start_timeout if remote else None, remote_standbys=standby_hosts)
     except ValueError as exc:
+        if masters:
+            masters.close()
         raise click.UsageError(str(exc)) from None
     click.echo("+ " + shlex.join(cmd), err=True)
     if dry_run:
         return
+    from hvd_abs.comm import SEPARATE_HOSTS_ENV
     from hvd_abs.elastic.world_signal import start_job
-    from hvd_abs.launch.horovod import Terminated, option_value, run_dir_of, run_horovodrun, stop_on_termination
+    from hvd_abs.launch.args import resume_of
+    from hvd_abs.launch.horovod import Terminated, run_dir_of, run_horovodrun, stop_on_termination
     from hvd_abs.launch.job_lock import locked
+    from hvd_abs.launch.job_service import JobService
     from hvd_abs.launch.outcome import finished_epochs, keep_report, report_failure
 
-    from hvd_abs.comm import SEPARATE_HOSTS_ENV
-    from hvd_abs.launch.job_service import JobService
-
     started = time.time()
-    lock = locked(run_dir_of(list(train_args)))  # the job's, while it runs (its workers come and go)
-    start_job(run_dir_of(list(train_args)), min_np)
+    run_dir = run_dir_of(list(train_args))
     held: list[str] = []  # horovodrun's own traceback, kept out of the output until the outcome is known
     refusals = Refusals()  # workers' "Error: ..." lines (a refused input, exit 2) and exit codes
+    standbys = StandbyPool(run_dir, pool or local_pool(max_np), keep=warm, max_np=max_np, min_np=min_np,
+                           standby_args=["train", "--elastic", "--max-np", str(max_np), *train_args],
+                           script=script is not None, python=sys.executable, env=None,
+                           ssh=Ssh(job_ssh.port, job_ssh.identity_file, job_ssh.worker_options()),
+                           remote_dir=remote_dir, hostfile=hostfile, timeout_s=start_timeout, masters=masters)
     try:
+        lock = locked(run_dir)  # the job's, while it runs (its workers come and go)
+        start_job(run_dir, min_np)
+        for host, slots in pool if masters else []:
+            if host in remote:
+                masters.ensure(host, slots)
         # The job's workers reach this launcher through its job service, from any host.
-        resume = option_value(list(train_args), "--resume")
-        in_place = bool(resume) and Path(resume).expanduser().resolve() == run_dir_of(list(train_args))
-        with lock, JobService(run_dir_of(list(train_args)), bind, resume=resume, in_place=in_place) as service, \
-                stop_on_termination():
-            env = {**os.environ, **service.env(), **({SEPARATE_HOSTS_ENV: "1"} if remote else {})}
-            if warm:
-                code = run_with_standbys(cmd, list(train_args), max_np=max_np, keep=warm, held=held,
-                                         refusals=refusals, script=script is not None, env=env)
-            else:
+        resume, in_place = resume_of(list(train_args), run_dir)
+        with lock, JobService(run_dir, bind, resume=resume, in_place=in_place) as service, stop_on_termination():
+            standbys.env = env = {**os.environ, **service.env(), **({SEPARATE_HOSTS_ENV: "1"} if remote else {})}
+            with standbys if warm else contextlib.nullcontext():  # (--warm 0: cold joins)
                 code = run_horovodrun(cmd, held, refusals, env)
     except Terminated as stop:
         name = signal.Signals(stop.signum).name
         click.echo(f"hvd-abs launch horovod: {name} received: the job was stopped (its workers and standbys "
-                   f"too); continue it with -- --resume {run_dir_of(list(train_args))} (from its newest "
+                   f"too); continue it with -- --resume {run_dir} (from its newest "
                    f"checkpoint, if it wrote one)", err=True)
         sys.exit(128 + stop.signum)
+    finally:
+        if masters:
+            masters.close()
     refused = refusals.outcome() if code != 0 else None
     if refused is not None and finished_epochs(list(train_args), started) is None:
         keep_report(list(train_args), "".join(held))
@@ -208,7 +226,7 @@ def ray(address: str, min_workers: int, max_workers: int, cpus_per_worker: float
     import time
     from pathlib import Path
 
-    from hvd_abs.launch.args import out_of_resume, refuse_launcher_options, with_option
+    from hvd_abs.launch.args import out_of_resume, refuse_launcher_options, resume_of, with_option
     from hvd_abs.launch.horovod import option_value
     from hvd_abs.launch.ray_address import probe_ray_head, ray_address
 
@@ -226,10 +244,9 @@ def ray(address: str, min_workers: int, max_workers: int, cpus_per_worker: float
     # Actors do not run in this directory: the run directory travels as an absolute path.
     run_dir = str(Path(out).resolve())
     args = with_option(list(train_args), "--out", run_dir)
-    resume = option_value(args, "--resume")
-    if resume:  # (read by this launcher's job service, which serves it to the workers)
-        args = with_option(args, "--resume", str(Path(resume).expanduser().resolve()))
-        resume = option_value(args, "--resume")
+    resume, in_place = resume_of(args, run_dir)
+    if resume:
+        args = with_option(args, "--resume", resume)
     worker_argv = ["--elastic", "--max-np", str(max_workers), *args]
 
     from hvd_abs.launch.ray_executor import (RayAuthError, RayElasticExecutor, RayExecutorError, script_worker,
@@ -271,7 +288,7 @@ def ray(address: str, min_workers: int, max_workers: int, cpus_per_worker: float
     start_job(run_dir, min_workers)  # only once connected: a refused job leaves its --out as it was
     # The workers reach this launcher through its job service from any node: the world size
     # they want, the run's outputs (written here), --resume's checkpoint.
-    service = JobService(run_dir, executor.driver_address, resume=resume, in_place=resume == run_dir)
+    service = JobService(run_dir, executor.driver_address, resume=resume, in_place=in_place)
     executor.env.update(service.env())
     if executor.spans_machines:
         executor.env[SEPARATE_HOSTS_ENV] = "1"  # (threads per worker from the workers on its node)

@@ -3,6 +3,8 @@ process starts, and rewritten where a launcher sets or completes them. A bad opt
 click.UsageError (one line, exit 2) or, from `hvd-abs train`'s own checks, a UserError."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 
@@ -55,6 +57,19 @@ def out_of_resume(train_args: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     if resume and not option_value(list(args), "--out") and "--" not in args:
         return (*args, "--out", resume)
     return args
+
+
+def resume_of(train_args: list[str], run_dir: str | Path) -> tuple[str | None, bool]:
+    """--resume of the train options as an absolute path (read by the launcher's job service,
+    which serves it to the workers wherever they run), and whether it is the run directory
+    itself (the run goes on in place)."""
+    from hvd_abs.launch.horovod import option_value
+
+    resume = option_value(train_args, "--resume")
+    if not resume:
+        return None, False
+    resume = str(Path(resume).expanduser().resolve())
+    return resume, resume == str(Path(run_dir).resolve())
 
 
 # Options of `hvd-abs train` that a launcher sets on every worker's command line itself

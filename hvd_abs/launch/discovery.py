@@ -84,33 +84,62 @@ def discover(run_dir: str, pool: list[tuple[str, int]], min_np: int, max_np: int
         wanted, note = None, f"ignoring a malformed world-size signal: {exc}"
     target = max(min_np, min(max_np, wanted if wanted is not None else min_np))
     if warm:
-        target = _warm_cap(Path(run_dir), target, cold_after_s)
+        target = _warm_cap(Path(run_dir), pool, target, cold_after_s)
     return select_hosts(pool, target), note
 
 
-def _warm_cap(run_dir: Path, target: int, cold_after_s: float) -> int:
-    """The slots to advertise in warm mode, remembering the last answer in the run dir."""
-    from hvd_abs.launch.standby import ready_count, standby_dir
+def _warm_cap(run_dir: Path, pool: list[tuple[str, int]], target: int, cold_after_s: float) -> int:
+    """The slots to advertise in warm mode, remembering the last answer in the run dir.
 
+    Growing, the new slots are taken in pool order while the machine of each has a ready
+    standby (the launcher's standby pool counts them in ready.json) not already promised to a
+    slot advertised earlier whose claim has not come yet."""
     state_path = run_dir / "elastic" / "advertised.json"
     try:
         state = json.loads(state_path.read_text())
         last, since = int(state["advertised"]), float(state["waiting_since"])
-    except (OSError, ValueError, KeyError, TypeError):
-        last, since = None, 0.0  # the first poll: the initial workers start cold
+        promised = {str(m): int(n) for m, n in state.get("promised", {}).items()}
+        promised_at = float(state.get("promised_at", 0.0))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        last, since, promised, promised_at = None, 0.0, {}, 0.0  # the first poll: the initial workers start cold
+    now = time.time()
+    if now - promised_at > cold_after_s:
+        promised = {}  # a promised standby that died unclaimed must not hold a slot back for ever
     if last is None or target <= last:
         advertised, since = target, 0.0  # first poll, steady or shrinking: as asked
     else:
-        now = time.time()
         since = since or now  # growth asked: add only the slots ready standbys will fill
-        ready = ready_count(standby_dir(run_dir))
-        if last + ready >= target or now - since >= cold_after_s:
+        ready, claimed, machine_of = _standbys(run_dir)
+        free = {m: n - max(0, promised.get(m, 0) - claimed.get(m, 0)) for m, n in ready.items()}
+        taken: dict[str, int] = {}
+        for host in [h for h, n in pool for _ in range(n)][last:target]:
+            m = machine_of.get(host, host)
+            if free.get(m, 0) - taken.get(m, 0) <= 0:
+                break
+            taken[m] = taken.get(m, 0) + 1
+        warm = sum(taken.values())
+        if last + warm >= target or now - since >= cold_after_s:
             advertised, since = target, 0.0
         else:
-            advertised = last + ready
+            advertised = last + warm
+        for m, n in taken.items():
+            promised[m], promised_at = max(promised.get(m, 0), claimed.get(m, 0)) + n, now
     state_path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(state_path, json.dumps({"advertised": advertised, "waiting_since": since}))
+    write_text_atomic(state_path, json.dumps({"advertised": advertised, "waiting_since": since,
+                                              "promised": promised, "promised_at": promised_at}))
     return advertised
+
+
+def _standbys(run_dir: Path) -> tuple[dict[str, int], dict[str, int], dict[str, str]]:
+    """ready.json of the launcher's standby pool: ready and claimed standbys by machine, and
+    each pool host's machine (empty when there is none or it is unreadable)."""
+    try:
+        state = json.loads((run_dir / "elastic" / "standby" / "ready.json").read_text())
+        return ({str(m): int(n) for m, n in state["ready"].items()},
+                {str(m): int(n) for m, n in state["claimed"].items()},
+                {str(h): str(m) for h, m in state["machine"].items()})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}, {}, {}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,12 +35,14 @@ def run_dir_of(train_args: list[str]) -> Path:
 def build_command(train_args: list[str], *, min_np: int, max_np: int, hostfile: str | None = None,
                   nic: str = "lo", cooldown: str = "5,30", python: str | None = None,
                   warm: bool = False, warm_timeout: float = WARM_TIMEOUT_S, script: str | None = None,
-                  ssh: Ssh | None = None, across_hosts: bool = False, start_timeout: int | None = None) -> list[str]:
+                  ssh: Ssh | None = None, across_hosts: bool = False, start_timeout: int | None = None,
+                  remote_standbys: tuple[str, list[str]] | None = None) -> list[str]:
     """horovodrun argv: elastic (discovery script + min/max np) over Gloo, running
     `python -m hvd_abs train --elastic --max-np N TRAIN_ARGS` (with `script`: `python SCRIPT
     --elastic --max-np N TRAIN_ARGS`). Raises ValueError naming the fix.
     warm: each worker slot starts through warm_exec, which hands it to a ready standby; growth
-    waits up to warm_timeout seconds for standbys, then adds the slots cold.
+    waits up to warm_timeout seconds for standbys, then adds the slots cold. remote_standbys:
+    (the per-job standby folder on remote hosts, this machine's names in the pool).
     across_hosts (a pool beyond this machine) or ssh options: Horovod's launcher runs through
     hvd_abs.launch.horovodrun, which keeps `nic` and passes the ssh options on."""
     run_dir = str(run_dir_of(train_args))
@@ -73,7 +75,10 @@ def build_command(train_args: list[str], *, min_np: int, max_np: int, hostfile: 
     if warm:
         from hvd_abs.launch.standby import standby_dir
 
-        worker = [py, "-m", "hvd_abs.launch.warm_exec", "--standby-dir", str(standby_dir(run_dir)), "--", *worker]
+        remote = ["--remote-dir", remote_standbys[0], "--local-hosts", ",".join(remote_standbys[1])] \
+            if remote_standbys else []
+        worker = [py, "-m", "hvd_abs.launch.warm_exec", "--standby-dir", str(standby_dir(run_dir)), *remote,
+                  "--", *worker]
     return cmd + worker
 
 
@@ -129,7 +134,7 @@ class Refusals:
 class Terminated(BaseException):
     """SIGTERM or SIGHUP reached the launcher (`timeout`, `kill`, a closed terminal, a scheduler
     ending the allocation). Raised in the main thread, it unwinds through run_horovodrun and
-    run_with_standbys, which stop horovodrun (and so its workers) and the standbys, as on Ctrl-C:
+    the standby pool, which stop horovodrun (and so its workers) and the standbys, as on Ctrl-C:
     by default Python would just die and leave the whole job running unseen."""
 
     def __init__(self, signum: int) -> None:
@@ -206,50 +211,3 @@ def run_horovodrun(cmd: list[str], held: list[str] | None = None, refusals: Refu
             proc.kill()
             raise
 
-
-def run_with_standbys(cmd: list[str], train_args: list[str], max_np: int, keep: int,
-                      python: str | None = None, held: list[str] | None = None,
-                      refusals: Refusals | None = None, script: bool = False,
-                      env: dict[str, str] | None = None) -> int:
-    """Run horovodrun `cmd` while keeping `keep` warm standbys ready on this host (replacing each
-    one a joining slot claims, up to max_np standbys in all); returns horovodrun's exit code.
-    held, refusals, env: as for run_horovodrun (the standbys get env too). script: the workers run a --script (the standbys
-    import ahead but do not load its data)."""
-    import subprocess
-    import threading
-
-    from hvd_abs.launch.standby import standby_dir
-
-    py = python or sys.executable
-    directory = standby_dir(run_dir_of(train_args))
-    directory.mkdir(parents=True, exist_ok=True)
-    standby_cmd = [py, "-m", "hvd_abs.launch.standby", "--dir", str(directory), "--",
-                   "train", "--elastic", "--max-np", str(max_np), *train_args]
-    if script:  # the claimant names the script and its arguments; the standby only imports ahead
-        standby_cmd = [py, "-m", "hvd_abs.launch.standby", "--dir", str(directory), "--script", "--"]
-    spawned: list[subprocess.Popen] = []
-    done = threading.Event()
-
-    def supervise() -> None:
-        while not done.wait(0.5):
-            claimed = {int(p.name.split(".")[0]) for p in directory.glob("*.claimed.*")}
-            waiting = sum(1 for p in spawned if p.poll() is None and p.pid not in claimed)
-            if waiting < keep and len(spawned) < max_np:
-                spawned.append(subprocess.Popen(standby_cmd, stdin=subprocess.DEVNULL, env=env))
-
-    thread = threading.Thread(target=supervise, daemon=True, name="hvd_abs-standbys")
-    thread.start()
-    try:
-        return run_horovodrun(cmd, held, refusals, env)
-    finally:
-        done.set()
-        thread.join()
-        for p in spawned:  # unclaimed standbys have nothing left to do
-            if p.poll() is None:
-                p.terminate()
-        for p in spawned:  # gone when the launcher returns, not some seconds later
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()

@@ -3,14 +3,16 @@
 A cold join makes every survivor wait while the new process starts Python, imports torch and
 Horovod and loads the data (seconds). Here that work happens *before* the slot is advertised:
 
-1. The launcher keeps `standby` processes ready on the local host: each imports torch, Horovod
-   and the trainer, preloads the data set, listens on a Unix socket (mode 0600, in the run
-   directory: only the job's user can reach it) and then publishes `<pid>.ready`.
-2. Discovery advertises a new local slot only while a ready standby exists (discovery.py).
-3. For the new slot horovodrun runs `python -m hvd_abs.launch.warm_exec -- <worker argv>` (standard
-   library only: starts in tens of milliseconds). It claims a standby by renaming its ready file
-   (atomic: one claimant wins), sends its argv, environment and working directory, and passes
-   its stdin/stdout/stderr over the socket (SCM_RIGHTS). With no standby it execs the cold argv.
+1. The launcher keeps `standby` processes ready on the hosts the next slots go to
+   (standby_pool.py): each imports torch, Horovod and the trainer, preloads the data set,
+   listens on a Unix socket (mode 0600, in a folder on its own host: only the job's user can
+   reach it), publishes `<pid>.ready` and says so on its stdout.
+2. Discovery advertises a new slot only where a ready standby will fill it (discovery.py).
+3. For the new slot horovodrun runs `python -m hvd_abs.launch.warm_exec -- <worker argv>` on that
+   host (standard library only: starts in tens of milliseconds). It claims a standby there by
+   renaming its ready file (atomic: one claimant wins), sends its argv, environment and working
+   directory, and passes its stdin/stdout/stderr over the socket (SCM_RIGHTS). With no standby
+   it execs the cold argv.
 4. The standby takes that identity (environment, fds, cwd) and runs the worker in-process; its
    exit code goes back to warm_exec, which exits with it. A signal to warm_exec (horovodrun
    stopping a worker) is forwarded to the standby.
@@ -39,12 +41,8 @@ def standby_dir(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / "elastic" / "standby"
 
 
-def ready_count(directory: str | os.PathLike) -> int:
-    """Standbys ready and unclaimed in `directory` (0 when it does not exist)."""
-    d = Path(directory)
-    if not d.is_dir():
-        return 0
-    return sum(1 for p in d.iterdir() if p.name.endswith(".ready") and _alive(p))
+# What a standby says on its stdout (to the launcher's standby pool, through ssh for a remote one).
+READY_WORD, CLAIMED_WORD = "hvd_abs-standby: ready", "hvd_abs-standby: claimed"
 
 
 def _alive(ready: Path) -> bool:
@@ -85,10 +83,12 @@ def recv_message(sock: socket.socket, max_fds: int = 0) -> tuple[Any, list[int]]
     return json.loads(body), fds
 
 
-def serve(directory: str | os.PathLike, run_worker: Callable[[list[str]], int], idle_timeout: float = 3600.0) -> int:
+def serve(directory: str | os.PathLike, run_worker: Callable[[list[str]], int], idle_timeout: float = 3600.0,
+          announce: Callable[[str], None] = lambda word: None) -> int:
     """Publish this (already warm) process as a standby in `directory`, wait for one claimant,
     become it, and return the worker's exit code. Returns 0 without running anything when no
-    claimant comes within `idle_timeout` seconds or the directory disappears (job over)."""
+    claimant comes within `idle_timeout` seconds or the directory disappears (job over).
+    announce: called with READY_WORD once published, CLAIMED_WORD once claimed."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     pid = os.getpid()
@@ -102,6 +102,7 @@ def serve(directory: str | os.PathLike, run_worker: Callable[[list[str]], int], 
     server.listen(1)
     server.settimeout(1.0)
     write_text_atomic(ready, str(sock_path))
+    announce(READY_WORD)
     deadline = time.monotonic() + idle_timeout
     try:
         while True:
@@ -112,6 +113,7 @@ def serve(directory: str | os.PathLike, run_worker: Callable[[list[str]], int], 
                 if time.monotonic() > deadline or not d.is_dir() or not (ready.exists() or _claimed(d, pid)):
                     return 0
         conn.settimeout(None)
+        announce(CLAIMED_WORD)  # (before this process's stdout becomes the claimant's)
         # Claimed: the path is no longer needed (the connection is). Removed now, not at exit,
         # so nothing of the standby is left once the claimant has its exit code.
         server.close()
@@ -247,17 +249,34 @@ def run_as_main(script: str, argv: list[str]) -> None:
         sys.argv, sys.path[:] = saved_argv, saved_path
 
 
+def _exit_when_stdin_closes() -> None:
+    """The launcher's pipe is this standby's stdin (through ssh on a remote host): when it
+    closes, the launcher is gone or done, and so is this process, whatever it is doing."""
+    import threading
+
+    watched = os.dup(0)  # (fd 0 itself becomes the claimant's stdin)
+
+    def watch() -> None:
+        while os.read(watched, 4096):
+            pass
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="hvd_abs-launcher-watch").start()
+
+
 def _main(argv: list[str]) -> int:
-    """`python -m hvd_abs.launch.standby --dir D -- TRAIN_ARGS`: get warm (imports, the data
-    set), then serve as `hvd-abs train`. `--dir D --script --`: get warm (imports: a script loads
-    its own data), then serve as the script the claimant names (`python SCRIPT ARGS`)."""
-    script = argv[2:3] == ["--script"]
-    if script:
-        argv = argv[:2] + argv[3:]
-    if len(argv) < 3 or argv[0] != "--dir" or argv[2] != "--":
-        print("usage: python -m hvd_abs.launch.standby --dir DIR [--script] -- TRAIN_ARGS...", file=sys.stderr)
+    """`python -m hvd_abs.launch.standby --dir D [--until-stdin-closes] -- TRAIN_ARGS`: get warm
+    (imports, the data set), then serve as `hvd-abs train`. `--dir D [...] --script --`: get warm
+    (imports: a script loads its own data), then serve as the script the claimant names
+    (`python SCRIPT ARGS`)."""
+    flags = argv[2:argv.index("--")] if argv[:1] == ["--dir"] and "--" in argv else None
+    if flags is None or len(argv) < 3 or not set(flags) <= {"--script", "--until-stdin-closes"}:
+        print("usage: python -m hvd_abs.launch.standby --dir DIR [--until-stdin-closes] [--script] -- TRAIN_ARGS...",
+              file=sys.stderr)
         return 2
-    directory, train_args = argv[1], argv[3:]
+    directory, train_args, script = argv[1], argv[argv.index("--") + 1:], "--script" in flags
+    if "--until-stdin-closes" in flags:
+        _exit_when_stdin_closes()
     get_warm(None if script else train_args)
     from hvd_abs.elastic.worker import run_train
 
@@ -273,7 +292,7 @@ def _main(argv: list[str]) -> int:
             return 2
         return run_train(args[1:])
 
-    return serve(directory, run_worker)
+    return serve(directory, run_worker, announce=lambda word: print(word, flush=True))
 
 
 if __name__ == "__main__":
