@@ -12,6 +12,11 @@ Runs, for every model (c1, resnet20) and seed (same epoch budget and seeds for a
              the growth scale is global_batch / initial_batch = 1 for a fixed batch).
   abs        adaptive batch from 128, Hessian-triggered doubling up to the cap, LR x2 per doubling.
   absa       abs + FGSM adversarial samples (ratio 0.2, eps 0.005, halved per doubling).
+  The controls (medium's defaults, any protocol with --methods):
+  sgd_large_warmup  sgd_large with Goyal et al.'s linear LR warm-up (5 of 90 epochs, scaled).
+  absa_schedule     absa growing every --duration epochs, no Hessian check (the fallback alone).
+  absa_gns          absa growing on the gradient noise scale (--growth-trigger gns); micro-batches
+                    of 64 so that the first 128 batch holds the two sizes the estimate compares.
 
 Protocols (what differs from the paper is said in `protocol["shortened"]` of the JSON):
   full   the paper: 90 epochs, all 50,000 training images, step decay x0.2 at 30, 60 (C1, lr 0.02)
@@ -23,6 +28,9 @@ Protocols (what differs from the paper is said in `protocol["shortened"]` of the
          128 * 2^k <= N / 4 (16,384 / 50,000 is about 1/3), large batch = max batch / 4 (as 4,096 vs
          16,384). Per-epoch test accuracy on a fixed 2,000-image test subset; the final accuracy
          of every run is on all 10,000 test images.
+  medium where the growth signal can act: 24 epochs on a fixed 16,384-image subset (checks every
+         epoch, the fallback only every 3), sized as quick otherwise (max batch 4,096: 32x the
+         base); about 15-25 min a run here. All seven methods by default.
 Flags override single knobs (--epochs, --train-subset, --eval-subset, --models, --seeds, --methods).
 
 Each run is a child process (`--run-one`) writing a normal run dir (metrics.jsonl, summary.json,
@@ -62,7 +70,9 @@ from hvd_abs.atomic import savefig_atomic, write_text_atomic  # noqa: E402 (afte
 from hvd_abs.errors import UserError  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-METHODS = ("sgd", "sgd_large", "abs", "absa")
+METHODS = ("sgd", "sgd_large", "sgd_large_warmup", "abs", "absa", "absa_schedule", "absa_gns")
+PAPER_METHODS = ("sgd", "sgd_large", "abs", "absa")  # quick and full: the paper's comparison
+GNS_BASE_BATCH = 64  # absa_gns: two 64-sample micro-batches in the first 128 batch, for its two sizes
 MODELS = ("c1", "resnet20")
 BASE_BATCH = 128
 # The paper's per-model recipe (shared notes, HessianFlow defaults), in 90-epoch terms.
@@ -76,6 +86,9 @@ PAPER_MAX_BATCH = 16384
 PAPER_LARGE_BATCH = 4096
 FULL_TRAIN = 50000
 QUICK = {"epochs": 8, "train_subset": 8192, "eval_subset": 2000}
+# Where the growth signal can act: a check every epoch, a fallback doubling only every 3 checks.
+MEDIUM = {"epochs": 24, "train_subset": 16384, "eval_subset": 2000}
+GOYAL_WARMUP = 5  # epochs of linear LR warm-up in 90 (Goyal et al. 2017), scaled to the protocol
 
 
 # --- the protocol --------------------------------------------------------------------------------
@@ -90,10 +103,11 @@ def pow2_batch_at_most(limit: float) -> int:
 def make_protocol(args: argparse.Namespace) -> dict[str, Any]:
     """Every knob of the study, derived from --protocol and the overriding flags."""
     full = args.protocol == "full"
-    epochs = args.epochs or (PAPER_EPOCHS if full else QUICK["epochs"])
-    n_train = args.train_subset or (FULL_TRAIN if full else QUICK["train_subset"])
+    sized = MEDIUM if args.protocol == "medium" else QUICK
+    epochs = args.epochs or (PAPER_EPOCHS if full else sized["epochs"])
+    n_train = args.train_subset or (FULL_TRAIN if full else sized["train_subset"])
     n_train = min(n_train, FULL_TRAIN)
-    eval_subset = args.eval_subset if args.eval_subset is not None else (0 if full else QUICK["eval_subset"])
+    eval_subset = args.eval_subset if args.eval_subset is not None else (0 if full else sized["eval_subset"])
     if n_train >= FULL_TRAIN:
         max_batch, large = PAPER_MAX_BATCH, PAPER_LARGE_BATCH
     else:
@@ -126,6 +140,7 @@ def make_protocol(args: argparse.Namespace) -> dict[str, Any]:
         "epochs": epochs, "train_samples": n_train, "eval_subset": eval_subset or None,
         "base_batch": BASE_BATCH, "max_batch": max_batch, "large_batch": large, "duration": duration,
         "models": models, "methods": list(args.methods), "seeds": list(args.seeds),
+        "warmup_epochs": GOYAL_WARMUP * epochs / PAPER_EPOCHS, "gns_base_batch": GNS_BASE_BATCH,
         "eig": f"trainer defaults (stochastic power iteration, tol 1e-2, <= 10 iter) on {eig_samples} samples",
         "eig_samples": eig_samples,
         "adversarial": "trainer defaults for absa (FGSM eps 0.005, ratio 0.2 halved per doubling, off from E/2)",
@@ -153,10 +168,15 @@ def run_config(proto: dict[str, Any], model: str, method: str, seed: int, out: P
                   quiet=True, device=args.device, threads=args.threads)
     if method == "sgd":
         return TrainConfig(method="sgd", batch=BASE_BATCH, lr=m["lr"], max_batch=BASE_BATCH, **common)
-    if method == "sgd_large":
+    if method in ("sgd_large", "sgd_large_warmup"):
         L = proto["large_batch"]
-        return TrainConfig(method="sgd", batch=L, lr=m["large_batch_lr"], max_batch=L, **common)
-    return TrainConfig(method=method, batch=BASE_BATCH, lr=m["lr"], max_batch=proto["max_batch"], **common)
+        warmup = proto.get("warmup_epochs", 0.0) if method == "sgd_large_warmup" else 0.0
+        return TrainConfig(method="sgd", batch=L, lr=m["large_batch_lr"], max_batch=L, warmup_epochs=warmup, **common)
+    trigger = {"absa_schedule": "duration", "absa_gns": "gns"}.get(method, "eig")
+    if method == "absa_gns":
+        common["base_batch"] = proto.get("gns_base_batch", GNS_BASE_BATCH)
+    return TrainConfig(method=method.split("_")[0], batch=BASE_BATCH, lr=m["lr"], max_batch=proto["max_batch"],
+                       growth_trigger=trigger, **common)
 
 
 # --- one run (child process) ------------------------------------------------------------------------
@@ -401,6 +421,12 @@ def collect(args: argparse.Namespace, proto: dict[str, Any] | None) -> dict[str,
                           "max_batch_reached": max(r["max_batch_reached"] for r in rs),
                           "growths_by_eig_mean": statistics.fmean(
                               sum(g["reason"] == "eig" for g in r["growths"]) for r in rs),
+                          "growths_by_signal_mean": statistics.fmean(
+                              sum(g["reason"] in ("eig", "gns") for g in r["growths"]) for r in rs),
+                          "growths_by_fallback_mean": statistics.fmean(
+                              sum(g["reason"] == "duration" for g in r["growths"]) for r in rs),
+                          "second_order_share_mean": statistics.fmean(
+                              r["second_order_s"] / max(r["wall_s"], 1e-9) for r in rs),
                           "growths_mean": statistics.fmean(r["num_growths"] for r in rs),
                           "second_order_s_mean": statistics.fmean(r["second_order_s"] for r in rs)})
     targets = {}
@@ -410,7 +436,7 @@ def collect(args: argparse.Namespace, proto: dict[str, Any] | None) -> dict[str,
             continue
         base = row["sgd"]
         entry: dict[str, Any] = {}
-        for method in ("abs", "absa"):
+        for method in ("abs", "absa", "absa_schedule", "absa_gns"):
             if method in row:
                 r = row[method]
                 entry[method] = {
@@ -466,7 +492,9 @@ def _torch_version() -> str:
 def markdown_table(table: list[dict[str, Any]], proto: dict[str, Any]) -> str:
     """The README table: accuracy mean +- std over seeds, updates, wall time, max batch."""
     label = {"sgd": "SGD, batch 128 (baseline)", "sgd_large": f"SGD, fixed batch {proto['large_batch']} (linear LR)",
-             "abs": "ABS", "absa": "ABSA"}
+             "sgd_large_warmup": f"SGD, fixed batch {proto['large_batch']} (linear LR, warm-up)",
+             "abs": "ABS", "absa": "ABSA", "absa_schedule": "ABSA, fixed doubling schedule",
+             "absa_gns": "ABSA, gradient-noise trigger"}
     lines = ["| model | method | seeds | test acc % (mean +- std) | updates | vs baseline | wall s | max batch |",
              "|---|---|---|---|---|---|---|---|"]
     base = {t["model"]: t["updates_mean"] for t in table if t["method"] == "sgd"}
@@ -487,7 +515,8 @@ def plot(runs: list[dict[str, Any]], out: Path, name: str, proto: dict[str, Any]
     import matplotlib.ticker
 
     models = [m for m in proto["models"] if any(r["model"] == m for r in runs)]
-    colors = {"sgd": "C0", "sgd_large": "C1", "abs": "C2", "absa": "C3"}
+    colors = {"sgd": "C0", "sgd_large": "C1", "sgd_large_warmup": "C4", "abs": "C2", "absa": "C3",
+              "absa_schedule": "C5", "absa_gns": "C6"}
     paths = []
     specs = [("acc_vs_updates", "updates", "test_acc", "parameter updates", "test accuracy (per-epoch eval set)", "log", None),
              ("batch_vs_epoch", "epoch", "global_batch", "epoch", "global batch", None, 2),
@@ -527,9 +556,10 @@ def plot(runs: list[dict[str, Any]], out: Path, name: str, proto: dict[str, Any]
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--protocol", choices=("quick", "full"), default="quick")
+    p.add_argument("--protocol", choices=("quick", "medium", "full"), default="quick")
     p.add_argument("--models", default="c1,resnet20", help="comma-separated: c1, resnet20")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated: " + ", ".join(METHODS))
+    p.add_argument("--methods", default=None, help="comma-separated: " + ", ".join(METHODS) + " (default: medium "
+                                                   "all of them; quick and full " + ", ".join(PAPER_METHODS) + ")")
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--epochs", type=int, default=None, help="override the protocol's epochs")
     p.add_argument("--train-subset", type=int, default=None, help="training images (default: protocol's)")
@@ -556,6 +586,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.run_one is None:
         args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+        if args.methods is None:
+            args.methods = ",".join(METHODS if args.protocol == "medium" else PAPER_METHODS)
         args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         try:
             args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]

@@ -97,6 +97,17 @@ class HorovodComm:
         # through one auto-generated name per call.
         return list(self._hvd.grouped_allreduce(list(tensors), op=self._hvd.Sum, name=f"hvd_abs.sum.{len(tensors)}"))
 
+    def allreduce_sum_async_(self, tensor: torch.Tensor, name: str) -> Any:
+        """Start summing `tensor` over ranks in place; wait(handle) ends it."""
+        return self._hvd.allreduce_async_(tensor, op=self._hvd.Sum, name=name)
+
+    def grouped_sum_async(self, tensors: Sequence[torch.Tensor], name: str) -> Any:
+        """Start summing `tensors` over ranks (new tensors); wait(handle) returns them."""
+        return self._hvd.grouped_allreduce_async(list(tensors), op=self._hvd.Sum, name=name)
+
+    def wait(self, handle: Any) -> Any:
+        return self._hvd.synchronize(handle)
+
     def allreduce_mean(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Mean over ranks, fused into one grouped allreduce."""
         if not tensors:

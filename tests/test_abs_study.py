@@ -146,3 +146,24 @@ def test_a_damaged_result_file_is_named_not_a_traceback(tmp_path: Path) -> None:
                            str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "c1_sgd_s0/result.json is damaged" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_the_medium_protocol_lets_the_signal_act_and_holds_the_controls() -> None:
+    """Issue 21's protocol: >= 20 epochs, a check every epoch and a fallback doubling only every
+    3 (duration 3), and its seven methods' configurations, each valid."""
+    sys.path.insert(0, str(STUDY.parent))
+    import abs_study
+
+    args = abs_study.parse_args(["--protocol", "medium", "--models", "resnet20", "--seeds", "0,1,2"])
+    proto = abs_study.make_protocol(args)
+    assert proto["epochs"] >= 20 and proto["duration"] >= 3 and proto["max_batch"] // proto["base_batch"] == 32
+    assert args.methods == list(abs_study.METHODS)
+    configs = {m: abs_study.run_config(proto, "resnet20", m, 0, Path("unused"), args) for m in args.methods}
+    for cfg in configs.values():
+        cfg.validate()
+    assert configs["sgd_large_warmup"].warmup_epochs > 0 == configs["sgd_large"].warmup_epochs
+    assert (configs["absa_schedule"].method, configs["absa_schedule"].growth_trigger) == ("absa", "duration")
+    gns = configs["absa_gns"]
+    assert (gns.method, gns.growth_trigger, gns.batch, gns.base_batch) == ("absa", "gns", 128, 64)
+    assert configs["absa"].growth_trigger == "eig" and configs["absa"].base_batch == 128
+    assert abs_study.parse_args(["--protocol", "quick"]).methods == list(abs_study.PAPER_METHODS)

@@ -63,9 +63,14 @@ CASES = [
     # 3. bench_throughput: --worlds and --pairs before the data load and horovodrun
     ("bench_throughput", ["--worlds", "1,abc"], "world sizes >= 1"),
     ("bench_throughput", ["--pairs", "0"], "--pairs must be >= 1"),
+    ("bench_throughput", ["--hosts", "a,,b"], "--hosts takes HOST,HOST"),
+    ("bench_throughput", ["--threads", "-1"], "--threads must be >= 0"),
     # 4. bench_resize(_ray): job options and the data dir before anything is launched
     ("bench_resize", ["--timeout", "0"], "--timeout must be > 0"),
     ("bench_resize_ray", ["--epochs", "0"], "--epochs must be > 0"),
+    ("bench_resize_multihost", ["--pairs", "0"], "--pairs must be >= 1"),
+    ("bench_gns", ["--pairs", "0"], "--pairs must be >= 1"),
+    ("bench_resize_multihost", ["--k", "0"], "--k must be > 0"),
     ("bench_resize", ["--data-dir", "{tmp}"], "CIFAR-10"),  # the data module names the fix
     # too few updates for the leave to take effect (the QA's run: resizes 1, leave_stall_s null)
     ("bench_resize", ["--train-subset", "512", "--k", "2"], "raise --epochs or --train-subset"),

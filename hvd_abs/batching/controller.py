@@ -9,7 +9,9 @@ never exceeds `max_batch`; once there, `needs_estimate` is False and no more che
 
 That rule is the `eig` trigger. Triggers are a registry of small classes (`--growth-trigger`
 takes their names): a new one is a `GrowthTrigger` with a `name` and `check`, under
-`@register_trigger`. `duration` grows every `duration` checks and needs no eigenvalue.
+`@register_trigger`. `duration` grows every `duration` checks and needs no eigenvalue. `gns`
+grows when the epoch's gradient noise scale (noise_scale.py) is at least twice the batch,
+with the same fallback.
 
 All state lives in plain Python numbers (`state_dict`), independent of the world size.
 """
@@ -44,6 +46,7 @@ class GrowthTrigger:
 
     name = ""
     needs_eig = True  # whether the check needs an eigenvalue estimate (the HVPs are skipped otherwise)
+    needs_noise_scale = False  # whether the updates measure gradient norms for the noise scale
 
     def check(self, c: "BatchController", eig: float | None) -> str | None:
         raise NotImplementedError
@@ -88,6 +91,19 @@ class Duration(GrowthTrigger):
         return _duration_passed(c)
 
 
+@register_trigger
+class NoiseScale(GrowthTrigger):
+    """McCandlish et al.'s critical batch: grow once B_noise >= 2 x the batch, the doubled batch
+    still at most the noise scale; the fallback as for `eig`."""
+
+    name, needs_eig, needs_noise_scale = "gns", False, True
+
+    def check(self, c: "BatchController", eig: float | None) -> str | None:
+        if c.noise_scale is not None and c.noise_scale >= c.factor * c.global_batch:
+            return "gns"
+        return _duration_passed(c)
+
+
 class BatchController:
     """Doubles the global batch on a flatter curvature; see the module docstring.
 
@@ -123,6 +139,7 @@ class BatchController:
         self.num_checks = 0
         self.prev_batch: int | None = None  # the batch before the latest growth (LR warm-up start)
         self.change_epoch = 0  # epoch index from which the current batch applies
+        self.noise_scale: float | None = None  # the epoch's B_noise, fed to check() (not state)
 
     # --- queries -------------------------------------------------------------------------------
     @property
@@ -136,17 +153,24 @@ class BatchController:
         return not self.at_max and TRIGGERS[self.trigger].needs_eig
 
     @property
+    def needs_noise_scale(self) -> bool:
+        """Whether the updates should measure gradient norms for the next check."""
+        return not self.at_max and TRIGGERS[self.trigger].needs_noise_scale
+
+    @property
     def scale(self) -> float:
         """Global batch relative to the initial one (2 ** doublings unless capped oddly)."""
         return self.global_batch / self.initial_batch
 
     # --- the rule ------------------------------------------------------------------------------
-    def check(self, eig: float | None, epoch: int = 0) -> Decision:
-        """Feed the estimate made at the end of (0-based) `epoch`; grow if the rule says so.
+    def check(self, eig: float | None, epoch: int = 0, noise_scale: float | None = None) -> Decision:
+        """Feed the estimate made at the end of (0-based) `epoch` (and, for `gns`, the epoch's
+        noise scale); grow if the rule says so.
 
         A growth applies from epoch `epoch + 1`. `eig` None (no estimate) still counts as a check
         without growth, so the duration fallback cannot be starved.
         """
+        self.noise_scale = noise_scale
         old = self.global_batch
         if self.at_max:
             return Decision(False, None, old, old, eig, self.ref)

@@ -9,6 +9,8 @@ BENCHMARKS = {
     "throughput": "bench_throughput.py",
     "resize": "bench_resize.py",
     "resize-ray": "bench_resize_ray.py",
+    "resize-multihost": "bench_resize_multihost.py",
+    "gns": "bench_gns.py",
     "study": "abs_study.py",
 }
 
@@ -19,8 +21,9 @@ BENCHMARKS = {
 def command(name: str, args: tuple[str, ...]) -> None:
     """Run benchmark NAME with ARGS (see `hvd-abs bench NAME --help`); it prints JSON and writes
     benchmarks/results/. hessian: HVP, eigen and vector-op speed; eig-trigger: spread and cost of the
-    growth trigger; throughput: samples/s vs plain Horovod; resize / resize-ray: join stalls vs a
-    restart; study: the paper's claim on CIFAR-10."""
+    growth trigger; throughput: samples/s vs plain Horovod; resize / resize-ray / resize-multihost: join
+    stalls vs a restart (resize-multihost: on 3 namespace hosts, root, with 2-host throughput); gns: the cost of
+    the gradient-noise growth trigger; study: the paper's claim on CIFAR-10."""
     import subprocess
     import sys
     from pathlib import Path

@@ -91,7 +91,9 @@ class TrainConfig:
     max_batch: int = option(16384, "Cap of the global batch.", "method")
     growth_trigger: str = option("eig", "What doubles the batch (abs, absa): eig: the top Hessian eigenvalue halved "
                                         "since the last growth, or --duration checks without that (the paper's); "
-                                        "duration: every --duration epochs, with no Hessian estimate.",
+                                        "duration: every --duration epochs, with no Hessian estimate; gns: the "
+                                        "epoch's gradient noise scale at least twice the batch, or --duration checks "
+                                        "without that (needs --batch >= 2 x --base-batch to measure it).",
                                  "method", choices=lambda: tuple(TRIGGERS))
     duration: int = option(10, "Grow anyway after this many eigenvalue checks without growth (the first check "
                                "only sets the reference: with 1, the first growth comes after epoch 2).", "method")
@@ -259,6 +261,11 @@ class TrainConfig:
                             f"directory of the run to continue")
         if self.growth_trigger not in TRIGGERS:
             raise UserError(f"--growth-trigger must be one of {', '.join(TRIGGERS)}, got {self.growth_trigger!r}")
+        if TRIGGERS[self.growth_trigger].needs_noise_scale and self.method != "sgd" \
+                and (self.batch or self.base_batch) < 2 * self.base_batch:
+            raise UserError(f"--growth-trigger {self.growth_trigger} compares micro-batches of --base-batch with the "
+                            f"global batch, so it needs --batch at least 2 x --base-batch ({2 * self.base_batch}); "
+                            f"pass a larger --batch or a smaller --base-batch")
         if isinstance(self.callbacks, str) or not all(isinstance(c, str) and ":" in c for c in self.callbacks):
             raise UserError(f"--callback takes MODULE:NAME (e.g. mypkg.hooks:LogToFile), got {self.callbacks!r}")
         if self.device not in DEVICES:

@@ -36,6 +36,7 @@ the layout and this rank's samples are recomputed from it at every step.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -51,6 +52,7 @@ from hvd_abs.adversarial import AdversarialSchedule
 from hvd_abs.augment import Augmenter
 from hvd_abs.batching.controller import BatchController
 from hvd_abs.batching.layout import layout
+from hvd_abs.batching.noise_scale import noise_scale
 from hvd_abs.batching.lr import LRSchedule
 from hvd_abs.comm import LocalComm, worker_device
 from hvd_abs.metrics import MetricsWriter
@@ -60,6 +62,7 @@ from hvd_abs.sampling import EpochSampler, rank_micro_batches
 from hvd_abs.training.checkpoint import to_host
 from hvd_abs.training.config import EIG_BATCH, TrainConfig
 from hvd_abs.training.events import Callback, Event, fire
+from hvd_abs.training.grad_exchange import GradientExchange
 from hvd_abs.training.resume import resume_trainer, saved_config
 from hvd_abs.training.run_data import data_id, run_data
 from hvd_abs.training.outputs import LocalOutputs
@@ -76,6 +79,12 @@ class StopRequested(Exception):
 
 def _new_epoch_clock(samples_seen: int) -> dict[str, Any]:
     return {"start": None, "train_s": 0.0, "samples0": samples_seen, "world": None}
+
+
+def _sq_norm(params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The squared norm of the parameters' gradients together, on their device (no sync)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    return torch.stack(torch._foreach_norm(grads)).double().square().sum() if grads else torch.zeros((), dtype=torch.float64)
 
 
 def _default_eigen_fn() -> EigenFn:
@@ -134,13 +143,16 @@ class Trainer:
         self.growths: list[dict[str, Any]] = []
         # loss_sum, correct, count (global) of the epoch so far. Kept on the device and read once
         # an epoch: reading it every update would stop a GPU's queue from running ahead of Python.
-        self._epoch_sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        # loss sum, correct, count; micro-batch 0's squared gradient norms and their count; the
+        # global batch's and theirs (the noise scale's inputs, gns trigger only)
+        self._epoch_sums = torch.zeros(7, dtype=torch.float64, device=self.device)
         # The epoch so far, also across an elastic reset, which re-enters run_epoch mid-epoch:
         # its start (wall clock, so a reset's stall counts), seconds spent training, samples_seen
         # at its start, and the world size of its latest update.
         self._epoch_clock: dict[str, Any] = _new_epoch_clock(self.samples_seen)
         self._warned_eig_samples = False
         self._bn_stats: RunningStats | None = None  # made when the world has more than one rank
+        self._grad_exchange: GradientExchange | None = None  # likewise
         self._bn_buffers: list[torch.Tensor] | None = None  # BatchNorm running stats, for ABSA's FGSM
         # The growth check skipped after the run's last epoch ({eig, epoch}), for a --resume that
         # extends the run (see fit).
@@ -193,7 +205,8 @@ class Trainer:
         self.samples_seen = int(state["samples_seen"])
         self.elapsed_s = float(state["elapsed_s"])
         self.second_order_total_s = float(state["second_order_total_s"])
-        self._epoch_sums = torch.tensor(state["epoch_sums"], dtype=torch.float64, device=self.device)
+        sums = list(state["epoch_sums"]) + [0.0] * 4  # (a checkpoint from before the noise scale: 3)
+        self._epoch_sums = torch.tensor(sums[:7], dtype=torch.float64, device=self.device)
         # (Checkpoints from before the clock was kept: the epoch's clock starts now.)
         self._epoch_clock = dict(state.get("epoch_clock") or _new_epoch_clock(self.samples_seen))
         self.history = list(state["history"])
@@ -230,7 +243,8 @@ class Trainer:
         self.model.train()
         # loss_sum, correct, count on this rank, kept on the device: reading them per micro-batch
         # (.item()) would stall a GPU at every micro-batch (128 stalls per update at G = 16384).
-        stats = torch.zeros(3, dtype=torch.float64, device=self.device)
+        # (+ for the gns trigger: micro-batch 0's squared gradient norm and 1, on rank 0)
+        stats = torch.zeros(5, dtype=torch.float64, device=self.device)
         micros = rank_micro_batches(idx, lay, self.comm.rank)
         ids = lay.micro_ids_for(self.comm.rank)  # their indices j in the update (0..K-1)
         bn = self._running_stats()
@@ -244,7 +258,11 @@ class Trainer:
                 self._bn_buffers = running_buffers(self.model)
             adv_stats = torch._foreach_mul(self._bn_buffers, 1.0) if self._bn_buffers else None
         self.last_micros, self.last_step_epoch = micros, self.epoch
-        for j, micro in zip(ids, micros):
+        exchange = self._exchange()
+        sent = None
+        # The noise scale's small batch is micro-batch 0 (rank 0's first, at any world size).
+        measure = self.controller.needs_noise_scale and lay.num_micro >= 2
+        for n, (j, micro) in enumerate(zip(ids, micros)):
             if bn is not None:
                 bn.before(j)
             x = self.data.train_x[micro].to(self.device, non_blocking=True)  # (m, C, H, W)
@@ -257,30 +275,56 @@ class Trainer:
             if bn is not None:
                 bn.after()
             loss_sum = F.cross_entropy(logits, y, reduction="sum", label_smoothing=self.cfg.label_smoothing)
-            # Divide by the GLOBAL batch: summed over micro-batches and ranks this is the mean.
-            (loss_sum / G).backward()
             stats[0] += loss_sum.detach()
             stats[1] += (logits.argmax(1) == y).sum()
             stats[2] += y.numel()
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        if self.comm.size > 1:
+            small = measure and j == 0
+            early = exchange is not None and n == len(micros) - 1 and not small
+            if early:  # the statistics are complete: sent while the last pass runs
+                sent = exchange.start([stats, *([bn.payload()] if bn is not None else [])])
+            # Divide by the GLOBAL batch: summed over micro-batches and ranks this is the mean.
+            with exchange.sending(early) if exchange is not None else contextlib.nullcontext():
+                (loss_sum / G).backward()
+            if small:  # .grad holds micro-batch 0's gradient times m / G
+                stats[3] += _sq_norm(self.params) * (G / y.numel()) ** 2
+                stats[4] += 1
+        if exchange is not None:  # the gradients are summed in .grad, the statistics returned
+            if sent is None:  # (no micro-batch on this rank)
+                sent = exchange.start([stats, *([bn.payload()] if bn is not None else [])])
+            summed = exchange.wait(sent)
+            if bn is not None:
+                bn.finish(summed.pop())
+            reduced = [*(p.grad for p in self.params), summed[0]]
+        elif self.comm.size > 1:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
             reduced = self.comm.allreduce_sum([*grads, stats, *([bn.payload()] if bn is not None else [])])
             if bn is not None:
                 bn.finish(reduced.pop())
         else:  # a world of one has nothing to sum (hvd.DistributedOptimizer skips it too)
-            reduced = [*grads, stats]
+            reduced = [*(p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params), stats]
         for p, g in zip(self.params, reduced[:-1]):
             if g is not p.grad:  # the summed gradient (world > 1) or zeros (unused): take it, no copy
                 p.grad = g
+        self._epoch_sums[:5] += reduced[-1]
+        if measure:  # the global batch's mean gradient, the same on every rank
+            self._epoch_sums[5] += _sq_norm(self.params)
+            self._epoch_sums[6] += 1
         if self.cfg.clip_grad_norm is not None:
             # The summed gradient, the same on every rank: clipped as one process clips its batch's.
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip_grad_norm)
         self.optimizer.step()
-        self._epoch_sums += reduced[-1]
         self.sampler.advance(G)
         self.updates += 1
         self.samples_seen += G
         return True
+
+    def _exchange(self) -> GradientExchange | None:
+        """The overlapped gradient exchange, on more than one rank of a comm that has one."""
+        if self.comm.size == 1 or not GradientExchange.supported(self.comm):
+            return None
+        if self._grad_exchange is None:
+            self._grad_exchange = GradientExchange(self.params, self.comm)
+        return self._grad_exchange
 
     def _running_stats(self) -> RunningStats | None:
         """The BatchNorm running-statistics exchange, on more than one rank and with BatchNorm
@@ -366,7 +410,9 @@ class Trainer:
         self.comm.broadcast_buffers(self.model)
         eig, eig_samples, so_s = self.estimate_eig()
         test_loss, test_acc = self.evaluate()
-        loss_sum, correct, count = self._epoch_sums.tolist()
+        loss_sum, correct, count, small_sq, small_n, big_sq, big_n = self._epoch_sums.tolist()
+        gns = noise_scale(small_sq / small_n, big_sq / big_n, layout(G, self.cfg.base_batch, 1).micro_sizes()[0], G) \
+            if small_n and big_n else None
         epoch_s = time.time() - clock["start"]
         self.elapsed_s += epoch_s
         self.second_order_total_s += so_s
@@ -392,24 +438,25 @@ class Trainer:
         self._epoch_clock = {**_new_epoch_clock(self.samples_seen), "start": time.time()}
         if self.cfg.method != "sgd":
             if epoch + 1 < self.cfg.epochs:
-                self._decide(writer, eig, epoch)
+                self._decide(writer, eig, epoch, gns)
             else:  # a growth after the last epoch would apply to nothing, unless the run is extended
-                self._pending_check = {"eig": eig, "epoch": epoch}
+                self._pending_check = {"eig": eig, "epoch": epoch, "noise_scale": gns}
         self._epoch_sums.zero_()
         self.sampler.new_epoch()
         self.fire(Event.EPOCH_END)
         return record
 
-    def _decide(self, writer: MetricsWriter, eig: float | None, epoch: int) -> None:
+    def _decide(self, writer: MetricsWriter, eig: float | None, epoch: int, noise_scale: float | None = None) -> None:
         """The controller's decision after `epoch` (0-based), with its growth event."""
-        decision = self.controller.check(eig, epoch)
+        decision = self.controller.check(eig, epoch, noise_scale)
         if not decision.grew:
             return
         self.adv.on_growth(self.controller.at_max)
         growth = writer.event("growth", epoch=epoch + 1, updates=self.updates,
                               old_batch=decision.old_batch, new_batch=decision.new_batch,
                               reason=decision.reason, eig=eig, ref=decision.ref,
-                              lr=self.lr_schedule.at(self.controller, epoch + 1, 0.0))
+                              lr=self.lr_schedule.at(self.controller, epoch + 1, 0.0),
+                              **({"noise_scale": noise_scale} if noise_scale is not None else {}))
         self.growths.append(growth)
         self.fire(Event.GROWTH, growth=growth)
 
