@@ -27,6 +27,7 @@ class Cluster:
             pytest.fail(f"local_cluster.sh up failed:\n{done.stdout}\n{done.stderr}")
         lines = [line.split() for line in done.stdout.splitlines()]
         self.addresses = [w[2] for w in lines if w[0] == "host"]
+        self.namespaces = [w[3] for w in lines if w[0] == "host"]
         self.ssh_flags = next(w[1:] for w in lines if w[0] == "ssh_flags")
 
     def disk(self, i: int) -> Path:

@@ -5,6 +5,9 @@ read-only image (this checkout and its .venv). Skipped where namespaces cannot b
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,6 +77,41 @@ def test_a_host_the_job_cannot_use_is_one_line_naming_it(cluster):
     done = cluster.run(1, launch(cluster, dead, *args, launcher=["--start-timeout", "5"]), timeout=120)
     assert done.returncode == 2, done.stderr
     assert "host 10.231.254.77:" in done.stderr.strip().splitlines()[-1], done.stderr
+
+
+@pytest.mark.multiprocess
+def test_a_host_without_the_environment_or_the_interface_is_one_line_naming_it(cluster):
+    """The launcher's Python is at a path only host 1 has (a venv on its own disk), then an
+    interface only host 1 has: each is one line naming host 2 and the fix, exit 2, before
+    anything starts."""
+    env = cluster.disk(1) / "env"
+    (env / "bin").mkdir(parents=True)
+    (env / "bin" / "python").symlink_to(Path(sys.executable).resolve())
+    (env / "lib").symlink_to(Path(sys.prefix) / "lib")
+    shutil.copy(Path(sys.prefix) / "pyvenv.cfg", env / "pyvenv.cfg")
+    args = [*DIGITS, "--method", "sgd", "--epochs", "1", "--out", "/srv/hvd/noenv"]
+    pool = cluster.hostfile([1, 2], "pool-env")
+    done = cluster.run(1, ["/srv/hvd/env/bin/python", "-m", "hvd_abs", *launch(cluster, pool, *args)[1:]],
+                       timeout=120)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"Error: host {cluster.addresses[1]}: no /srv/hvd/env/bin/python there; install the same environment at "
+        f"the same path on every host (workers run the launcher's Python)"), done.stderr[-3000:]
+
+    ns = cluster.namespaces[0]
+    # (a veth pair inside host 1: the kernel here has no dummy interfaces)
+    subprocess.run(["ip", "-n", ns, "link", "add", "only1", "type", "veth", "peer", "name", "only1p"], check=True)
+    subprocess.run(["ip", "-n", ns, "addr", "add", "10.231.253.1/32", "dev", "only1"], check=True)
+    subprocess.run(["ip", "-n", ns, "link", "set", "only1", "up"], check=True)
+    try:
+        done = cluster.run(1, launch(cluster, pool, *args, launcher=["--network-interface", "only1"]), timeout=120)
+    finally:
+        subprocess.run(["ip", "-n", ns, "link", "del", "only1"], check=False)
+    assert done.returncode == 2, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"Error: host {cluster.addresses[1]}: no IPv4 address on interface only1 there"), last
+    assert "pass the --network-interface every host shares" in last and "Traceback" not in done.stderr
+    assert not (cluster.disk(1) / "noenv").exists()
 
 
 def test_the_interface_is_found_from_the_pool(cluster):
