@@ -128,8 +128,9 @@ class StandbyPool:
         for r in removers:
             try:
                 r.wait(timeout=10)
-            except subprocess.TimeoutExpired:
+            except subprocess.TimeoutExpired:  # (a host cut off: its folder stays, in its /tmp)
                 r.kill()
+                r.wait()
 
     def _supervise(self) -> None:
         while not self._done.wait(0.25):
