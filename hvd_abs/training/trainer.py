@@ -260,6 +260,7 @@ class Trainer:
         self.last_micros, self.last_step_epoch = micros, self.epoch
         exchange = self._exchange()
         sent = None
+        to_sum = lambda: [stats, *([bn.payload()] if bn is not None else [])]  # noqa: E731 (summed over ranks)
         # The noise scale's small batch is micro-batch 0 (rank 0's first, at any world size).
         measure = self.controller.needs_noise_scale and lay.num_micro >= 2
         for n, (j, micro) in enumerate(zip(ids, micros)):
@@ -281,7 +282,7 @@ class Trainer:
             small = measure and j == 0
             early = exchange is not None and n == len(micros) - 1 and not small
             if early:  # the statistics are complete: sent while the last pass runs
-                sent = exchange.start([stats, *([bn.payload()] if bn is not None else [])])
+                sent = exchange.start(to_sum())
             # Divide by the GLOBAL batch: summed over micro-batches and ranks this is the mean.
             with exchange.sending(early) if exchange is not None else contextlib.nullcontext():
                 (loss_sum / G).backward()
@@ -290,18 +291,19 @@ class Trainer:
                 stats[4] += 1
         if exchange is not None:  # the gradients are summed in .grad, the statistics returned
             if sent is None:  # (no micro-batch on this rank)
-                sent = exchange.start([stats, *([bn.payload()] if bn is not None else [])])
+                sent = exchange.start(to_sum())
             summed = exchange.wait(sent)
             if bn is not None:
                 bn.finish(summed.pop())
             reduced = [*(p.grad for p in self.params), summed[0]]
-        elif self.comm.size > 1:
+        else:
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-            reduced = self.comm.allreduce_sum([*grads, stats, *([bn.payload()] if bn is not None else [])])
-            if bn is not None:
-                bn.finish(reduced.pop())
-        else:  # a world of one has nothing to sum (hvd.DistributedOptimizer skips it too)
-            reduced = [*(p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params), stats]
+            if self.comm.size > 1:
+                reduced = self.comm.allreduce_sum([*grads, *to_sum()])
+                if bn is not None:
+                    bn.finish(reduced.pop())
+            else:  # a world of one has nothing to sum (hvd.DistributedOptimizer skips it too)
+                reduced = [*grads, stats]
         for p, g in zip(self.params, reduced[:-1]):
             if g is not p.grad:  # the summed gradient (world > 1) or zeros (unused): take it, no copy
                 p.grad = g
