@@ -172,7 +172,7 @@ def run_config(proto: dict[str, Any], model: str, method: str, seed: int, out: P
         L = proto["large_batch"]
         warmup = proto.get("warmup_epochs", 0.0) if method == "sgd_large_warmup" else 0.0
         return TrainConfig(method="sgd", batch=L, lr=m["large_batch_lr"], max_batch=L, warmup_epochs=warmup, **common)
-    trigger = {"absa_schedule": "duration", "absa_gns": "gns"}.get(method, "eig")
+    trigger = {"absa_schedule": "schedule", "absa_gns": "gns"}.get(method, "hessian")
     if method == "absa_gns":
         common["base_batch"] = proto.get("gns_base_batch", GNS_BASE_BATCH)
     return TrainConfig(method=method.split("_")[0], batch=BASE_BATCH, lr=m["lr"], max_batch=proto["max_batch"],
@@ -311,6 +311,11 @@ def launch_all(args: argparse.Namespace, proto: dict[str, Any]) -> tuple[dict[st
             raise SystemExit(2)
         proto = {**proto, "models": {**old["models"], **proto["models"]}}  # models run earlier stay in the table
     write_text_atomic(proto_path, json.dumps(proto, indent=1))
+    if not args.rerun:
+        kept = keep_finished(runs_dir, proto, Path(args.out) / f"{args.name}.json")
+        if kept:
+            print(f"kept {kept} finished runs from {Path(args.out) / args.name}.json (their run dirs were gone)",
+                  flush=True)
     # Order: seed-major, so a cut-short study still has every method for the first seed(s).
     todo = [(m, meth, s) for s in args.seeds for m in args.models for meth in args.methods]
     if args.rerun:
@@ -366,6 +371,24 @@ def protocol_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         if old["models"][m] != new["models"][m]:
             diff.append(f"{m} recipe {old['models'][m]} -> {new['models'][m]}")
     return diff
+
+
+def keep_finished(runs_dir: Path, proto: dict[str, Any], results: Path) -> int:
+    """Write back the result.json of each finished run in `results` (a JSON the study wrote under
+    the same protocol) whose run dir is gone: pieces run on other machines or checkouts add up."""
+    if not results.is_file():
+        return 0
+    saved = read_json(results)
+    if "protocol" not in saved or protocol_diff(saved["protocol"], proto):
+        return 0
+    kept = 0
+    for r in saved.get("runs", []):
+        run_dir = runs_dir / f"{r['model']}_{r['method']}_s{r['seed']}"
+        if r.get("complete") and not run_dir.exists():
+            run_dir.mkdir(parents=True)
+            write_text_atomic(run_dir / "result.json", json.dumps(r, indent=1) + "\n")
+            kept += 1
+    return kept
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 One process, ResNet-20 (or --model) on CIFAR-10, sgd-free: two `abs` Trainers with the same
 layout (--base-batch 64, --batch 128: two micro-batches an update), one with
 `--growth-trigger gns` (it measures micro-batch 0's and the global batch's gradient norms every
-update), one with `--growth-trigger duration` (it measures nothing). Single updates alternate in
+update), one with `--growth-trigger schedule` (it measures nothing). Single updates alternate in
 ABBA order (a noisy machine loads both alike); the overhead is the ratio of the medians minus 1,
 and the share of an epoch is that overhead, as the measurement is per update (the epoch-end
 check itself is a few float operations). Target: at most 1% of an epoch (issue 21).
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                               out=str(Path(tmp) / trigger), overwrite=True, quiet=True)
             return Trainer(cfg, data=data)
 
-        runs = {"gns": trainer("gns"), "duration": trainer("duration")}
+        runs = {"gns": trainer("gns"), "duration": trainer("schedule")}
         assert runs["gns"].controller.needs_noise_scale and not runs["duration"].controller.needs_noise_scale
 
         def timed(name: str) -> float:

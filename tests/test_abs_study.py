@@ -51,6 +51,10 @@ def _result(tmp: Path, runs: str, method: str) -> dict:
 def test_a_stopped_study_continues_where_it_stopped(tmp_path: Path) -> None:
     data = _make_cifar_like(tmp_path / "cifar", n_train=1024, n_test=100)
     _study(tmp_path, data, "whole")
+    # Its runs dir gone (another checkout): the finished runs come back from its JSON, none rerun.
+    again = _study(tmp_path, data, "again", "--out", str(tmp_path / "out_whole"))
+    assert "kept 2 finished runs" in again.stdout and "start " not in again.stdout, again.stdout
+    assert _result(tmp_path, "again", "absa") == _result(tmp_path, "whole", "absa")
 
     # Both runs start at once and stop at their first epoch end past 1 s: after epoch 1 here (an
     # epoch takes over 1 s), after epoch 2 on a machine twice as fast; either way with a checkpoint.
@@ -162,8 +166,8 @@ def test_the_medium_protocol_lets_the_signal_act_and_holds_the_controls() -> Non
     for cfg in configs.values():
         cfg.validate()
     assert configs["sgd_large_warmup"].warmup_epochs > 0 == configs["sgd_large"].warmup_epochs
-    assert (configs["absa_schedule"].method, configs["absa_schedule"].growth_trigger) == ("absa", "duration")
+    assert (configs["absa_schedule"].method, configs["absa_schedule"].growth_trigger) == ("absa", "schedule")
     gns = configs["absa_gns"]
     assert (gns.method, gns.growth_trigger, gns.batch, gns.base_batch) == ("absa", "gns", 128, 64)
-    assert configs["absa"].growth_trigger == "eig" and configs["absa"].base_batch == 128
+    assert configs["absa"].growth_trigger == "hessian" and configs["absa"].base_batch == 128
     assert abs_study.parse_args(["--protocol", "quick"]).methods == list(abs_study.PAPER_METHODS)

@@ -71,15 +71,15 @@ def test_a_registered_schedule_is_a_choice_of_the_cli_and_runs(digits, tmp_path,
     assert bad.exit_code == 2 and "restarts" in bad.output and len(bad.output.strip().splitlines()) == 1
 
 
-def test_the_duration_trigger_grows_on_schedule_without_a_hessian(digits, tmp_path) -> None:
+def test_the_schedule_trigger_grows_every_duration_without_a_hessian(digits, tmp_path) -> None:
     calls = []
 
-    def eigen_fn(*args, **kwargs):  # (counts estimates: the duration trigger must ask for none)
+    def eigen_fn(*args, **kwargs):  # (counts estimates: the schedule trigger must ask for none)
         calls.append(1)
         raise AssertionError("no estimate should be made")
 
     cfg = TrainConfig(method="abs", model="mlp", epochs=5, batch=128, max_batch=1024, duration=2,
-                      growth_trigger="duration", quiet=True, threads=1, out=str(tmp_path / "run"))
+                      growth_trigger="schedule", quiet=True, threads=1, out=str(tmp_path / "run"))
     summary = train(cfg, data=digits, eigen_fn=eigen_fn, plot=False)
     epochs, _ = read_metrics(tmp_path / "run")
     assert not calls and all(e["eig"] is None for e in epochs)
@@ -104,6 +104,17 @@ def test_a_trigger_is_one_class_and_its_registration() -> None:
         assert restored.trigger == "always" and restored.global_batch == 512
     finally:
         del ctl.TRIGGERS["always"]
-    with pytest.raises(Exception, match="--growth-trigger must be one of eig, duration"):
+    with pytest.raises(Exception, match="--growth-trigger must be one of hessian, schedule, gns"):
         ctl.BatchController(128, 512, trigger="always")
     assert math.isclose(lr.SCALINGS["sqrt"].scale(4.0), 2.0)
+
+
+def test_the_earlier_trigger_names_still_read() -> None:
+    """eig and duration (the names before hessian and schedule) in a config or a checkpoint."""
+    cfg = TrainConfig(method="abs", growth_trigger="duration", out="unused")
+    cfg.validate()
+    assert cfg.growth_trigger == "schedule"
+    old = ctl.BatchController(128, 512, trigger="hessian").state_dict()
+    restored = ctl.BatchController(128, 512, trigger="schedule")
+    restored.load_state_dict({**old, "trigger": "eig"})
+    assert restored.trigger == "hessian" and restored.needs_estimate

@@ -7,9 +7,9 @@ running maximum). After `duration` checks in a row without growth (not counting 
 the reference) the batch grows anyway, and that check's estimate becomes the reference. The batch
 never exceeds `max_batch`; once there, `needs_estimate` is False and no more checks are spent.
 
-That rule is the `eig` trigger. Triggers are a registry of small classes (`--growth-trigger`
+That rule is the `hessian` trigger. Triggers are a registry of small classes (`--growth-trigger`
 takes their names): a new one is a `GrowthTrigger` with a `name` and `check`, under
-`@register_trigger`. `duration` grows every `duration` checks and needs no eigenvalue. `gns`
+`@register_trigger`. `schedule` grows every `duration` checks and needs no eigenvalue. `gns`
 grows when the epoch's gradient noise scale (noise_scale.py) is at least twice the batch,
 with the same fallback.
 
@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Decision:
-    """What one check decided. `reason` is "eig", "duration" or None (no growth). `ref` is the
+    """What one check decided. `reason` is what fired: "eig" or "gns" (the
+    signal), "duration" (the fallback, or the schedule) or None (no growth). `ref` is the
     reference the estimate was compared against (None at the check that set the first one)."""
 
     grew: bool
@@ -41,7 +42,7 @@ class Decision:
 
 
 class GrowthTrigger:
-    """Whether a check grows the batch: `check` returns the reason ("eig", "duration") or None,
+    """Whether a check grows the batch: `check` returns the reason (see Decision) or None,
     and may update the controller's `ref` and `checks_since_growth`."""
 
     name = ""
@@ -55,9 +56,18 @@ class GrowthTrigger:
 TRIGGERS: dict[str, GrowthTrigger] = {}
 
 
+# Earlier names, still read from checkpoints and configs written before the rename.
+TRIGGER_ALIASES = {"eig": "hessian", "duration": "schedule"}
+
+
 def register_trigger(cls: type[GrowthTrigger]) -> type[GrowthTrigger]:
     TRIGGERS[cls.name] = cls()
     return cls
+
+
+def trigger_name(name: str) -> str:
+    """The registered name of `name` (an alias's target, else `name` itself)."""
+    return TRIGGER_ALIASES.get(name, name)
 
 
 def _duration_passed(c: "BatchController") -> str | None:
@@ -69,7 +79,7 @@ def _duration_passed(c: "BatchController") -> str | None:
 class EigHalved(GrowthTrigger):
     """The paper's: the first estimate sets the reference; one at or below half of it grows."""
 
-    name = "eig"
+    name = "hessian"
 
     def check(self, c: "BatchController", eig: float | None) -> str | None:
         if c.ref is None:
@@ -85,7 +95,7 @@ class EigHalved(GrowthTrigger):
 class Duration(GrowthTrigger):
     """Every `duration` checks: the fallback alone, the ablation of the Hessian signal."""
 
-    name, needs_eig = "duration", False
+    name, needs_eig = "schedule", False
 
     def check(self, c: "BatchController", eig: float | None) -> str | None:
         return _duration_passed(c)
@@ -94,7 +104,7 @@ class Duration(GrowthTrigger):
 @register_trigger
 class NoiseScale(GrowthTrigger):
     """McCandlish et al.'s critical batch: grow once B_noise >= 2 x the batch, the doubled batch
-    still at most the noise scale; the fallback as for `eig`."""
+    still at most the noise scale; the fallback as for `hessian`."""
 
     name, needs_eig, needs_noise_scale = "gns", False, True
 
@@ -112,11 +122,11 @@ class BatchController:
         max_batch: cap (`--max-batch`, default 16384).
         duration: checks without growth before growing anyway (`--duration`, default 10).
         factor: growth factor (2, as the reference).
-        trigger: the name of a registered GrowthTrigger (`--growth-trigger`, default eig).
+        trigger: the name of a registered GrowthTrigger (`--growth-trigger`, default hessian).
     """
 
     def __init__(self, initial_batch: int = 128, max_batch: int = 16384, duration: int = 10,
-                 factor: int = 2, trigger: str = "eig") -> None:
+                 factor: int = 2, trigger: str = "hessian") -> None:
         if initial_batch <= 0:
             raise UserError(f"--batch must be >= 1, got {initial_batch}")
         if max_batch < initial_batch:
@@ -125,6 +135,7 @@ class BatchController:
             raise UserError(f"--duration must be >= 1, got {duration}")
         if factor < 2:
             raise UserError(f"the growth factor must be >= 2, got {factor}")
+        trigger = trigger_name(trigger)
         if trigger not in TRIGGERS:
             raise UserError(f"--growth-trigger must be one of {', '.join(TRIGGERS)}, got {trigger!r}")
         self.trigger = trigger
@@ -207,6 +218,6 @@ class BatchController:
         for key in ("initial_batch", "max_batch", "duration", "factor", "global_batch",
                     "checks_since_growth", "num_growths", "num_checks", "change_epoch"):
             setattr(self, key, int(state[key]))
-        self.trigger = state.get("trigger", "eig")  # (checkpoints from before triggers: the paper's)
+        self.trigger = trigger_name(state.get("trigger", "hessian"))  # (none before triggers: the paper's)
         self.ref = None if state["ref"] is None else float(state["ref"])
         self.prev_batch = None if state["prev_batch"] is None else int(state["prev_batch"])

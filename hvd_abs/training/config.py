@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from hvd_abs.batching.controller import TRIGGERS
+from hvd_abs.batching.controller import TRIGGERS, trigger_name
 from hvd_abs.batching.lr import SCALINGS, SCHEDULES
 from hvd_abs.errors import UserError
 from hvd_abs.training.run_dir import CHECKPOINT_DIR, RELAY_ENV, check_out_dir, checkpoints_of
@@ -89,12 +89,12 @@ class TrainConfig:
     batch: int | None = option(None, "Initial global batch (sgd: the fixed one, reached by accumulation). "
                                      "Default: --base-batch.", "method")
     max_batch: int = option(16384, "Cap of the global batch.", "method")
-    growth_trigger: str = option("eig", "What doubles the batch (abs, absa): eig: the top Hessian eigenvalue halved "
-                                        "since the last growth, or --duration checks without that (the paper's); "
-                                        "duration: every --duration epochs, with no Hessian estimate; gns: the "
-                                        "epoch's gradient noise scale at least twice the batch, or --duration checks "
-                                        "without that (needs --batch >= 2 x --base-batch to measure it).",
-                                 "method", choices=lambda: tuple(TRIGGERS))
+    growth_trigger: str = option("hessian", "What doubles the batch (abs, absa): hessian: the top Hessian eigenvalue "
+                                            "halved since the last growth, or --duration checks without that (the "
+                                            "paper's); schedule: every --duration epochs, with no Hessian estimate; "
+                                            "gns: the epoch's gradient noise scale at least twice the batch, or "
+                                            "--duration checks without that (needs --batch >= 2 x --base-batch to "
+                                            "measure it).", "method", choices=lambda: tuple(TRIGGERS))
     duration: int = option(10, "Grow anyway after this many eigenvalue checks without growth (the first check "
                                "only sets the reference: with 1, the first growth comes after epoch 2).", "method")
     adv_eps: float = option(0.005, "FGSM step on the [0,1] pixel scale.", "method")
@@ -259,6 +259,7 @@ class TrainConfig:
         if self.resume is not None and not checkpoints_of(self.resume).is_dir():
             raise UserError(f"--resume {self.resume}: no {CHECKPOINT_DIR}/ folder there; pass the --out "
                             f"directory of the run to continue")
+        self.growth_trigger = trigger_name(self.growth_trigger)
         if self.growth_trigger not in TRIGGERS:
             raise UserError(f"--growth-trigger must be one of {', '.join(TRIGGERS)}, got {self.growth_trigger!r}")
         if TRIGGERS[self.growth_trigger].needs_noise_scale and self.method != "sgd" \

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import torch
 
+from hvd_abs.batching.controller import trigger_name
 from hvd_abs.errors import UserError
 from hvd_abs.training.config import DEFAULT_MODELS, TrainConfig
 from hvd_abs.training.run_dir import read_newest_checkpoint, saved_run_config, with_planned_epochs
@@ -43,12 +44,15 @@ def saved_config(cfg: TrainConfig) -> dict[str, Any]:
 
 def _effective(config: dict[str, Any]) -> dict[str, Any]:
     """Run-defining values as they take effect: --model auto is the data set's default model, and
-    no --batch is --base-batch (so giving either of those on a resume is no change)."""
+    no --batch is --base-batch, and a growth trigger's earlier name is its name (so giving either
+of those on a resume is no change)."""
     c = dict(config)
     if c.get("model") == "auto" and "dataset" in c:
         c["model"] = DEFAULT_MODELS.get(c["dataset"], "cnn")
     if "batch" in c and c["batch"] is None and "base_batch" in c:
         c["batch"] = c["base_batch"]
+    if "growth_trigger" in c:
+        c["growth_trigger"] = trigger_name(c["growth_trigger"])
     return c
 
 
