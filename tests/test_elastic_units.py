@@ -103,6 +103,32 @@ def test_damaged_checkpoint_rejected_and_previous_used(tmp_path, damage):
     assert path.name == "ckpt-000001.pt" and state["counters"]["updates"] == 7
 
 
+def test_a_checkpoint_is_a_plain_torch_file_with_its_sha256_beside_it(tmp_path):
+    import hashlib
+    import subprocess
+
+    for updates in (1, 2, 3):
+        ck.save_checkpoint(tmp_path, _state(), updates, keep=2)
+    newest = tmp_path / "ckpt-000003.pt"
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-000002.pt", "ckpt-000002.pt.sha256", "ckpt-000003.pt",
+                                            "ckpt-000003.pt.sha256", "last.pt"]
+    plain = torch.load(tmp_path / "last.pt", weights_only=True)  # no hvd_abs needed to open one
+    assert torch.equal(plain["model"]["w"], _state()["model"]["w"])
+    check = subprocess.run(["sha256sum", "-c", "ckpt-000003.pt.sha256"], cwd=tmp_path, capture_output=True, text=True)
+    assert check.returncode == 0 and "ckpt-000003.pt: OK" in check.stdout
+    assert ck.load_checkpoint(tmp_path / "last.pt")["counters"]["updates"] == 7
+    # Without its checksum (a write cut short between the two files) it is not trusted.
+    (tmp_path / "ckpt-000003.pt.sha256").unlink()
+    with pytest.raises(ck.CheckpointError, match="no readable checksum"):
+        ck.load_checkpoint(newest)
+    assert ck.load_latest(tmp_path)[0].name == "ckpt-000002.pt"
+    # The earlier format (a header line with the checksum before the payload) still loads.
+    payload = newest.read_bytes()
+    old = tmp_path / "ckpt-000009.pt"
+    old.write_bytes(ck.MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
+    assert ck.load_latest(tmp_path)[0] == old and ck.is_checkpoint(old)
+
+
 class _Evil:
     """Stands for any object whose unpickling would run code."""
 

@@ -46,6 +46,11 @@ def test_resume_skips_a_tampered_newest_checkpoint_and_finishes(tmp_path: Path) 
     first = hvd_abs(*TRAIN, "--out", str(out))
     assert first.returncode == 0, first.stderr
     ckpts = ck.list_checkpoints(out / "checkpoints")
+    # Plain PyTorch opens the newest (no hvd_abs header), and its weights are the run's last ones.
+    import torch
+    plain = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    final = torch.load(out / "model.pt", weights_only=True)
+    assert plain["model"].keys() == final.keys() and all(torch.equal(plain["model"][k], v) for k, v in final.items())
     assert [p.name for p in ckpts][-1] == f"ckpt-{read_metrics(out)[0][-1]['updates']:06d}.pt"
     newest, previous = ckpts[-1], ckpts[-2]
     data = bytearray(newest.read_bytes())

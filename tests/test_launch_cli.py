@@ -114,7 +114,7 @@ def test_an_elastic_resume_into_another_folder_with_overwrite_replaces_its_run(f
     strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
     ours, theirs = read_metrics(b)[0], read_metrics(a)[0]
     assert [e["epoch"] for e in ours] == [1, 2, 3] and strip(ours[:2]) == strip(theirs)  # A's epochs, then one more
-    assert sorted(p.name for p in (b / "checkpoints").iterdir()) == [f"ckpt-{ours[-1]['updates']:06d}.pt"]
+    assert sorted(p.name for p in (b / "checkpoints").glob("ckpt-*.pt")) == [f"ckpt-{ours[-1]['updates']:06d}.pt"]
     assert not (b / ".replaced-run").exists()
 
 

@@ -70,16 +70,17 @@ def test_checkpoints_weights_and_summary_land_in_the_launchers_out(tmp_path):
         w = outputs.writer(0, False)
         w.epoch(**_epoch(1))
         w.event("failure", epoch=1, updates=7, world_size=2, stall_s=1.5)
-        path = outputs.save_checkpoint({"updates": 10, "w": torch.arange(4.0)}, 10)
+        path = outputs.save_checkpoint({"updates": 10, "w": torch.arange(4.0)}, 10, 3)
         for n in (20, 30, 40):
-            outputs.save_checkpoint({"updates": n}, n)
+            outputs.save_checkpoint({"updates": n}, n, 3)
         weights = {"layer.weight": torch.ones(2, 2)}
         buf = io.BytesIO()
         torch.save(weights, buf)
         summary = outputs.finish(buf.getvalue(), {"epochs": 1, "updates": 10, "final": math.inf}, plot=False, writer=w)
     assert path == str(out / "checkpoints" / "ckpt-000010.pt")
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["ckpt-000020.pt", "ckpt-000030.pt",
-                                                                       "ckpt-000040.pt"]  # the newest 3 kept
+    assert sorted(p.name for p in (out / "checkpoints").glob("ckpt-*")) == [
+        f"ckpt-0000{n}.pt{s}" for n in (20, 30, 40) for s in ("", ".sha256")]  # the newest 3 kept
+    assert (out / "checkpoints" / "last.pt").resolve().name == "ckpt-000040.pt"
     assert load_checkpoint(out / "checkpoints" / "ckpt-000040.pt") == {"updates": 40}
     loaded = torch.load(out / "model.pt", weights_only=True)
     assert torch.equal(loaded["layer.weight"], torch.ones(2, 2))
@@ -112,7 +113,8 @@ def test_a_worker_fetches_the_newest_good_checkpoint_of_the_jobs_resume_folder_o
             fetch_resume({"elastic": True, "resume": str(other)})
         fetch_resume({"elastic": True, "resume": str(run)})
     copy = checkpoints_of(run)
-    assert copy != run / "checkpoints" and [p.name for p in copy.iterdir()] == ["ckpt-000005.pt"]
+    assert copy != run / "checkpoints" and sorted(p.name for p in copy.glob("ckpt-*")) == ["ckpt-000005.pt",
+                                                                                         "ckpt-000005.pt.sha256"]
     path, state = read_newest_checkpoint(run)  # what the worker's resume then reads
     assert path == str(copy / "ckpt-000005.pt") and state["updates"] == 5
     assert checkpoints_of(other) == other / "checkpoints"  # another folder is read where it is

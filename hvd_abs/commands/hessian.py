@@ -182,16 +182,14 @@ def _load_weights(path: str) -> dict[str, Any]:
 
     import torch
 
-    from hvd_abs.training.checkpoint import CheckpointError, load_checkpoint
+    from hvd_abs.training.checkpoint import CheckpointError, is_checkpoint, load_checkpoint
 
     p = Path(path).expanduser()
     if not p.is_file():
         raise click.BadParameter(f"{path} does not exist; pass a checkpoint file written by hvd-abs train",
                                  param_hint="--checkpoint")
     try:
-        with open(p, "rb") as f:
-            head = f.read(16)
-        if head.startswith(b"HVDABS-CKPT"):
+        if is_checkpoint(p):
             state = load_checkpoint(p)
         else:
             state = torch.load(p, map_location="cpu", weights_only=True)

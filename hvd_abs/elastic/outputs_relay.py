@@ -19,6 +19,7 @@ from typing import Any
 from hvd_abs.elastic.job_channel import ADDRESS_ENV, ChannelError, JobChannel
 from hvd_abs.errors import UserError
 from hvd_abs.metrics import MetricsWriter
+from hvd_abs.training.checkpoint import save_payload, updates_of
 from hvd_abs.training.run_dir import CHECKPOINT_DIR, RESUME_COPY_ENV
 
 
@@ -56,12 +57,12 @@ class RelayOutputs:
     def writer(self, rank: int, in_place: bool) -> MetricsWriter:
         return RelayWriter(self.channel) if rank == 0 else MetricsWriter(".", enabled=False)
 
-    def save_checkpoint(self, state: dict[str, Any], updates: int) -> str:
+    def save_checkpoint(self, state: dict[str, Any], updates: int, keep: int) -> str:
         import torch
 
         buf = io.BytesIO()
         torch.save(state, buf)
-        return _ask(self.channel, "checkpoint", buf.getvalue(), updates=updates)["path"]
+        return _ask(self.channel, "checkpoint", buf.getvalue(), updates=updates, keep=keep)["path"]
 
     def finish(self, weights: bytes, summary: dict[str, Any], plot: bool, writer: MetricsWriter) -> dict[str, Any]:
         _ask(self.channel, "weights", weights)
@@ -85,7 +86,6 @@ def fetch_resume(options: dict[str, Any]) -> None:
     answer = _ask(channel, "resume_checkpoint", run_dir=str(resume))
     scratch = Path(tempfile.mkdtemp(prefix="hvd_abs-resume-"))
     atexit.register(shutil.rmtree, scratch, True)
-    (scratch / CHECKPOINT_DIR).mkdir()
-    (scratch / CHECKPOINT_DIR / Path(answer["name"]).name).write_bytes(answer["payload"])
+    save_payload(scratch / CHECKPOINT_DIR, answer["payload"], updates_of(answer["name"]), keep=1)
     os.environ[RESUME_COPY_ENV] = json.dumps({"run_dir": str(Path(resume).expanduser().resolve()),
                                               "copy": str(scratch)})

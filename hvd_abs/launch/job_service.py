@@ -24,7 +24,7 @@ from hvd_abs.elastic.job_channel import (ADDRESS_ENV, GREETING, KEY_ENV, MAX_HEA
                                          new_key, recv_exact)
 from hvd_abs.elastic.world_signal import write_wanted
 from hvd_abs.metrics import MetricsWriter
-from hvd_abs.training.checkpoint import load_latest
+from hvd_abs.training.checkpoint import load_latest, verified_payload
 from hvd_abs.training.outputs import LocalOutputs
 from hvd_abs.training.progress import format_summary
 from hvd_abs.training.run_dir import CHECKPOINT_DIR
@@ -160,7 +160,8 @@ class JobService:
         return {}
 
     def _checkpoint(self, header: dict[str, Any], payload: bytes) -> dict[str, Any]:
-        return {"path": self.outputs.save_checkpoint_payload(payload, header.get("updates"))}
+        return {"path": self.outputs.save_checkpoint_payload(payload, header.get("updates"),
+                                                             int(header.get("keep", 3)))}
 
     def _save_weights(self, header: dict[str, Any], payload: bytes) -> dict[str, Any]:
         self._weights = self.outputs.save_weights(payload)
@@ -181,7 +182,7 @@ class JobService:
         found = load_latest(self.resume / CHECKPOINT_DIR)  # (a damaged newest is skipped, with a warning)
         if found is None:
             raise ValueError(f"--resume {self.resume}: no checkpoint there verifies")
-        return {"name": found[0].name, "payload": found[0].read_bytes()}
+        return {"name": found[0].name, "payload": verified_payload(found[0])}
 
 
 def _json_object(payload: bytes) -> dict[str, Any]:

@@ -1,10 +1,13 @@
-"""Disk checkpoints: atomic, checksummed, and loaded without unpickling arbitrary objects.
+"""Disk checkpoints: plain torch files, checksummed, atomic, loaded without unpickling objects.
 
-File layout: `HVDABS-CKPT 1 <sha256 of payload>\n` then the payload, a `torch.save` of a state
-dict. Written to a temp file in the same directory, fsynced, then `os.replace`d (and the
-directory fsynced), so a crash leaves either the old set of checkpoints or the new one, never
-half a file. Loading checks the header and checksum first and then uses
-`torch.load(weights_only=True)`: tensors, numbers, strings and containers only.
+`ckpt-<updates>.pt` is what `torch.save` wrote (it opens with `torch.load(path,
+weights_only=True)`, no hvd_abs needed); `ckpt-<updates>.pt.sha256` beside it holds its sha256
+in `sha256sum` format (`sha256sum -c` checks it). `last.pt` is a symlink to the newest. The file
+is written to a temp file, fsynced and renamed, its checksum after it, so a crash leaves either
+the old set or a new file that is whole; a file without its checksum is not trusted. Loading
+checks the checksum first and then uses `torch.load(weights_only=True)`: tensors, numbers,
+strings and containers only. Files of the earlier format (a `HVDABS-CKPT 1 <sha256>` header line
+before the payload) still load.
 """
 from __future__ import annotations
 
@@ -23,8 +26,9 @@ from hvd_abs.atomic import write_atomic
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"HVDABS-CKPT 1 "
-_NAME = re.compile(r"^ckpt-(\d{6})\.pt$")
+MAGIC = b"HVDABS-CKPT 1 "  # the earlier format's header
+_NAME = re.compile(r"^ckpt-(\d{6,})\.pt$")
+LAST = "last.pt"
 
 
 def to_host(obj: Any) -> Any:
@@ -47,6 +51,10 @@ def checkpoint_name(updates: int) -> str:
     return f"ckpt-{updates:06d}.pt"
 
 
+def checksum_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
 def save_checkpoint(directory: str | os.PathLike, state: dict[str, Any], updates: int, keep: int = 3) -> Path:
     """Write `state` as `directory/ckpt-<updates>.pt` atomically; keep the newest `keep` files."""
     buf = io.BytesIO()
@@ -60,29 +68,69 @@ def save_payload(directory: str | os.PathLike, payload: bytes, updates: int, kee
         raise ValueError(f"a checkpoint's update count must be a whole number >= 0, got {updates!r}")
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    header = MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n"
-    path = write_atomic(d / checkpoint_name(updates), lambda f: (f.write(header), f.write(payload)),
-                        mode=0o600, sync_dir=True)
+    name = checkpoint_name(updates)
+    path = write_atomic(d / name, lambda f: f.write(payload), mode=0o600, sync_dir=True)
+    line = f"{hashlib.sha256(payload).hexdigest()}  {name}\n".encode()
+    write_atomic(checksum_path(path), lambda f: f.write(line), mode=0o600, sync_dir=True)
+    _point_last(d, name)
     for old in list_checkpoints(d)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
+        checksum_path(old).unlink(missing_ok=True)
     return path
+
+
+def _point_last(d: Path, name: str) -> None:
+    """`last.pt` -> `name`, replaced atomically (a new link renamed over the old one)."""
+    tmp = d / f".{LAST}.{os.getpid()}.tmp"
+    tmp.unlink(missing_ok=True)
+    os.symlink(name, tmp)
+    os.replace(tmp, d / LAST)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Verify and load one checkpoint; raises CheckpointError saying what is wrong with it."""
-    path = Path(path)
-    data = path.read_bytes()
-    newline = data.find(b"\n")
-    if not data.startswith(MAGIC) or newline != len(MAGIC) + 64:
-        raise CheckpointError(f"{path}: not an hvd_abs checkpoint (bad header)")
-    expected = data[len(MAGIC):newline].decode("ascii", "replace")
-    payload = data[newline + 1:]
-    if hashlib.sha256(payload).hexdigest() != expected:
-        raise CheckpointError(f"{path}: checksum mismatch (truncated, corrupted or modified)")
+    path = Path(path).resolve()  # (last.pt: its checksum is beside the file it links to)
     try:
-        return torch.load(io.BytesIO(payload), weights_only=True, map_location="cpu")
+        return torch.load(io.BytesIO(verified_payload(path)), weights_only=True, map_location="cpu")
+    except CheckpointError:
+        raise
     except Exception as exc:  # noqa: BLE001 - whatever torch raises, it is not loadable
         raise CheckpointError(f"{path}: payload does not load with weights_only=True ({exc})") from None
+
+
+def verified_payload(path: str | os.PathLike) -> bytes:
+    """The torch.save bytes of checkpoint `path` once its checksum matches (CheckpointError else)."""
+    path = Path(path).resolve()
+    data = path.read_bytes()
+    if data.startswith(MAGIC):
+        newline = data.find(b"\n")
+        if newline != len(MAGIC) + 64:
+            raise CheckpointError(f"{path}: not an hvd_abs checkpoint (bad header)")
+        expected, payload = data[len(MAGIC):newline].decode("ascii", "replace"), data[newline + 1:]
+    else:
+        try:
+            expected, payload = checksum_path(path).read_text(encoding="ascii").split()[0], data
+        except (OSError, UnicodeDecodeError, IndexError):
+            raise CheckpointError(f"{path}: no readable checksum beside it ({checksum_path(path).name}): "
+                                  f"a write cut short, or not an hvd_abs checkpoint") from None
+    if hashlib.sha256(payload).hexdigest() != expected:
+        raise CheckpointError(f"{path}: checksum mismatch (truncated, corrupted or modified)")
+    return payload
+
+
+def updates_of(path: str | os.PathLike) -> int:
+    """The update count in a checkpoint's file name."""
+    m = _NAME.match(Path(path).name)
+    if m is None:
+        raise ValueError(f"{path} is not named as a checkpoint (ckpt-<updates>.pt)")
+    return int(m.group(1))
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether `path` is an hvd_abs checkpoint (either format) rather than some other torch file."""
+    path = Path(path).resolve()
+    with open(path, "rb") as f:
+        return f.read(len(MAGIC)) == MAGIC or checksum_path(path).is_file()
 
 
 def list_checkpoints(directory: str | os.PathLike) -> list[Path]:

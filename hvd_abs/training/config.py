@@ -146,6 +146,8 @@ class TrainConfig:
                                       "DIR).", "output", metavar="DIR")
     checkpoint_every: int = option(0, "Epochs between disk checkpoints in OUT/checkpoints (0: only at the end).",
                                    "output")
+    keep_checkpoints: int = option(3, "Checkpoints kept in OUT/checkpoints (the newest; OUT/checkpoints/last.pt "
+                                      "links to the newest).", "output")
     quiet: bool = option(False, "No progress bar and no per-epoch lines.", "output")
     eval_batch: int = option(1024, "Samples per forward pass of the test evaluation.", "output")
     callbacks: Sequence[str] = option((), "MODULE:NAME of a hvd_abs Callback class (or a function making one) to "
@@ -256,6 +258,7 @@ class TrainConfig:
             if value is not None:
                 positive(value, flag)
         positive(self.max_np, "--max-np")
+        positive(self.keep_checkpoints, "--keep-checkpoints")
         if self.resume is not None and not checkpoints_of(self.resume).is_dir():
             raise UserError(f"--resume {self.resume}: no {CHECKPOINT_DIR}/ folder there; pass the --out "
                             f"directory of the run to continue")

@@ -5,7 +5,7 @@ relayed run and a local one write the same files by the same rules.
 
     prepare(overwrite, resumed_at)   once per job: clear a replaced run, drop lines after a resume
     writer(rank, in_place)           rank 0's metrics writer (a no-op writer elsewhere)
-    save_checkpoint(state, updates)  OUT/checkpoints/ckpt-<updates>.pt
+    save_checkpoint(state, updates, keep)  OUT/checkpoints/ckpt-<updates>.pt, the newest `keep` kept
     finish(weights, summary, plot)   model.pt, plots.png, summary.json; the replaced run removed
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from hvd_abs.training.run_dir import CHECKPOINT_DIR, REPLACED_DIR, WEIGHTS_FILE,
 
 def weights_bytes(model: torch.nn.Module) -> bytes:
     """The model's state_dict on the host as a plain torch file's bytes: model.pt opens without
-    hvd_abs (torch.load(path, weights_only=True)), unlike the checksummed checkpoints."""
+    hvd_abs (torch.load(path, weights_only=True)), as the checkpoints do."""
     buf = io.BytesIO()
     torch.save(to_host(model.state_dict()), buf)
     return buf.getvalue()
@@ -45,12 +45,12 @@ class LocalOutputs:
     def writer(self, rank: int, in_place: bool) -> MetricsWriter:
         return open_writer(self.out, in_place, rank)
 
-    def save_checkpoint(self, state: dict[str, Any], updates: int) -> str:
-        return str(save_checkpoint(self.out / CHECKPOINT_DIR, state, updates))
+    def save_checkpoint(self, state: dict[str, Any], updates: int, keep: int) -> str:
+        return str(save_checkpoint(self.out / CHECKPOINT_DIR, state, updates, keep))
 
-    def save_checkpoint_payload(self, payload: bytes, updates: int) -> str:
+    def save_checkpoint_payload(self, payload: bytes, updates: int, keep: int) -> str:
         """A checkpoint already serialized (a relayed one: written as it came)."""
-        return str(save_payload(self.out / CHECKPOINT_DIR, payload, updates))
+        return str(save_payload(self.out / CHECKPOINT_DIR, payload, updates, keep))
 
     def save_weights(self, weights: bytes) -> str:
         return str(write_atomic(self.out / WEIGHTS_FILE, lambda fh: fh.write(weights)))

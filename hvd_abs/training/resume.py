@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 # them. Every other TrainConfig field defines the run and is kept in its checkpoints.
 RESUME_FREE = frozenset({"data_dir", "download", "epochs", "out", "overwrite", "quiet", "device", "threads",
                          "eval_batch", "checkpoint_every", "resume", "elastic", "max_np", "commit_every",
-                         "callbacks", "test_subset", "stop_at_update"})
+                         "callbacks", "test_subset", "stop_at_update", "keep_checkpoints"})
 
 
 def run_config(cfg: TrainConfig) -> dict[str, Any]:

@@ -491,7 +491,7 @@ class Trainer:
         t0 = time.perf_counter()
         state = to_host({**self.state_dict(), "rng": torch.get_rng_state(), "config": saved_config(self.cfg),
                          "data": self.data_id})
-        path = self.checkpoints.save_checkpoint(state, self.updates)
+        path = self.checkpoints.save_checkpoint(state, self.updates, self.cfg.keep_checkpoints)
         writer.event("checkpoint", epoch=self.epoch, updates=self.updates, path=str(path),
                      seconds=time.perf_counter() - t0)
         return path
