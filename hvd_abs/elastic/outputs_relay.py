@@ -19,7 +19,6 @@ from typing import Any
 from hvd_abs.elastic.job_channel import ADDRESS_ENV, ChannelError, JobChannel
 from hvd_abs.errors import UserError
 from hvd_abs.metrics import MetricsWriter
-from hvd_abs.training.checkpoint import save_payload, updates_of
 from hvd_abs.training.run_dir import CHECKPOINT_DIR, RESUME_COPY_ENV
 
 
@@ -83,6 +82,8 @@ def fetch_resume(options: dict[str, Any]) -> None:
     channel = JobChannel.from_env() if options.get("elastic") and resume else None
     if channel is None:
         return
+    from hvd_abs.training.checkpoint import save_payload, updates_of  # (imports torch)
+
     answer = _ask(channel, "resume_checkpoint", run_dir=str(resume))
     scratch = Path(tempfile.mkdtemp(prefix="hvd_abs-resume-"))
     atexit.register(shutil.rmtree, scratch, True)

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 from hvd_abs.batching.controller import TRIGGERS, trigger_name
 from hvd_abs.batching.lr import SCALINGS, SCHEDULES
 from hvd_abs.errors import UserError
+from hvd_abs.training.optimizers import MOMENTUM_OPTIMIZERS, OPTIMIZERS
 from hvd_abs.training.run_dir import CHECKPOINT_DIR, RELAY_ENV, check_out_dir, checkpoints_of
 
 
@@ -114,9 +115,11 @@ class TrainConfig:
     warmup_epochs: float = option(0.0, "Linear LR ramp over this many epochs at the start and after each growth "
                                        "(0: off).", "schedule")
     lr_cap: float | None = option(None, "Upper bound of the LR (default: none).", "schedule")
-    momentum: float = option(0.9, "SGD momentum.", "schedule")
-    nesterov: bool = option(False, "Nesterov momentum.", "schedule")
-    weight_decay: float = option(0.0, "L2 weight decay of the optimizer.", "schedule")
+    optimizer: str = option("sgd", "sgd, adamw (torch's), lars or lamb (timm's; per-layer trust ratios for large "
+                                   "batches).", "schedule", choices=lambda: tuple(OPTIMIZERS))
+    momentum: float = option(0.9, "Momentum of sgd and lars.", "schedule")
+    nesterov: bool = option(False, "Nesterov momentum (sgd, lars).", "schedule")
+    weight_decay: float = option(0.0, "Weight decay of the optimizer (decoupled for adamw and lamb).", "schedule")
     label_smoothing: float = option(0.0, "Of the training loss (and of the Hessian the growth check estimates); "
                                          "the test loss is plain.", "schedule")
     clip_grad_norm: float | None = option(None, "Clip the global batch's gradient to this L2 norm before each "
@@ -220,6 +223,11 @@ class TrainConfig:
             raise UserError(f"--lr-cap must be > 0, got {self.lr_cap}")
         if not 0 <= self.momentum < 1:
             raise UserError(f"--momentum must be in [0, 1), got {self.momentum}")
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.nesterov and self.optimizer not in MOMENTUM_OPTIMIZERS:
+            raise UserError(f"--nesterov is for {' and '.join(MOMENTUM_OPTIMIZERS)}, not --optimizer "
+                            f"{self.optimizer}: drop --nesterov")
         if self.nesterov and self.momentum == 0:
             raise UserError("--nesterov needs momentum: pass --momentum above 0 (e.g. 0.9), or drop --nesterov")
         if not 0 <= self.label_smoothing < 1:

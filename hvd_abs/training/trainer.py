@@ -63,6 +63,7 @@ from hvd_abs.training.checkpoint import to_host
 from hvd_abs.training.config import EIG_BATCH, TrainConfig
 from hvd_abs.training.events import Callback, Event, fire
 from hvd_abs.training.grad_exchange import GradientExchange
+from hvd_abs.training.optimizers import make_optimizer
 from hvd_abs.training.resume import resume_trainer, saved_config
 from hvd_abs.training.run_data import data_id, run_data
 from hvd_abs.training.outputs import LocalOutputs
@@ -121,8 +122,7 @@ class Trainer:
         # The training and test forward passes (bf16: under autocast); the Hessian's use self.model.
         self.forward = forward_model(self.model, cfg.precision, self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.SGD(self.params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                                         weight_decay=cfg.weight_decay)
+        self.optimizer = make_optimizer(self.params, cfg)
 
         adaptive = cfg.method != "sgd"
         self.controller = BatchController(cfg.initial_batch, cfg.max_batch if adaptive else cfg.initial_batch,
