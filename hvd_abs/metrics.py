@@ -16,7 +16,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from hvd_abs.atomic import write_text_atomic
 from hvd_abs.errors import UserError
@@ -42,7 +42,7 @@ def _clean(value: Any) -> Any:
 class MetricsWriter:
     """Appends to `<out>/metrics.jsonl`; a no-op writer on ranks other than 0 (`enabled=False`)."""
 
-    def __init__(self, out_dir: str | os.PathLike, enabled: bool = True) -> None:
+    def __init__(self, out_dir: str | os.PathLike, enabled: bool = True, loggers: Sequence[str] = ()) -> None:
         self.out_dir = Path(out_dir)
         self.enabled = enabled
         self.epochs: list[dict[str, Any]] = []
@@ -53,11 +53,14 @@ class MetricsWriter:
         # the file: such a line (and its growth/checkpoint events) is written once, not again.
         self._last_epoch = 0
         self._seen_events: set[tuple[str, Any]] = set()
+        self.loggers: list[Any] = []
+        self._logger_names, self._existing = tuple(loggers), []
         if enabled:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             path = self.out_dir / METRICS_FILE
+            existing = list(_lines(path)) if path.exists() else []
             if path.exists():
-                for line in _lines(path):
+                for line in existing:
                     if "event" not in line:
                         epoch = line.get("epoch") or 0
                         if not isinstance(epoch, int):
@@ -67,15 +70,23 @@ class MetricsWriter:
                     elif line["event"] in _ONCE_EVENTS:
                         self._seen_events.add((line["event"], line.get("updates")))
                 _end_last_line(path)
+            self._existing = existing
 
     def _write(self, record: dict[str, Any]) -> None:
         if self.enabled and self._fh is None and not self._closed:
             # Opened at the first line, not before: a run that fails before it has anything to
             # record leaves no metrics.jsonl, which would mark its --out as holding a run.
             self._fh = open(self.out_dir / METRICS_FILE, "a", encoding="utf-8")
+            if self._logger_names:
+                from hvd_abs.loggers import LOGGERS
+
+                self.loggers = [LOGGERS[name](self.out_dir, self._existing) for name in self._logger_names]
         if self._fh is not None:
-            self._fh.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+            clean = {k: _clean(v) for k, v in record.items()}
+            self._fh.write(json.dumps(clean) + "\n")
             self._fh.flush()
+            for logger in self.loggers:
+                logger.write(clean)
 
     def epoch(self, **fields: Any) -> dict[str, Any]:
         """Write one epoch line; `fields` must be exactly EPOCH_FIELDS."""
@@ -114,6 +125,9 @@ class MetricsWriter:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+        for logger in self.loggers:
+            logger.close()
+        self.loggers = []
 
 
 def cut_back(out_dir: str | os.PathLike, epoch: int, updates: int) -> int:

@@ -176,9 +176,10 @@ def test_a_run_on_another_host_resumes_from_the_launchers_out(cluster):
     args = [*DIGITS, "--method", "sgd", "--batch", "32"]
     pool = cluster.hostfile([2], "pool2")
     out = "/srv/hvd/resumed"
-    done = cluster.run(1, launch(cluster, pool, *args, "--epochs", "2", "--out", out), timeout=300)
+    done = cluster.run(1, launch(cluster, pool, *args, "--epochs", "2", "--logger", "csv", "--out", out),
+                       timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
-    done = cluster.run(1, launch(cluster, pool, "--resume", out, "--epochs", "3"), timeout=300)
+    done = cluster.run(1, launch(cluster, pool, "--resume", out, "--epochs", "3"), timeout=300)  # (--logger kept)
     assert done.returncode == 0, done.stderr[-4000:]
     # The table is the launcher's, from its OUT (host 2, rank 0, has no metrics file to read).
     assert f"metrics: {out}/metrics.jsonl" in done.stdout and "Error" not in done.stderr, done.stderr[-4000:]
@@ -189,6 +190,8 @@ def test_a_run_on_another_host_resumes_from_the_launchers_out(cluster):
     table = [[{k: v for k, v in e.items() if k not in timing} for e in read_metrics(cluster.disk(1) / name)[0]]
              for name in ("resumed", "whole")]
     assert [e["epoch"] for e in table[0]] == [1, 2, 3] and table[0] == table[1]
+    csv_epochs = (cluster.disk(1) / "resumed" / "metrics.csv").read_text().splitlines()[1:]  # the launcher's copy
+    assert [int(line.split(",")[0]) for line in csv_epochs] == [1, 2, 3]
     resumed_from = json.loads((cluster.disk(1) / "resumed" / "summary.json").read_text())["resumed_from"]
     assert resumed_from == f"{out}/checkpoints/ckpt-{table[0][1]['updates']:06d}.pt"  # the launcher's file
     assert not (cluster.disk(2) / "resumed").exists() or {p.name for p in (cluster.disk(2) / "resumed").iterdir()} <= {"ledger"}

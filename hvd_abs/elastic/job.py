@@ -121,7 +121,8 @@ class ElasticSession(Session):
         from hvd_abs.elastic.outputs_relay import RelayOutputs
 
         channel = JobChannel.from_env()
-        return RelayOutputs(channel) if channel is not None else LocalOutputs(self.out)
+        loggers = self.cfg.loggers
+        return RelayOutputs(channel, loggers) if channel is not None else LocalOutputs(self.out, loggers)
 
     def make_comm(self) -> Any:
         from hvd_abs.comm import HorovodComm

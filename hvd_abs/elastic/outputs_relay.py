@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from hvd_abs.elastic.job_channel import ADDRESS_ENV, ChannelError, JobChannel
 from hvd_abs.errors import UserError
@@ -46,12 +46,14 @@ class RelayWriter(MetricsWriter):
 class RelayOutputs:
     """training.outputs.LocalOutputs' calls, carried out on the launcher's host."""
 
-    def __init__(self, channel: JobChannel) -> None:
+    def __init__(self, channel: JobChannel, loggers: Sequence[str] = ()) -> None:
         self.channel = channel
+        self.loggers = list(loggers)
 
     def prepare(self, overwrite: bool, resumed_at: tuple[int, int] | None) -> None:
         # (the launcher prepares once per job: a later rank 0 asking again changes nothing)
-        _ask(self.channel, "prepare", overwrite=bool(overwrite), resumed_at=list(resumed_at) if resumed_at else None)
+        _ask(self.channel, "prepare", overwrite=bool(overwrite), resumed_at=list(resumed_at) if resumed_at else None,
+             loggers=self.loggers)
 
     def writer(self, rank: int, in_place: bool) -> MetricsWriter:
         return RelayWriter(self.channel) if rank == 0 else MetricsWriter(".", enabled=False)

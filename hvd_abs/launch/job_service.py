@@ -23,6 +23,7 @@ from typing import Any, Callable
 from hvd_abs.elastic.job_channel import (ADDRESS_ENV, GREETING, KEY_ENV, MAX_HEADER, MAX_PAYLOAD, NONCE_BYTES, mac,
                                          new_key, recv_exact)
 from hvd_abs.elastic.world_signal import write_wanted
+from hvd_abs.loggers import LOGGERS
 from hvd_abs.metrics import MetricsWriter
 from hvd_abs.training.checkpoint import load_latest, verified_payload
 from hvd_abs.training.outputs import LocalOutputs
@@ -143,6 +144,10 @@ class JobService:
     def _prepare(self, header: dict[str, Any], payload: bytes) -> dict[str, Any]:
         if self._writer is None:  # once per job: a later rank 0 must not clear what this job wrote
             at = header.get("resumed_at")
+            loggers = header.get("loggers") or []
+            if not all(name in LOGGERS for name in loggers):
+                raise ValueError(f"unknown loggers {loggers!r}")
+            self.outputs.loggers = tuple(loggers)
             self.outputs.prepare(bool(header.get("overwrite")), (int(at[0]), int(at[1])) if at else None)
             self.writer()
         return {}

@@ -2,8 +2,10 @@
 the user's own (--callback MODULE:NAME)."""
 from __future__ import annotations
 
+import datetime
 import importlib
 import sys
+import time
 from typing import Any, Callable
 
 from hvd_abs.errors import UserError
@@ -49,8 +51,15 @@ class EchoEpochs(Callback):
             self.show(record)
 
 
+def epoch_loss(trainer: Trainer) -> float:
+    """The training loss of the epoch so far (over all ranks; reading it waits for the device)."""
+    loss_sum, _, count = trainer._epoch_sums[:3].tolist()
+    return loss_sum / max(count, 1)
+
+
 class ProgressBar(Callback):
-    """A tqdm bar of the epoch's updates on rank 0, when stderr is a terminal."""
+    """A tqdm bar of the epoch's updates on rank 0, when stderr is a terminal, with the epoch's
+    loss so far (read every 10 updates: each read waits for the device)."""
 
     def __init__(self) -> None:
         self.bar: Any = None
@@ -65,6 +74,8 @@ class ProgressBar(Callback):
             self.bar = tqdm(total=trainer.sampler.steps_left(G) + 1, initial=0, leave=False, dynamic_ncols=True,
                             desc=f"epoch {trainer.epoch + 1}/{trainer.cfg.epochs} G={G}")
         self.bar.update(1)
+        if self.bar.n % 10 == 1:
+            self.bar.set_postfix(loss=f"{epoch_loss(trainer):.4f}", refresh=False)
 
     def on_epoch_logged(self, trainer: Trainer, record: dict[str, Any]) -> None:
         if self.bar is not None:
@@ -72,6 +83,32 @@ class ProgressBar(Callback):
             self.bar = None
 
     on_fit_end = lambda self, trainer, summary: self.on_epoch_logged(trainer, summary)  # noqa: E731
+
+
+class ProgressLines(Callback):
+    """Every `every` updates, one line on rank 0 when stderr is not a terminal (under the
+    launchers, where no bar shows): epoch, update, batch, the epoch's loss so far, samples/s since
+    the last line, and the ETA of the planned samples at that rate."""
+
+    def __init__(self, every: int, show: Callable[[str], None]) -> None:
+        self.every, self.show = every, show
+        self.mark: tuple[float, int] | None = None
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        self.mark = (time.perf_counter(), trainer.samples_seen)  # (an elastic reset starts the rate anew)
+
+    def on_update_end(self, trainer: Trainer) -> None:
+        if trainer.comm.rank != 0 or trainer.updates % self.every or sys.stderr.isatty():
+            return
+        now, seen = time.perf_counter(), trainer.samples_seen
+        t0, seen0 = self.mark or (now, seen)
+        self.mark = (now, seen)
+        rate = (seen - seen0) / (now - t0) if now > t0 else 0.0
+        left = trainer.cfg.epochs * trainer.sampler.num_samples - seen
+        eta = datetime.timedelta(seconds=round(left / rate)) if rate > 0 else "-"
+        self.show(f"epoch {trainer.epoch + 1}/{trainer.cfg.epochs}  update {trainer.updates}  batch "
+                  f"{trainer.controller.global_batch}  loss {epoch_loss(trainer):.4f}  samples/s {rate:.0f}  "
+                  f"eta {eta}")
 
 
 def user_callbacks(names: Any) -> list[Callback]:
@@ -99,6 +136,8 @@ def run_callbacks(cfg: Any, writer: Callable[[], MetricsWriter], on_epoch: Calla
     before an elastic job commits it), `extra` (an elastic job's commit, a caller's), and
     --stop-at-update last (after everything an update's end does)."""
     cbs: list[Callback] = [] if cfg.quiet else [ProgressBar()]
+    if not cfg.quiet and cfg.log_every:
+        cbs.append(ProgressLines(cfg.log_every, lambda line: print(line, file=sys.stderr, flush=True)))
     if on_epoch is not None:
         cbs.append(EchoEpochs(on_epoch))
     cbs += [CheckpointEvery(writer), *user_callbacks(cfg.callbacks), *extra]

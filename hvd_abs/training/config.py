@@ -11,6 +11,7 @@ from typing import Any, Sequence
 from hvd_abs.batching.controller import TRIGGERS, trigger_name
 from hvd_abs.batching.lr import SCALINGS, SCHEDULES
 from hvd_abs.errors import UserError
+from hvd_abs.loggers import LOGGERS
 from hvd_abs.training.optimizers import MOMENTUM_OPTIMIZERS, OPTIMIZERS
 from hvd_abs.training.run_dir import CHECKPOINT_DIR, RELAY_ENV, check_out_dir, checkpoints_of
 
@@ -53,7 +54,7 @@ def _cuda_available() -> bool:
 def option(default: Any, help: str, group: str, **cli: Any) -> Any:
     """A TrainConfig field that is also an `hvd-abs train` option (training/options.py makes the
     click option from it). cli: choices (a callable giving them, so a registry's later entries
-    count), hidden, metavar, multiple."""
+    count), hidden, metavar, multiple, flag (the option's name, when not the field's)."""
     return field(default=default, metadata={"help": help, "group": group, **cli})
 
 
@@ -151,11 +152,17 @@ class TrainConfig:
                                    "output")
     keep_checkpoints: int = option(3, "Checkpoints kept in OUT/checkpoints (the newest; OUT/checkpoints/last.pt "
                                       "links to the newest).", "output")
+    log_every: int = option(50, "Print a progress line (epoch, update, batch, loss, samples/s, ETA) every N updates "
+                                "when stderr is not a terminal, as under the launchers (0: none; a terminal gets "
+                                "the bar).", "output")
     quiet: bool = option(False, "No progress bar and no per-epoch lines.", "output")
     eval_batch: int = option(1024, "Samples per forward pass of the test evaluation.", "output")
     callbacks: Sequence[str] = option((), "MODULE:NAME of a hvd_abs Callback class (or a function making one) to "
                                           "add to the run; repeatable.", "output", multiple=True,
-                                      metavar="MODULE:NAME")
+                                      metavar="MODULE:NAME", flag="callback")
+    loggers: Sequence[str] = option((), "Also write the metrics as csv (OUT/metrics.csv) or tensorboard "
+                                        "(OUT/tensorboard/); repeatable. metrics.jsonl is always written.",
+                                    "output", multiple=True, flag="logger", choices=lambda: tuple(LOGGERS))
     stop_at_update: int | None = option(None, "Checkpoint and stop after this many updates (restart benchmarks).",
                                         "output", hidden=True)
 
@@ -267,6 +274,8 @@ class TrainConfig:
                 positive(value, flag)
         positive(self.max_np, "--max-np")
         positive(self.keep_checkpoints, "--keep-checkpoints")
+        if not isinstance(self.log_every, int) or isinstance(self.log_every, bool) or self.log_every < 0:
+            raise UserError(f"--log-every must be a whole number >= 0 (0: no lines), got {self.log_every!r}")
         if self.resume is not None and not checkpoints_of(self.resume).is_dir():
             raise UserError(f"--resume {self.resume}: no {CHECKPOINT_DIR}/ folder there; pass the --out "
                             f"directory of the run to continue")
@@ -278,6 +287,8 @@ class TrainConfig:
             raise UserError(f"--growth-trigger {self.growth_trigger} compares micro-batches of --base-batch with the "
                             f"global batch, so it needs --batch at least 2 x --base-batch ({2 * self.base_batch}); "
                             f"pass a larger --batch or a smaller --base-batch")
+        if isinstance(self.loggers, str) or not all(name in LOGGERS for name in self.loggers):
+            raise UserError(f"--logger takes one of {', '.join(LOGGERS)} per use, got {self.loggers!r}")
         if isinstance(self.callbacks, str) or not all(isinstance(c, str) and ":" in c for c in self.callbacks):
             raise UserError(f"--callback takes MODULE:NAME (e.g. mypkg.hooks:LogToFile), got {self.callbacks!r}")
         if self.device not in DEVICES:

@@ -70,13 +70,15 @@ class GroupedCommand(click.Command):
 
 def _option(f: dataclasses.Field) -> click.Option:
     meta, kind = f.metadata, str(f.type)
-    flag = "--" + ("callback" if f.name == "callbacks" else f.name.replace("_", "-"))
+    flag = "--" + meta.get("flag", f.name.replace("_", "-"))
     kw: dict[str, Any] = {"help": meta["help"], "group": meta["group"], "hidden": meta.get("hidden", False)}
     if "metavar" in meta:
         kw["metavar"] = meta["metavar"]
     if kind == "bool":
         return GroupedOption([flag, f.name], is_flag=True, default=f.default, **kw)
     if meta.get("multiple"):
+        if "choices" in meta:
+            kw["type"] = click.Choice(list(meta["choices"]()))
         return GroupedOption([flag, f.name], multiple=True, default=f.default, **kw)
     if f.name == "lr_decay_epochs":
         return GroupedOption([flag, f.name], callback=_int_list, default=None, **kw)
@@ -110,7 +112,7 @@ def config_from_options(options: dict, ctx: click.Context) -> TrainConfig:
     where not given again: training/resume.py resumed_options)."""
     from hvd_abs.training.resume import resumed_options
 
-    options = {k: (tuple(v) if k == "callbacks" else v) for k, v in options.items()}
+    options = {k: (tuple(v) if k in ("callbacks", "loggers") else v) for k, v in options.items()}
     given = lambda name: ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)  # noqa: E731
     return TrainConfig(**resumed_options(options, given))
 

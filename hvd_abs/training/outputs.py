@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -34,8 +34,9 @@ def weights_bytes(model: torch.nn.Module) -> bytes:
 class LocalOutputs:
     """The run's files in `out` on this host."""
 
-    def __init__(self, out: str | Path) -> None:
+    def __init__(self, out: str | Path, loggers: Sequence[str] = ()) -> None:
         self.out = Path(out).expanduser()
+        self.loggers = tuple(loggers)  # --logger: copies of metrics.jsonl the writer keeps
 
     def prepare(self, overwrite: bool, resumed_at: tuple[int, int] | None) -> None:
         prepare_out_dir(self.out, overwrite)
@@ -43,7 +44,7 @@ class LocalOutputs:
             cut_back(self.out, *resumed_at)
 
     def writer(self, rank: int, in_place: bool) -> MetricsWriter:
-        return open_writer(self.out, in_place, rank)
+        return open_writer(self.out, in_place, rank, self.loggers)
 
     def save_checkpoint(self, state: dict[str, Any], updates: int, keep: int) -> str:
         return str(save_checkpoint(self.out / CHECKPOINT_DIR, state, updates, keep))

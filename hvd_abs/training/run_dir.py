@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from hvd_abs.atomic import can_create_in, unwritable_reason
 from hvd_abs.errors import UserError
@@ -108,11 +108,11 @@ def prepare_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
     return path
 
 
-def open_writer(out: Path, in_place: bool, rank: int) -> MetricsWriter:
+def open_writer(out: Path, in_place: bool, rank: int, loggers: Sequence[str] = ()) -> MetricsWriter:
     """The run's metrics writer (it refuses a damaged metrics.jsonl before anything changes). A
     run resumed in its folder (in_place) then drops its model.pt, no longer the weights where the run ends
     (the checkpoints keep them), so a crash on the way leaves none behind; finish writes anew."""
-    writer = MetricsWriter(out, enabled=rank == 0)
+    writer = MetricsWriter(out, enabled=rank == 0, loggers=loggers)
     if rank == 0 and in_place:
         (out / WEIGHTS_FILE).unlink(missing_ok=True)
     return writer

@@ -47,7 +47,7 @@ class Session:
 
     # --- what a subclass changes ---------------------------------------------------------------
     def make_outputs(self) -> Any:
-        return LocalOutputs(self.out)
+        return LocalOutputs(self.out, self.cfg.loggers)
 
     def make_comm(self) -> Any:
         from hvd_abs.comm import make_comm

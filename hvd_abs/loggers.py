@@ -1,0 +1,92 @@
+"""Copies of metrics.jsonl in the formats other tools read (`--logger csv|tensorboard`).
+
+metrics.jsonl stays the source of truth: a logger sees each line as the writer writes it (never a
+line the writer skips as already written), and on opening it rebuilds itself from the lines
+already in the file, so after a resume (whose later lines were cut back) it agrees with it again.
+
+    csv          OUT/metrics.csv: the epoch lines, one column per metrics.jsonl field
+    tensorboard  OUT/tensorboard/: each epoch field as a scalar against updates, growths and
+                 resizes as their own scalars (`tensorboard --logdir OUT`)
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+from hvd_abs.atomic import write_text_atomic
+
+CSV_FILE = "metrics.csv"
+TENSORBOARD_DIR = "tensorboard"
+
+
+class Logger:
+    """Receives every line metrics.jsonl gets. `existing`: the lines the file already holds."""
+
+    def __init__(self, out_dir: Path, existing: Sequence[dict[str, Any]]) -> None: ...
+
+    def write(self, record: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class CsvLogger(Logger):
+    def __init__(self, out_dir: Path, existing: Sequence[dict[str, Any]]) -> None:
+        from hvd_abs.metrics import EPOCH_FIELDS
+
+        self.fields = EPOCH_FIELDS
+        self.path = out_dir / CSV_FILE
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=self.fields, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(r for r in existing if "event" not in r)
+        write_text_atomic(self.path, buf.getvalue())
+        self._fh = open(self.path, "a", encoding="utf-8", newline="")
+        self._csv = csv.DictWriter(self._fh, fieldnames=self.fields, lineterminator="\n")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if "event" not in record:
+            self._csv.writerow(record)
+            self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+class TensorBoardLogger(Logger):
+    # (event fields drawn as scalars; the rest of an event line is text in metrics.jsonl)
+    EVENT_SCALARS = {"growth": ("new_batch", "eig", "noise_scale"), "resize": ("world_size", "stall_s"),
+                     "failure": ("world_size", "stall_s")}
+
+    def __init__(self, out_dir: Path, existing: Sequence[dict[str, Any]]) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        done = [r["updates"] for r in existing if _number(r.get("updates"))]
+        # Steps after what metrics.jsonl holds come from an attempt a resume redoes: purged.
+        self.tb = SummaryWriter(str(out_dir / TENSORBOARD_DIR), purge_step=max(done) + 1 if done else None)
+
+    def write(self, record: dict[str, Any]) -> None:
+        step = record.get("updates")
+        if not _number(step):
+            return
+        if "event" not in record:
+            for k, v in record.items():
+                if k not in ("epoch", "updates") and _number(v):
+                    self.tb.add_scalar(f"epoch/{k}", v, global_step=step)
+        else:
+            for k in self.EVENT_SCALARS.get(record["event"], ()):
+                if _number(record.get(k)):
+                    self.tb.add_scalar(f"{record['event']}/{k}", record[k], global_step=step)
+        self.tb.flush()
+
+    def close(self) -> None:
+        self.tb.close()
+
+
+LOGGERS: dict[str, type[Logger]] = {"csv": CsvLogger, "tensorboard": TensorBoardLogger}
