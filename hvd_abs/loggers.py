@@ -33,26 +33,38 @@ class Logger:
 
 
 class CsvLogger(Logger):
-    def __init__(self, out_dir: Path, existing: Sequence[dict[str, Any]]) -> None:
-        from hvd_abs.metrics import EPOCH_FIELDS
+    """The columns are the epoch line's fields (the writer writes exactly those, in one order)."""
 
-        self.fields = EPOCH_FIELDS
+    def __init__(self, out_dir: Path, existing: Sequence[dict[str, Any]]) -> None:
         self.path = out_dir / CSV_FILE
+        self._fh: Any = None
+        epochs = [r for r in existing if "event" not in r]
+        if epochs:
+            self._open(list(epochs[0]), epochs)
+        else:
+            self.path.unlink(missing_ok=True)  # (a copy of lines the file no longer has)
+
+    def _open(self, fields: list[str], rows: Sequence[dict[str, Any]]) -> None:
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=self.fields, lineterminator="\n")
+        writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
         writer.writeheader()
-        writer.writerows(r for r in existing if "event" not in r)
+        writer.writerows(rows)
         write_text_atomic(self.path, buf.getvalue())
         self._fh = open(self.path, "a", encoding="utf-8", newline="")
-        self._csv = csv.DictWriter(self._fh, fieldnames=self.fields, lineterminator="\n")
+        self._csv = csv.DictWriter(self._fh, fieldnames=fields, lineterminator="\n")
 
     def write(self, record: dict[str, Any]) -> None:
-        if "event" not in record:
+        if "event" in record:
+            return
+        if self._fh is None:
+            self._open(list(record), [record])
+        else:
             self._csv.writerow(record)
-            self._fh.flush()
+        self._fh.flush()
 
     def close(self) -> None:
-        self._fh.close()
+        if self._fh is not None:
+            self._fh.close()
 
 
 def _number(v: Any) -> bool:

@@ -131,7 +131,7 @@ CASES = {
                                          "TMP/new"], ["MIN is above MAX"]),
     "horovod: no data in --data-dir": (["launch", "horovod", "--", "--dataset", "cifar10", "--data-dir", "TMP",
                                         "--out", "TMP/new"], ["CIFAR-10 not found", "--data-dir"]),
-    "horovod: no --out": (["launch", "horovod", "--", "--dataset", "digits"], ["--out DIR"]),
+    "horovod: empty --out": (["launch", "horovod", "--", "--dataset", "digits", "--out", ""], ["--out DIR"]),
     "horovod: bad train option": (["launch", "horovod", "--", "--epochs", "0", "--out", "OUT", "--overwrite"],
                                   ["--epochs"]),
     "horovod: unknown dataset": (["launch", "horovod", "--", "--dataset", "mnist", "--out", "TMP/new"], ["--dataset"]),

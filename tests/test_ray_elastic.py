@@ -180,7 +180,7 @@ def test_executor_rejects_bad_parameters(kwargs: dict, match: str) -> None:
     (["--address", "nowhere", "--", "--out", "x"], "--address must be auto, local or HOST:PORT"),
     (["--address", "10.0.0.1:70000", "--", "--out", "x"], "--address must be auto, local or HOST:PORT"),
     (["--address", "ray://head:10001", "--", "--out", "x"], "Ray Client"),
-    (["--address", "auto", "--", "--dataset", "digits"], "pass --out DIR"),
+    (["--address", "auto", "--", "--dataset", "digits", "--out", ""], "pass --out DIR"),
     (["--address", "auto", "--min-workers", "3", "--max-workers", "2", "--", "--out", "x"], "at least --min-workers"),
     (["--address", "auto", "--cpus-per-worker", "0", "--", "--out", "x"], "--cpus-per-worker > 0"),
     (["--address", "auto", "--gpus-per-worker", "-1", "--", "--out", "x"], "-1"),

@@ -48,15 +48,21 @@ def check_train(train_args: list[str], load_data: bool, script: str | None = Non
 
 
 def out_of_resume(train_args: tuple[str, ...] | list[str]) -> tuple[str, ...]:
-    """The train options with `--out DIR` added when only `--resume DIR` is given: `hvd-abs train`
-    continues a run in its own folder then, and the launcher and every worker must name it."""
+    """The train options with `--out DIR` added when they give none, as `hvd-abs train` takes it
+    (the launcher and every worker must name the same folder): `--resume DIR`'s own folder, or a
+    new runs/<date>-<time> (said on stderr)."""
     from hvd_abs.launch.horovod import option_value
+    from hvd_abs.training.run_dir import new_run_dir
 
     args = tuple(train_args)
+    if option_value(list(args), "--out") is not None or "--" in args:
+        return args
     resume = option_value(list(args), "--resume")
-    if resume and not option_value(list(args), "--out") and "--" not in args:
+    if resume:
         return (*args, "--out", resume)
-    return args
+    out = new_run_dir(claim=False)  # (made by the job's lock when it starts)
+    click.echo(f"run directory: {out}", err=True)
+    return (*args, "--out", out)
 
 
 def resume_of(train_args: list[str], run_dir: str | Path) -> tuple[str | None, bool]:

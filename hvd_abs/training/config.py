@@ -143,7 +143,8 @@ class TrainConfig:
     commit_every: int = option(10, "Elastic: updates between in-memory state commits (also at every growth and "
                                    "epoch end).", "elastic")
     # output
-    out: str = option("runs/latest", "Run directory.", "output")
+    out: str | None = option(None, "Run directory (default: a new runs/<date>-<time>, printed at the start).",
+                             "output")
     overwrite: bool = option(False, "Replace the run already in --out (kept in OUT/.replaced-run until the new run "
                                     "finishes).", "output")
     resume: str | None = option(None, "Continue the run in DIR from its newest good checkpoint (OUT defaults to "
@@ -295,6 +296,10 @@ class TrainConfig:
             raise UserError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.device == "cuda" and not _cuda_available():
             raise UserError("--device cuda was asked but no CUDA device is visible: pass --device cpu")
+        if self.out is None and self.resume is not None:
+            self.out = self.resume  # a resume goes on in the run's own folder
+        if self.out is None:
+            return  # a new folder, made when the run starts (Session.run)
         if not str(self.out).strip():
             raise UserError("--out is empty: pass the directory for the run's files")
         # A run dir may be written into when asked (--overwrite), when it is the run being resumed,

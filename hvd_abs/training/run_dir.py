@@ -1,5 +1,6 @@
 """A run's folder: which files make it a run, when --out may be written, what --overwrite keeps,
-one run at a time (the lock), and where a resume reads its checkpoint.
+one run at a time (the lock), where a resume reads its checkpoint, and the fresh folder of a
+run without --out (runs/<date>-<time>).
 
     OUT/metrics.jsonl, summary.json, plots.png, model.pt   the run's files (RUN_FILES)
     OUT/checkpoints/ckpt-<updates>.pt                     disk checkpoints (training/checkpoint.py)
@@ -8,9 +9,11 @@ one run at a time (the lock), and where a resume reads its checkpoint.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -79,6 +82,30 @@ def check_out_dir(out: str | os.PathLike, overwrite: bool, resuming: bool = Fals
         raise UserError(f"--out {path} cannot be created ({why}): pass a writable --out")
 
 
+
+
+RUNS_ROOT = "runs"  # where runs without --out go
+
+
+def new_run_dir(root: str | os.PathLike = RUNS_ROOT, claim: bool = True) -> str:
+    """A folder no run has used: `runs/<date>-<time>`, then -2, -3, ... within one second. claim:
+    make it now, so that two runs starting together cannot both take it (a launcher only names
+    it: its job lock makes it once the job starts)."""
+    stamp, root = time.strftime("%Y%m%d-%H%M%S"), Path(root)
+    for n in itertools.count(1):
+        path = root / (stamp if n == 1 else f"{stamp}-{n}")
+        if not claim:
+            if not path.exists():
+                return str(path)
+            continue
+        try:
+            path.mkdir(parents=True)
+            return str(path)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise UserError(f"cannot create the run's folder {path} ({exc.strerror}): pass --out DIR") from None
+    raise AssertionError("unreachable")
 
 
 def prepare_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:

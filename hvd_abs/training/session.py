@@ -12,18 +12,21 @@ Nothing is written before the config, the data and the model were all accepted.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from torch import nn
 
+from hvd_abs.errors import UserError
 from hvd_abs.metrics import MetricsWriter
 from hvd_abs.training.callbacks import run_callbacks
 from hvd_abs.training.config import TrainConfig
 from hvd_abs.training.events import Callback
 from hvd_abs.training.outputs import LocalOutputs, weights_bytes
 from hvd_abs.training.resume import refuse_finished
-from hvd_abs.training.run_dir import CHECKPOINT_DIR, check_out_dir, run_lock
+from hvd_abs.training.run_dir import CHECKPOINT_DIR, check_out_dir, new_run_dir, run_lock
 from hvd_abs.training.trainer import EigenFn, Trainer
 
 
@@ -40,8 +43,8 @@ class Session:
                  callbacks: Sequence[Callback] = ()) -> None:
         self.cfg, self.comm, self.eigen_fn, self.model, self.data = cfg, comm, eigen_fn, model, data
         self.on_epoch, self.plot, self.extra = on_epoch, plot, list(callbacks)
-        self.out = Path(cfg.out).expanduser()
-        self.outputs: Any = self.make_outputs()
+        self.out: Path | None = None if cfg.out is None else Path(cfg.out).expanduser()
+        self.outputs: Any = None if cfg.out is None else self.make_outputs()
         self._writer: MetricsWriter | None = None
         self.trainer: Trainer | None = None
 
@@ -85,6 +88,15 @@ class Session:
         cfg = self.cfg
         if self.comm is None:
             self.comm = self.make_comm()
+        if cfg.out is None and cfg.elastic:  # (each worker would pick its own folder)
+            raise UserError("--elastic needs --out DIR, the job's folder (hvd-abs launch passes one)")
+        if cfg.out is None:  # a new folder, rank 0's choice on every rank
+            out = self.comm.broadcast_object(new_run_dir() if self.comm.rank == 0 else None)
+            self.cfg = cfg = dataclasses.replace(cfg, out=out)
+            self.out = Path(out)
+            self.outputs = self.make_outputs()
+            if self.comm.rank == 0 and not cfg.quiet:
+                print(f"run directory: {out}", file=sys.stderr, flush=True)
         trainer = self.trainer = Trainer(cfg, comm=self.comm, eigen_fn=self.eigen_fn, model=self.model,
                                          data=self.data, broadcast=self.broadcast)
         trainer.checkpoints = self.outputs
