@@ -6,7 +6,7 @@
     data = hvd_abs.splits_from_tensors(train_x, train_y, test_x, test_y)   # or splits_from_datasets,
                                                                           # or hvd_abs.load_dataset
     summary = hvd_abs.fit(cfg, model=MyNet, data=data)   # MyNet() is built on every worker
-    net = hvd_abs.load_model(cfg.out, model=MyNet)       # the trained weights (OUT/model.pt)
+    net = hvd_abs.load_model(summary["out"], model=MyNet)  # the trained weights (OUT/model.pt)
 
 The same script runs as one process, under `horovodrun -np N` (a fixed world), and as every worker
 of an elastic job: `hvd-abs launch horovod --script my_train.py -- --out runs/x ...` (or `launch

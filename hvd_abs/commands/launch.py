@@ -69,7 +69,7 @@ def horovod(min_np: int, max_np: int, hostfile: str | None, network_interface: s
     import time
     from pathlib import Path
 
-    from hvd_abs.launch.args import check_hostfile, out_of_resume, refuse_launcher_options
+    from hvd_abs.launch.args import check_hostfile, config_inlined, out_of_resume, refuse_launcher_options
     from hvd_abs.launch.discovery import local_pool
     from hvd_abs.launch.horovod import Refusals, build_command
     from hvd_abs.launch.hosts import Ssh, SshMasters
@@ -77,7 +77,7 @@ def horovod(min_np: int, max_np: int, hostfile: str | None, network_interface: s
 
     if max_np < min_np:
         raise click.BadParameter(f"--max-np ({max_np}) must be at least --min-np ({min_np})", param_hint="--max-np")
-    train_args = out_of_resume(train_args)
+    train_args = out_of_resume(config_inlined(train_args, script=script is not None))
     refuse_launcher_options(list(train_args), "hvd-abs launch horovod", max_np_option="--max-np")
     pool = check_hostfile(hostfile, min_np) if hostfile else []
     _check_train(list(train_args), load_data=hostfile is None, script=script)  # (else the data lives on the hosts)
@@ -226,12 +226,12 @@ def ray(address: str, min_workers: int, max_workers: int, cpus_per_worker: float
     import time
     from pathlib import Path
 
-    from hvd_abs.launch.args import out_of_resume, refuse_launcher_options, resume_of, with_option
+    from hvd_abs.launch.args import config_inlined, out_of_resume, refuse_launcher_options, resume_of, with_option
     from hvd_abs.launch.horovod import option_value
     from hvd_abs.launch.ray_address import probe_ray_head, ray_address
 
     address = ray_address(address)
-    train_args = out_of_resume(train_args)
+    train_args = out_of_resume(config_inlined(train_args, script=script is not None))
     refuse_launcher_options(list(train_args), "hvd-abs launch ray", max_np_option="--max-workers")
     probe_ray_head(address)
     if max_workers < min_workers:

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator
 from hvd_abs.batching.layout import wanted_world_size
 from hvd_abs.elastic.world_signal import publish_wanted
 from hvd_abs.metrics import MetricsWriter
+from hvd_abs.training.config_file import to_yaml
 from hvd_abs.training.events import Callback, Event
 from hvd_abs.training.outputs import LocalOutputs
 from hvd_abs.training.session import Session
@@ -132,10 +133,11 @@ class ElasticSession(Session):
     @contextlib.contextmanager
     def hold_out_dir(self, resumed_at: tuple[int, int] | None) -> Iterator[None]:
         if self.comm.rank == 0:
+            config = to_yaml(self.cfg)
             if isinstance(self.outputs, LocalOutputs):
-                _prepare_once(self.out, self.cfg.replaces_out, resumed_at)
+                _prepare_once(self.out, self.cfg.replaces_out, resumed_at, config)
             else:
-                self.outputs.prepare(self.cfg.replaces_out, resumed_at)
+                self.outputs.prepare(self.cfg.replaces_out, resumed_at, config)
         yield
 
     def writer(self) -> MetricsWriter:
@@ -168,7 +170,7 @@ def train_elastic(cfg: Any, **kwargs: Any) -> dict[str, Any]:
     return ElasticSession(cfg, **kwargs).run()
 
 
-def _prepare_once(out: Path, overwrite: bool, resumed_at: tuple[int, int] | None) -> None:
+def _prepare_once(out: Path, overwrite: bool, resumed_at: tuple[int, int] | None, config: str) -> None:
     """Prepare the out dir (with --overwrite: clear the previous run; resumed in place at
     (epoch, updates): drop the metrics lines after the checkpoint) once per job: a worker that
     becomes rank 0 later in the same job (after a failure) must not clear what this job wrote.
@@ -177,6 +179,6 @@ def _prepare_once(out: Path, overwrite: bool, resumed_at: tuple[int, int] | None
     marker = out / "elastic" / "job"
     if marker.exists() and marker.read_text() == job:
         return
-    LocalOutputs(out).prepare(overwrite, resumed_at)
+    LocalOutputs(out).prepare(overwrite, resumed_at, config)
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(job)

@@ -50,10 +50,10 @@ class RelayOutputs:
         self.channel = channel
         self.loggers = list(loggers)
 
-    def prepare(self, overwrite: bool, resumed_at: tuple[int, int] | None) -> None:
+    def prepare(self, overwrite: bool, resumed_at: tuple[int, int] | None, config: str | None = None) -> None:
         # (the launcher prepares once per job: a later rank 0 asking again changes nothing)
-        _ask(self.channel, "prepare", overwrite=bool(overwrite), resumed_at=list(resumed_at) if resumed_at else None,
-             loggers=self.loggers)
+        _ask(self.channel, "prepare", (config or "").encode(), overwrite=bool(overwrite),
+             resumed_at=list(resumed_at) if resumed_at else None, loggers=self.loggers, config=config is not None)
 
     def writer(self, rank: int, in_place: bool) -> MetricsWriter:
         return RelayWriter(self.channel) if rank == 0 else MetricsWriter(".", enabled=False)

@@ -11,6 +11,7 @@ import click
 from hvd_abs.elastic.outputs_relay import fetch_resume, launcher_prints_summary
 from hvd_abs.errors import run_command, user_errors_exit_2
 from hvd_abs.training.config import TrainConfig
+from hvd_abs.training.config_file import to_yaml
 from hvd_abs.training.options import config_from_options, train_command
 from hvd_abs.training.progress import epoch_line, format_summary
 
@@ -32,6 +33,10 @@ def _train_body(**options: Any) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     fetch_resume(options)  # (a relayed job's --resume folder is on the launcher's host)
     cfg = config_from_options(options, click.get_current_context())
+    if options.get("print_config"):
+        cfg.validate()
+        click.echo(to_yaml(cfg), nl=False)
+        return
     on_epoch = None if cfg.quiet else (lambda r: click.echo(epoch_line(r), err=True))
     summary = train(cfg, on_epoch=on_epoch)
     # Ranks other than 0 print nothing; in a relayed job the launcher prints it, from its OUT.

@@ -47,6 +47,19 @@ def check_train(train_args: list[str], load_data: bool, script: str | None = Non
     check_train_args(train_args, load_data=load_data, script=script is not None)
 
 
+def config_inlined(train_args: tuple[str, ...] | list[str], script: bool = False) -> tuple[str, ...]:
+    """The train options with a `--config FILE` replaced by the flags of its values (workers on
+    other hosts need no copy of the file); as they are without one."""
+    from hvd_abs.launch.horovod import option_value
+    from hvd_abs.training.config_file import inline_config
+    from hvd_abs.training.options import train_context
+
+    args = list(train_args)
+    if option_value(args, "--config") is None:
+        return tuple(args)
+    return tuple(inline_config(train_context(args, extras=script), args))
+
+
 def out_of_resume(train_args: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     """The train options with `--out DIR` added when they give none, as `hvd-abs train` takes it
     (the launcher and every worker must name the same folder): `--resume DIR`'s own folder, or a

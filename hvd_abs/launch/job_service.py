@@ -148,7 +148,8 @@ class JobService:
             if not all(name in LOGGERS for name in loggers):
                 raise ValueError(f"unknown loggers {loggers!r}")
             self.outputs.loggers = tuple(loggers)
-            self.outputs.prepare(bool(header.get("overwrite")), (int(at[0]), int(at[1])) if at else None)
+            self.outputs.prepare(bool(header.get("overwrite")), (int(at[0]), int(at[1])) if at else None,
+                                 payload.decode("utf-8") if header.get("config") else None)
             self.writer()
         return {}
 

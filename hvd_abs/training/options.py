@@ -91,9 +91,21 @@ def _option(f: dataclasses.Field) -> click.Option:
     return GroupedOption([flag, f.name], default=f.default, show_default=f.default is not None, **kw)
 
 
+# Options of the command line itself, not of the run (config_from_options leaves them out).
+COMMAND_LINE_ONLY = ("config", "print_config")
+
+
 def train_options() -> list[click.Option]:
-    """One click option per TrainConfig field (choices from the registries as they are now)."""
-    return [_option(f) for f in dataclasses.fields(TrainConfig)]
+    """--config, then one click option per TrainConfig field (choices from the registries as
+    they are now), then --print-config."""
+    from hvd_abs.training.config_file import load_into_context
+
+    config = GroupedOption(["--config", "config"], metavar="FILE", is_eager=True, expose_value=True,
+                           callback=load_into_context, group="output",
+                           help="A YAML file of these options (name: value); flags given here override it.")
+    show = GroupedOption(["--print-config", "print_config"], is_flag=True, group="output",
+                         help="Print the resolved options as a --config file and exit, training nothing.")
+    return [config, *(_option(f) for f in dataclasses.fields(TrainConfig)), show]
 
 
 def train_command(body: Callable[..., Any], name: str = "train") -> click.Command:
@@ -112,7 +124,8 @@ def config_from_options(options: dict, ctx: click.Context) -> TrainConfig:
     where not given again: training/resume.py resumed_options)."""
     from hvd_abs.training.resume import resumed_options
 
-    options = {k: (tuple(v) if k in ("callbacks", "loggers") else v) for k, v in options.items()}
+    options = {k: (tuple(v) if k in ("callbacks", "loggers") else v) for k, v in options.items()
+               if k not in COMMAND_LINE_ONLY}
     given = lambda name: ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)  # noqa: E731
     return TrainConfig(**resumed_options(options, given))
 

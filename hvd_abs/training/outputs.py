@@ -3,7 +3,8 @@ may run on other hosts, the launcher's OUT through the job channel (elastic/outp
 the same calls). The launcher's job service carries out relayed calls with a LocalOutputs, so a
 relayed run and a local one write the same files by the same rules.
 
-    prepare(overwrite, resumed_at)   once per job: clear a replaced run, drop lines after a resume
+    prepare(overwrite, resumed_at, config)  once per job: clear a replaced run, drop lines after a
+                                     resume, write OUT/config.yaml
     writer(rank, in_place)           rank 0's metrics writer (a no-op writer elsewhere)
     save_checkpoint(state, updates, keep)  OUT/checkpoints/ckpt-<updates>.pt, the newest `keep` kept
     finish(weights, summary, plot)   model.pt, plots.png, summary.json; the replaced run removed
@@ -17,8 +18,9 @@ from typing import Any, Sequence
 
 import torch
 
-from hvd_abs.atomic import write_atomic
+from hvd_abs.atomic import write_atomic, write_text_atomic
 from hvd_abs.metrics import METRICS_FILE, MetricsWriter, cut_back, read_metrics
+from hvd_abs.training.config_file import CONFIG_FILE
 from hvd_abs.training.checkpoint import save_checkpoint, save_payload, to_host
 from hvd_abs.training.run_dir import CHECKPOINT_DIR, REPLACED_DIR, WEIGHTS_FILE, open_writer, prepare_out_dir
 
@@ -38,10 +40,14 @@ class LocalOutputs:
         self.out = Path(out).expanduser()
         self.loggers = tuple(loggers)  # --logger: copies of metrics.jsonl the writer keeps
 
-    def prepare(self, overwrite: bool, resumed_at: tuple[int, int] | None) -> None:
+    def prepare(self, overwrite: bool, resumed_at: tuple[int, int] | None, config: str | None = None) -> None:
+        """The folder made (a replaced run moved aside), lines after a resume's checkpoint cut,
+        and `config` (the run's resolved options, YAML) written as OUT/config.yaml."""
         prepare_out_dir(self.out, overwrite)
         if resumed_at is not None:  # lines of an attempt after the checkpoint: redone now
             cut_back(self.out, *resumed_at)
+        if config is not None:
+            write_text_atomic(self.out / CONFIG_FILE, config)
 
     def writer(self, rank: int, in_place: bool) -> MetricsWriter:
         return open_writer(self.out, in_place, rank, self.loggers)

@@ -29,7 +29,8 @@ __all__ = ["WEIGHTS_FILE", "RUN_FILES", "CHECKPOINT_DIR", "RUN_DIRS", "REPLACED_
 WEIGHTS_FILE = "model.pt"  # the model's state_dict at the run's end: torch.load(..., weights_only=True)
 RUN_FILES = (METRICS_FILE, SUMMARY_FILE, "plots.png", WEIGHTS_FILE)  # files whose presence marks a run dir
 CHECKPOINT_DIR = "checkpoints"
-RUN_DIRS = (CHECKPOINT_DIR, "ledger")  # folders of a run's own, cleared with its files by --overwrite
+RUN_DIRS = (CHECKPOINT_DIR, "ledger", "tensorboard")  # folders of a run's own, cleared with its files by --overwrite
+RUN_COPIES = ("config.yaml", "metrics.csv")  # cleared with them too, but alone no sign of a run
 REPLACED_DIR = ".replaced-run"  # where --overwrite keeps the old run until the new one finishes
 # {"run_dir": R, "copy": S}: a worker whose run dir R is on the launcher's host reads R's
 # checkpoints from its copy S (elastic/outputs_relay.py fetch_resume)
@@ -120,7 +121,7 @@ def prepare_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
         raise UserError(f"--out {path} cannot be created ({exc.strerror}): pass a writable --out") from None
     if overwrite:
         # Checkpoints go too: a later --resume would otherwise find the old run's.
-        old = [path / name for name in (*RUN_FILES, *RUN_DIRS) if (path / name).exists()]
+        old = [path / name for name in (*RUN_FILES, *RUN_DIRS, *RUN_COPIES) if (path / name).exists()]
         keep = path / REPLACED_DIR
         if old and keep.exists():  # an earlier --overwrite failed: keep its older run, drop this one
             for p in old:

@@ -23,6 +23,7 @@ from hvd_abs.errors import UserError
 from hvd_abs.metrics import MetricsWriter
 from hvd_abs.training.callbacks import run_callbacks
 from hvd_abs.training.config import TrainConfig
+from hvd_abs.training.config_file import to_yaml
 from hvd_abs.training.events import Callback
 from hvd_abs.training.outputs import LocalOutputs, weights_bytes
 from hvd_abs.training.resume import refuse_finished
@@ -65,7 +66,7 @@ class Session:
         with run_lock(self.out) if rank == 0 else contextlib.nullcontext():  # (rank 0 alone writes there)
             if rank == 0:
                 check_out_dir(self.out, cfg.overwrite or cfg.resumes_in_place, resuming=cfg.resume is not None)
-                self.outputs.prepare(cfg.replaces_out, resumed_at)
+                self.outputs.prepare(cfg.replaces_out, resumed_at, to_yaml(cfg))
             yield
 
     def writer(self) -> MetricsWriter:
@@ -113,6 +114,7 @@ class Session:
             if resumed_from is not None:  # which checkpoint it continued from (a damaged newest is skipped)
                 # (named in the run dir: a relayed worker read its copy of that file)
                 summary["resumed_from"] = str(Path(cfg.resume).expanduser() / CHECKPOINT_DIR / resumed_from.name)
+            summary["out"] = str(self.out)  # (the folder a run without --out got)
             return finish(trainer, summary, self.writer(), self.outputs, self.plot)
 
     def fit(self, resumed: bool) -> dict[str, Any]:
