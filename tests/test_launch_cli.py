@@ -199,3 +199,34 @@ def test_a_refusal_is_the_outcome_only_when_every_failed_worker_refused():
     assert r.outcome() is None
     r.exits = {}  # no exit codes seen
     assert r.outcome() is None
+
+
+def test_the_launchers_take_a_reset_limit_and_an_elastic_timeout():
+    result = CliRunner().invoke(main, ["launch", "horovod", "--reset-limit", "3", "--elastic-timeout", "60",
+                                       "--dry-run", "--", *QUICK, "--out", "runs/x"])
+    assert result.exit_code == 0 and "--elastic-timeout 60 --reset-limit 3 " in result.output, result.output
+    gpu = CliRunner().invoke(main, ["launch", "ray", "--address", "local", "--", *QUICK, "--device", "cuda",
+                                    "--out", "runs/x"])
+    assert gpu.exit_code == 2 and "--device cuda needs a GPU per worker actor: pass --gpus-per-worker 1" in gpu.output
+
+
+@pytest.mark.multiprocess
+def test_a_job_past_its_reset_limit_stops_saying_so(tmp_path):
+    """--reset-limit 0: the batch's growth asks for a second worker, whose join is the first
+    reset: Horovod stops the job, and the launcher says why in one line (its traceback kept)."""
+    import subprocess
+
+    from conftest import BIN
+
+    out = tmp_path / "run"
+    (out / "ledger").mkdir(parents=True)
+    (out / "ledger" / "hold-95-world-2").touch()  # (held until the join, so the run cannot end first)
+    args = ["--dataset", "digits", "--model", "cnn", "--base-batch", "32", "--quiet", "--callback",
+            "hvd_abs.testing.ledger:Ledger", "--method", "absa", "--epochs", "10", "--max-batch", "128",
+            "--duration", "1", "--out", str(out)]
+    proc = subprocess.run([str(BIN / "hvd-abs"), "launch", "horovod", "--max-np", "2", "--reset-limit", "0", "--",
+                           *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "it stopped at --reset-limit 0" in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and (out / "elastic" / "horovodrun-error.txt").is_file()

@@ -17,6 +17,10 @@ if TYPE_CHECKING:
     from hvd_abs.launch.hosts import Ssh
 
 
+# What Horovod's elastic driver says when --reset-limit stops a job (horovod/runner/elastic/constants.py).
+RESET_LIMIT_HIT = "number of resets during elastic job exceeded limit"
+
+
 @click.group("launch")
 def command() -> None:
     """Launch elastic training through horovodrun or on a Ray cluster."""
@@ -51,11 +55,17 @@ def command() -> None:
 @click.option("--script", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Run this Python script as every worker instead of `hvd-abs train`: one that trains its own "
                    "model and data with hvd_abs.fit and reads its options with hvd_abs.parse_train_args.")
+@click.option("--reset-limit", type=click.IntRange(min=0), default=None,
+              help="Stop the job after this many elastic resets (each join, leave or failure is one; the batch's "
+                   "growth adds workers, so count those in). Default: no limit.")
+@click.option("--elastic-timeout", type=click.IntRange(min=1), default=600, show_default=True,
+              help="Seconds the job waits, after a reset, for at least its fewest workers before it stops.")
 @click.option("--dry-run", is_flag=True, help="Print the horovodrun command without running it.")
 @click.argument("train_args", nargs=-1, type=click.UNPROCESSED)
 def horovod(min_np: int, max_np: int, hostfile: str | None, network_interface: str | None, ssh_port: int | None,
             ssh_identity_file: str | None, ssh_option: tuple[str, ...], start_timeout: int, blacklist_cooldown: str,
-            warm: int, warm_timeout: float, script: str | None, dry_run: bool, train_args: tuple[str, ...]) -> None:
+            warm: int, warm_timeout: float, script: str | None, reset_limit: int | None, elastic_timeout: int,
+            dry_run: bool, train_args: tuple[str, ...]) -> None:
     """Build, print and run the elastic horovodrun command for `hvd-abs train TRAIN_ARGS`
     (or for `python SCRIPT TRAIN_ARGS` with --script).
 
@@ -92,7 +102,8 @@ def horovod(min_np: int, max_np: int, hostfile: str | None, network_interface: s
         cmd = build_command(list(train_args), min_np=min_np, max_np=max_np, hostfile=hostfile,
                             nic=nic, cooldown=blacklist_cooldown, warm=warm > 0,
                             warm_timeout=warm_timeout, script=script, ssh=job_ssh, across_hosts=bool(remote),
-                            start_timeout=start_timeout if remote else None, remote_standbys=standby_hosts)
+                            start_timeout=start_timeout if remote else None, remote_standbys=standby_hosts,
+                            reset_limit=reset_limit, elastic_timeout=elastic_timeout)
     except ValueError as exc:
         if masters:
             masters.close()
@@ -143,7 +154,12 @@ def horovod(min_np: int, max_np: int, hostfile: str | None, network_interface: s
         keep_report(list(train_args), "".join(held))
         _refused(refused)
     if code != 0:
-        code = report_failure(list(train_args), f"horovodrun exited {code}", started, "".join(held))
+        why = f"horovodrun exited {code}"
+        if RESET_LIMIT_HIT in "".join(held):  # (Horovod's own words; its traceback goes to the report file)
+            keep_report(list(train_args), "".join(held))
+            held = []
+            why = f"it stopped at --reset-limit {reset_limit}: each join, leave or failure is a reset; raise the limit"
+        code = report_failure(list(train_args), why, started, "".join(held))
     elif held:  # (a traceback and exit 0: never seen; show it rather than drop it)
         sys.stderr.write("".join(held))
     sys.exit(code)
@@ -210,10 +226,15 @@ def _refused(message: str) -> None:
 @click.option("--script", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Run this Python script as every worker (in its actor) instead of `hvd-abs train`: one that trains its own "
                    "model and data with hvd_abs.fit and reads its options with hvd_abs.parse_train_args.")
+@click.option("--reset-limit", type=click.IntRange(min=0), default=None,
+              help="Stop the job after this many elastic resets (each join, leave or failure is one; the batch's "
+                   "growth adds workers, so count those in). Default: no limit.")
+@click.option("--elastic-timeout", type=click.IntRange(min=1), default=600, show_default=True,
+              help="Seconds the job waits, after a reset, for at least its fewest workers before it stops.")
 @click.argument("train_args", nargs=-1, type=click.UNPROCESSED)
 def ray(address: str, min_workers: int, max_workers: int, cpus_per_worker: float, gpus_per_worker: float,
-        network_interface: str | None, warm: bool, warm_timeout: float, script: str | None,
-        train_args: tuple[str, ...]) -> None:
+        network_interface: str | None, warm: bool, warm_timeout: float, script: str | None, reset_limit: int | None,
+        elastic_timeout: int, train_args: tuple[str, ...]) -> None:
     """Run `hvd-abs train --elastic TRAIN_ARGS` (or a --script) with Ray actors as Horovod workers.
 
     Workers are placed by resources on the cluster's nodes; the job grows when its batch grows
@@ -239,6 +260,9 @@ def ray(address: str, min_workers: int, max_workers: int, cpus_per_worker: float
                                  param_hint="--max-workers")
     if cpus_per_worker == 0 and gpus_per_worker == 0:
         raise click.UsageError("a worker must hold some resource: pass --cpus-per-worker > 0 or --gpus-per-worker > 0")
+    if option_value(list(train_args), "--device") == "cuda" and gpus_per_worker == 0:
+        raise click.UsageError("--device cuda needs a GPU per worker actor: pass --gpus-per-worker 1 (or a share "
+                               "of one, e.g. 0.5)")
     _check_train(list(train_args), load_data=address == "local", script=script)  # (a cluster's nodes hold their own data)
     out = option_value(list(train_args), "--out")
     # Actors do not run in this directory: the run directory travels as an absolute path.
@@ -254,7 +278,8 @@ def ray(address: str, min_workers: int, max_workers: int, cpus_per_worker: float
 
     executor = RayElasticExecutor(min_workers=min_workers, max_workers=max_workers, cpus_per_worker=cpus_per_worker,
                                   gpus_per_worker=gpus_per_worker, address=address, run_dir=run_dir,
-                                  nic=network_interface, warm_timeout=warm_timeout)
+                                  nic=network_interface, warm_timeout=warm_timeout, reset_limit=reset_limit,
+                                  elastic_timeout=elastic_timeout)
     if script is None:
         work, work_args, running = train_worker, (worker_argv,), "hvd-abs train"
         warmup = functools.partial(warm_train_worker, worker_argv) if warm else None

@@ -36,7 +36,8 @@ def build_command(train_args: list[str], *, min_np: int, max_np: int, hostfile: 
                   nic: str = "lo", cooldown: str = "5,30", python: str | None = None,
                   warm: bool = False, warm_timeout: float = WARM_TIMEOUT_S, script: str | None = None,
                   ssh: Ssh | None = None, across_hosts: bool = False, start_timeout: int | None = None,
-                  remote_standbys: tuple[str, list[str]] | None = None) -> list[str]:
+                  remote_standbys: tuple[str, list[str]] | None = None, reset_limit: int | None = None,
+                  elastic_timeout: int | None = None) -> list[str]:
     """horovodrun argv: elastic (discovery script + min/max np) over Gloo, running
     `python -m hvd_abs train --elastic --max-np N TRAIN_ARGS` (with `script`: `python SCRIPT
     --elastic --max-np N TRAIN_ARGS`). Raises ValueError naming the fix.
@@ -66,6 +67,8 @@ def build_command(train_args: list[str], *, min_np: int, max_np: int, hostfile: 
     cmd = [*runner, "--gloo", "-np", str(min_np), "--min-np", str(min_np), "--max-np", str(max_np),
            "--network-interface", nic, "--host-discovery-script", shlex.join(discovery)]
     cmd += ssh.horovodrun_args() + (["--start-timeout", str(start_timeout)] if start_timeout else [])
+    cmd += (["--elastic-timeout", str(elastic_timeout)] if elastic_timeout is not None else []) + \
+        (["--reset-limit", str(reset_limit)] if reset_limit is not None else [])
     if cooldown:
         # Horovod bars the host of a failed worker; the cooldown lets it back in later (the
         # default pool names this machine twice, so one failure never bars every worker).
