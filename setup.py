@@ -6,17 +6,11 @@ hvd_abs.second_order.vecops falls back to torch._foreach_* and then to a referen
 """
 import glob
 import os
-import re
 import sys
 
 from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def version() -> str:
-    text = open(os.path.join(HERE, "hvd_abs", "__init__.py")).read()
-    return re.search(r'__version__ = "([^"]+)"', text).group(1)
 
 
 def cuda_home_from_nvcc() -> None:
@@ -63,7 +57,14 @@ def extension_build():
         # With no GPU to ask, torch's arch detection fails (an IndexError): one SASS target plus
         # PTX, which newer GPUs compile at load, as scripts/setup_env.sh does.
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0+PTX")
+    # The CUDA kernels (most of the build's time) where a GPU is visible or HVD_ABS_CUDA=1 asks
+    # for them (a build machine without one, for GPU hosts); HVD_ABS_NO_CUDA=1 never.
+    gpu_or_asked = torch.cuda.is_available() or os.environ.get("HVD_ABS_CUDA") == "1"
     want_cuda = torch.version.cuda is not None and ce.CUDA_HOME is not None and os.environ.get("HVD_ABS_NO_CUDA") != "1"
+    if want_cuda and not gpu_or_asked:
+        print("hvd_abs: no GPU visible: building the CPU kernels only (HVD_ABS_CUDA=1 builds the CUDA ones too)",
+              file=sys.stderr)
+        want_cuda = False
     if want_cuda and not os.path.exists(os.path.join(ce.CUDA_HOME, "bin", "nvcc")):
         # BuildExtension would stop the whole install on this, before any build can be retried.
         print(f"hvd_abs: WARNING: no nvcc under CUDA_HOME={ce.CUDA_HOME}: building the CPU kernels only "
@@ -132,13 +133,5 @@ def extension_build():
 
 ext_modules, cmdclass = extension_build()
 
-setup(
-    name="hvd_abs",
-    version=version(),
-    description="Elastic adaptive-batch-size (ABS/ABSA) training of PyTorch models on Horovod",
-    packages=find_packages(include=["hvd_abs", "hvd_abs.*"]),
-    python_requires=">=3.10",
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    entry_points={"console_scripts": ["hvd-abs=hvd_abs.cli:main"]},
-)
+# Metadata, dependencies and the console script: pyproject.toml.
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

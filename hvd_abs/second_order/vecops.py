@@ -271,7 +271,9 @@ def get(backend: str | None = None, device: torch.device | str | None = None) ->
                 log.info("hvd_abs vector ops: native extension (cuda=%s)", _native.with_cuda)
             else:
                 _default = ForeachOps()
-                log.info("hvd_abs vector ops: native extension unavailable (%s); using torch._foreach_*", _reason)
+                log.warning("the C++ extension hvd_abs._C is not built (%s): the second-order vector work runs on "
+                            "torch._foreach_* instead (slower). Build it into this environment with `pip install "
+                            "--no-build-isolation .` (torch must be importable while it builds)", _reason)
         return _default
     if backend == "native":
         return NativeOps()
