@@ -22,15 +22,8 @@ pin() { # version pinned for package $1 in requirements.txt
   sed -n -E "s/^$1(\[[a-z]+\])?==([^ ]+)$/\2/p" "$req" | head -n1
 }
 
-# The patches applied to Horovod's sdist; their text is part of the cache key and the stamp.
-# 1. torch's headers need C++20.
-# 2. A process set's Gloo device takes the interface of the global context (HOROVOD_GLOO_IFACE):
-#    0.28.1 gives it an empty one, so Gloo falls back to the hostname's address, 127.0.0.1 on
-#    hosts whose /etc/hosts maps their name to loopback (Debian's default), and a job across
-#    hosts dies at hvd.init() with "connect [127.0.0.1]: Connection refused".
-HVD_CXX_STD=20
-patch_desc="CMAKE_CXX_STANDARD 14->${HVD_CXX_STD} in CMakeLists.txt horovod/torch/CMakeLists.txt;
-process-set gloo device iface from global_context in horovod/common/gloo/gloo_context.cc"
+# Horovod's build, its patches (their text is part of the cache key and the stamp) and CUDA_HOME.
+source "$root/scripts/build_horovod.sh"
 
 # Two stamps: .venv/.stamp covers the environment's inputs, the pins, Horovod's patch and the
 # Python (a change rebuilds .venv from nothing); .venv/.ext-stamp covers the project's build
@@ -39,7 +32,7 @@ stamp_key() {
   { grep -v -E '^(#|$)' "$req"; echo "$patch_desc"; "$py" --version; } | sha256sum | cut -c1-16
 }
 ext_key() {
-  { cat "$root/setup.py"; find "$root/cpp" -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' \) -print0 \
+  { cat "$root/setup.py" "$root/pyproject.toml"; find "$root/cpp" -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' \) -print0 \
       | sort -z | xargs -0 cat; } | sha256sum | cut -c1-16
 }
 install_project() {
@@ -60,22 +53,7 @@ install_project() {
   "$venv/bin/hvd-abs" --version
   ext_key > "$venv/.ext-stamp"
 }
-# A CUDA build of torch makes Horovod's CMake (and our extension) look for the CUDA toolkit: point
-# them at the toolkit of the nvcc on PATH (nvcc may be a wrapper script, so ask nvcc where it lives).
-cuda_home_from_nvcc() {
-  [[ -n "${CUDA_HOME:-}" ]] && return 0
-  local torch_cuda top
-  torch_cuda="$("$venv/bin/python" -c 'import torch; print(torch.version.cuda or "")')"
-  [[ -n "$torch_cuda" ]] || return 0
-  if command -v nvcc >/dev/null; then
-    top="$(nvcc --dryrun -x cu /dev/null -c -o /dev/null 2>&1 | sed -n -E 's/^#\$ TOP=(.*)$/\1/p' | head -n1)"
-    export CUDA_HOME="$(cd "$top" && pwd)"
-    export CUDAToolkit_ROOT="$CUDA_HOME"
-    step "torch is a CUDA $torch_cuda build; CUDA_HOME=$CUDA_HOME"
-  else
-    step "torch is a CUDA $torch_cuda build but nvcc is not on PATH: building CPU-only"
-  fi
-}
+cuda_home_from_nvcc() { cuda_home_for "$venv/bin/python"; }
 
 command -v "$py" >/dev/null || die "$py not found: install Python 3.11 or set PYTHON=/path/to/python3.11"
 key="$(stamp_key)"
@@ -106,49 +84,7 @@ grep -v -E '^(#|$|torch==|torchvision==|horovod==)' "$req" > "$venv/other-requir
 pipi -r "$venv/other-requirements.txt"
 "$vpy" -c "import ray, click, numpy, sklearn, matplotlib, tqdm" || die "a pinned package failed to install"
 
-cuda_home_from_nvcc
-
-py_tag="$("$vpy" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')"
-hkey="$(printf '%s\n' "$hvd_v" "$torch_v" "$patch_desc" "$py_tag" | sha256sum | cut -c1-16)"
-wheel_dir="$cache/horovod/$hkey"
-if ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then
-  step "using cached Horovod $hvd_v wheel ($wheel_dir)"
-else
-  step "building Horovod $hvd_v from source with PyTorch + Gloo (about 4 minutes on 2 cores)"
-  work="$(mktemp -d)"
-  trap 'rm -rf "$work"' EXIT
-  "$vpy" -m pip download --disable-pip-version-check -q --no-deps --no-binary :all: -d "$work" "horovod==$hvd_v" \
-    2>&1 | grep -v -E "^WARNING: Location" || true
-  tar -xzf "$work"/horovod-"$hvd_v".tar.gz -C "$work" || die "could not download horovod==$hvd_v's sdist"
-  src="$work/horovod-$hvd_v"
-  for f in "$src/CMakeLists.txt" "$src/horovod/torch/CMakeLists.txt"; do
-    grep -q 'set(CMAKE_CXX_STANDARD 14)' "$f" || die "patch target not found in $f: Horovod's sources changed"
-    sed -i "s/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD ${HVD_CXX_STD})/" "$f"
-  done
-  gctx="$src/horovod/common/gloo/gloo_context.cc"
-  sed -i '/^void GlooContext::InitializeForProcessSet/,/CreateDevice/ s/^  device_attr.iface = gloo_iface_;$/  gloo_iface_ = global_context.gloo_iface_;\n  device_attr.iface = gloo_iface_;/' "$gctx"
-  grep -q 'gloo_iface_ = global_context.gloo_iface_;' "$gctx" || die "patch target not found in $gctx: Horovod's sources changed"
-  mkdir -p "$work/dist"
-  # --no-build-isolation: the build must see the installed torch (horovod#3744).
-  if ! HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1 HOROVOD_WITHOUT_TENSORFLOW=1 \
-      HOROVOD_WITHOUT_MXNET=1 MAKEFLAGS="-j$(nproc)" \
-      "$vpy" -m pip wheel --disable-pip-version-check --no-build-isolation --no-deps -w "$work/dist" "$src" \
-      > "$work/build.log" 2>&1; then
-    tail -n 40 "$work/build.log" >&2
-    die "Horovod build failed (log tail above): check CUDA_HOME, cmake and the C++ compiler"
-  fi
-  mkdir -p "$wheel_dir.tmp"
-  cp "$work"/dist/horovod-*.whl "$wheel_dir.tmp/"
-  rm -rf "$wheel_dir"; mv "$wheel_dir.tmp" "$wheel_dir"  # atomic: no half-written cache entry
-  step "Horovod wheel built and cached in $wheel_dir"
-fi
-pipi --no-deps "$wheel_dir"/horovod-*.whl
-
-step "checking Horovod's build (horovodrun --check-build)"
-check="$("$venv/bin/horovodrun" --check-build 2>&1)" || die "horovodrun --check-build failed: $check"
-echo "$check" | sed 's/^/    /'
-echo "$check" | grep -q -E '\[X\] PyTorch' || die "Horovod was built without PyTorch support"
-echo "$check" | grep -q -E '\[X\] Gloo' || die "Horovod was built without Gloo support"
+build_horovod "$vpy" "$hvd_v"
 
 install_project
 echo "$key" > "$venv/.stamp"
