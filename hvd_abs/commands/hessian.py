@@ -42,7 +42,8 @@ def _positive(example: str) -> Any:
 @click.option("--max-iter", default=100, show_default=True, callback=_positive("--max-iter 100"),
               help="Lanczos: most products in all; power: most iterations per eigenvalue; trace: most probes.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the sample subset, start vectors and probes.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where the model and the Hessian-vector products run.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @user_errors_exit_2
 def command(model_name: str, dataset: str, data_dir: str | None, samples: int, batch_size: int, top_k: int,
