@@ -220,14 +220,23 @@ def fit(cfg: TrainConfig | None = None, *, model: nn.Module | Callable[[], nn.Mo
     (called on every worker after seeding with cfg.seed; rank 0's weights are broadcast);
     default cfg.model. data: from splits_from_tensors / splits_from_datasets; default
     cfg.dataset. echo: on rank 0, print the epoch lines (unless cfg.quiet) and the final table
-    to stderr and stdout as the CLI does. Returns the summary (complete on rank 0)."""
+    to stderr and stdout as the CLI does. callbacks= takes hvd_abs.Callback objects (run after
+    the run's own, on every worker) as well as --callback's MODULE:NAME strings. Returns the
+    summary (complete on rank 0)."""
     import click
 
     from hvd_abs.elastic.outputs_relay import launcher_prints_summary
     from hvd_abs.training.progress import epoch_line, format_summary
 
+    from hvd_abs.training.events import Callback
+
     defaults = TrainConfig()
     cfg = defaults if cfg is None else cfg
+    # callbacks= may hold Callback objects (a tracker of the script's own) beside MODULE:NAME strings.
+    given_callbacks = options.get("callbacks", ())
+    objects = [c for c in given_callbacks if isinstance(c, Callback)]
+    if objects:
+        options["callbacks"] = tuple(c for c in given_callbacks if not isinstance(c, Callback))
     fields = [f.name for f in dataclasses.fields(TrainConfig)]
     unknown = sorted(set(options) - set(fields))
     if unknown:
@@ -257,7 +266,7 @@ def fit(cfg: TrainConfig | None = None, *, model: nn.Module | Callable[[], nn.Mo
     if model is not None and not (isinstance(model, nn.Module) or callable(model)):
         raise UserError(f"model must be a torch.nn.Module or a function returning one, got {type(model).__name__}")
     on_epoch = (lambda r: click.echo(epoch_line(r), err=True)) if echo and not cfg.quiet else None
-    summary = train(cfg, on_epoch=on_epoch, model=model, data=data)
+    summary = train(cfg, on_epoch=on_epoch, model=model, data=data, callbacks=objects)
     # Rank 0's final summary; in a relayed job the launcher prints it, from its OUT.
     if echo and summary is not None and "plot" in summary and not launcher_prints_summary(cfg.elastic):
         click.echo(format_summary(summary))

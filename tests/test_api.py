@@ -565,3 +565,22 @@ def test_a_worker_refusing_its_input_ends_the_launch_with_its_line(tmp_path, lau
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert last == "Error: a worker refused its input: train_y is torch.float32: give integer class indices (y.long())"
     assert "Traceback" not in proc.stderr and "--resume" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_the_experiment_tracking_example_logs_every_epoch_and_growth(digits, tmp_path) -> None:
+    """examples/experiment_tracking.py: a tracker on the callback events, through hvd_abs.fit."""
+    import importlib.util
+
+    from hvd_abs.metrics import read_metrics
+
+    spec = importlib.util.spec_from_file_location("experiment_tracking", REPO / "examples" / "experiment_tracking.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    logged = []
+    hvd_abs.fit(data=digits, method="abs", growth_trigger="schedule", duration=1, epochs=3,
+                base_batch=64, max_batch=256, quiet=True, threads=1, out=str(tmp_path / "run"),
+                callbacks=[example.Tracker(lambda metrics, step: logged.append((step, metrics)))])
+    epochs, events = read_metrics(tmp_path / "run")
+    assert [s for s, m in logged if "train_loss" in m] == [e["updates"] for e in epochs]
+    assert [(s, m["growth/new_batch"]) for s, m in logged if "growth/new_batch" in m] == \
+        [(g["updates"], g["new_batch"]) for g in events if g["event"] == "growth"]
