@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from hvd_abs.second_order import HessianOperator, hessian_trace, hvp, top_eigenvalues
+from hvd_abs.second_order import HessianOperator, hessian_density, hessian_trace, hvp, top_eigenvalues
 from hvd_abs.second_order.hvp import METHODS, _shard
 
 CRIT = nn.CrossEntropyLoss()
@@ -149,6 +149,43 @@ def test_lanczos_restarts_and_finds_the_algebraic_top(problem: tuple) -> None:
     assert len(res.eigenvalues) == len(res.converged) == 2 and all(res.converged)
     for got, want in zip(res.eigenvalues, ev[:2].tolist()):
         assert abs(got - want) <= 1e-4 * abs(want)
+
+
+def test_density_quadrature_is_exact_for_low_degree_moments(problem: tuple) -> None:
+    """Stochastic Lanczos quadrature: each probe's weights sum to 1 and reproduce v'H^j v for
+    j < 2 x steps; with steps = n the nodes are H's eigenvalues; averaged over probes the
+    first moment is trace / n."""
+    model, batches, dense = problem
+    steps = 6
+    res = hessian_density(model, CRIT, batches, steps=steps, probes=3, seed=5)
+    assert len(res.nodes) == 3 and res.num_hvps == 3 * steps
+    gen = torch.Generator().manual_seed(5)  # (the probes are the operator's gaussian draws, in order)
+    op = HessianOperator(model, CRIT, batches)
+    for nodes, weights in zip(res.nodes, res.weights):
+        v = _flat(op.random(gen))
+        v = v / v.norm()
+        assert sum(weights) == pytest.approx(1.0, abs=1e-10)
+        t, w = torch.tensor(nodes, dtype=torch.float64), torch.tensor(weights, dtype=torch.float64)
+        for j in (1, 2, 5, 2 * steps - 1):
+            want = float(v @ torch.linalg.matrix_power(dense, j) @ v)
+            assert float((w * t ** j).sum()) == pytest.approx(want, rel=1e-6, abs=1e-9 * float(dense.norm()) ** j)
+    grid, density = res.curve(points=4000)
+    assert sum(d * (grid[1] - grid[0]) for d in density) == pytest.approx(1.0, rel=1e-3)
+
+
+def test_density_run_to_the_end_has_the_eigenvalues_as_nodes() -> None:
+    """The Krylov space closes after as many steps as v sees distinct eigenvalues (repeated ones,
+    the many zeros among them, count once): every node is one of H's eigenvalues, both ends too."""
+    model, batches = _setup("mlp_bn")
+    dense = _dense_hessian(model, batches)
+    n = dense.shape[0]
+    full = hessian_density(model, CRIT, batches, steps=n, probes=1, seed=1)
+    ev = torch.linalg.eigvalsh(dense)
+    nodes = torch.tensor(full.nodes[0], dtype=torch.float64)
+    scale = float(ev.abs().max())
+    assert float((nodes[:, None] - ev[None, :]).abs().min(dim=1).values.max()) <= 1e-6 * scale
+    assert float(nodes.max()) == pytest.approx(float(ev.max()), rel=1e-8)
+    assert float(nodes.min()) == pytest.approx(float(ev.min()), rel=1e-8, abs=1e-8 * scale)
 
 
 def test_trace_within_three_standard_errors(problem: tuple) -> None:
@@ -341,3 +378,27 @@ def test_hessian_command_takes_a_finished_run(tmp_path) -> None:
     (run / "model.pt").unlink()
     result = CliRunner().invoke(main, [*args, "--run", str(run)])
     assert result.exit_code == 2 and "has no model.pt (the run has not finished)" in result.output
+
+
+def test_the_hessian_command_draws_the_density(tmp_path) -> None:
+    """`hvd-abs hessian --density PLOT`: the quadrature in the JSON, the plot written; a plot path
+    that cannot be written is refused before any product is spent."""
+    import json
+
+    from click.testing import CliRunner
+
+    from hvd_abs.cli import main
+
+    plot = tmp_path / "density.png"
+    args = ["hessian", "--model", "mlp", "--dataset", "digits", "--samples", "128", "--top-k", "1",
+            "--density-steps", "12", "--density-probes", "2", "--json"]
+    result = CliRunner().invoke(main, [*args, "--density", str(plot)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    density = report["density"]
+    assert len(density["nodes"]) == 2 and all(len(n) == 12 for n in density["nodes"])
+    assert all(sum(w) == pytest.approx(1.0) for w in density["weights"])
+    assert max(max(n) for n in density["nodes"]) == pytest.approx(report["eigenvalues"][0], rel=1e-3)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and density["plot"] == str(plot)
+    bad = CliRunner().invoke(main, [*args, "--density", str(tmp_path)])
+    assert bad.exit_code == 2 and "--density" in bad.output and len(bad.output.strip().splitlines()) == 1

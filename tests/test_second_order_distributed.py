@@ -37,4 +37,7 @@ def test_two_workers_equal_one_process_on_the_union(tmp_path: Path) -> None:
     assert dist["eig"] == pytest.approx(single["eig"], rel=1e-8)
     assert dist["eig_hvps"] == single["eig_hvps"]
     assert dist["trace"] == pytest.approx(single["trace"], rel=1e-10)
+    for key in ("nodes", "weights"):  # the spectral density's quadrature, probe by probe
+        for a, b in zip(dist["density"][key], single["density"][key]):
+            assert a == pytest.approx(b, rel=1e-8, abs=1e-10)
     assert res["resnet20_hvp_rel_err"] < 1e-5  # float32 ResNet-20, strided conv gradients

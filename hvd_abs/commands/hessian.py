@@ -44,11 +44,19 @@ def _positive(example: str) -> Any:
 @click.option("--seed", default=0, show_default=True, help="Seed of the sample subset, start vectors and probes.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Where the model and the Hessian-vector products run.")
+@click.option("--density", "density_plot", type=click.Path(dir_okay=False), default=None, metavar="PLOT.png",
+              help="Also estimate the spectral density (stochastic Lanczos quadrature, as PyHessian) and draw "
+                   "it into this file.")
+@click.option("--density-steps", default=90, show_default=True, callback=_positive("--density-steps 90"),
+              help="Lanczos steps per probe of the density.")
+@click.option("--density-probes", default=1, show_default=True, callback=_positive("--density-probes 1"),
+              help="Random start vectors the density is averaged over.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @user_errors_exit_2
 def command(model_name: str, dataset: str, data_dir: str | None, samples: int, batch_size: int, top_k: int,
             with_trace: bool, run_dir: str | None, checkpoint: str | None, method: str, tol: float, max_iter: int,
-            seed: int, device: str, as_json: bool) -> None:
+            seed: int, device: str, density_plot: str | None, density_steps: int, density_probes: int,
+            as_json: bool) -> None:
     """Top-k eigenvalues (and trace) of the training-loss Hessian, as ABS uses them.
 
     The model runs in eval() mode (BatchNorm running statistics), as in HessianFlow.
@@ -61,7 +69,7 @@ def command(model_name: str, dataset: str, data_dir: str | None, samples: int, b
     from hvd_abs.data import load_dataset
     from hvd_abs.errors import UserError
     from hvd_abs.models import build_model
-    from hvd_abs.second_order import hessian_trace, top_eigenvalues
+    from hvd_abs.second_order import hessian_density, hessian_trace, top_eigenvalues
     from hvd_abs.second_order import vecops
 
     if not tol > 0:
@@ -112,16 +120,27 @@ def command(model_name: str, dataset: str, data_dir: str | None, samples: int, b
     crit = nn.CrossEntropyLoss()
     load_s = time.perf_counter() - t0
 
+    if density_plot is not None:
+        from hvd_abs.atomic import unwritable_reason
+
+        why = unwritable_reason(density_plot)  # (before the work, not after it)
+        if why:
+            raise click.BadParameter(f"{density_plot} {why}", param_hint="--density")
     eig = top_eigenvalues(model, crit, batches, k=top_k, tol=tol, max_iter=max_iter, method=method, seed=seed)
     trace = hessian_trace(model, crit, batches, tol=tol, max_iter=max_iter, seed=seed) if with_trace else None
+    density = None
+    if density_plot is not None:
+        density = hessian_density(model, crit, batches, steps=density_steps, probes=density_probes, seed=seed)
+        _plot_density(density, density_plot, f"{model_name} on {samples} samples of {dataset}")
     report: dict[str, Any] = {
         "model": model_name, "dataset": dataset, "samples": samples, "device": device,
         "checkpoint": checkpoint, "method": method, "tol": tol, "top_k": top_k,
         "eigenvalues": eig.eigenvalues, "converged": eig.converged, "eigen_hvps": eig.num_hvps,
         "eigen_seconds": round(eig.seconds, 3),
         "trace": trace.as_dict() if trace else None,
-        "hvps": eig.num_hvps + (trace.num_hvps if trace else 0),
-        "seconds": round(eig.seconds + (trace.seconds if trace else 0.0), 3),
+        "density": {**density.as_dict(), "plot": density_plot} if density else None,
+        "hvps": eig.num_hvps + sum(r.num_hvps for r in (trace, density) if r),
+        "seconds": round(eig.seconds + sum(r.seconds for r in (trace, density) if r), 3),
         "load_seconds": round(load_s, 3), "vecops": vecops.get(device=device).name,
     }
     if as_json:
@@ -135,7 +154,31 @@ def command(model_name: str, dataset: str, data_dir: str | None, samples: int, b
                                                   f"--max-iter {max_iter} probes; raise either)")
         click.echo(f"trace: {trace.value:.6g} +- {trace.stderr:.3g} (stderr){unsettled}, {trace.num_hvps} products, "
                    f"{trace.seconds:.2f} s")
+    if density:
+        nodes = [x for p in density.nodes for x in p]
+        click.echo(f"spectral density: {len(nodes)} nodes from {min(nodes):.4g} to {max(nodes):.4g}, "
+                   f"{density.num_hvps} products, {density.seconds:.2f} s; plot: {density_plot}")
     click.echo(f"{samples} samples of {dataset}, model {model_name} on {device}; vector ops: {report['vecops']}")
+
+
+def _plot_density(density: Any, path: str, title: str) -> None:
+    """The smoothed density on a log scale, as PyHessian draws it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hvd_abs.atomic import savefig_atomic
+
+    grid, values = density.curve()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.semilogy(grid, [max(v, 1e-12) for v in values])
+    ax.set_xlabel("eigenvalue")
+    ax.set_ylabel("density (smoothed)")
+    ax.set_title(f"Hessian spectral density: {title}", fontsize=9)
+    fig.tight_layout()
+    savefig_atomic(fig, path, dpi=100)
+    plt.close(fig)
 
 
 def _from_run(run_dir: str, model_name: str, dataset: str, data_dir: str | None,

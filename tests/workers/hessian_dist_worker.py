@@ -15,7 +15,7 @@ import horovod.torch as hvd
 import torch
 from torch import nn
 
-from hvd_abs.second_order import SingleProcess, hessian_trace, hvp, top_eigenvalues
+from hvd_abs.second_order import SingleProcess, hessian_density, hessian_trace, hvp, top_eigenvalues
 
 
 def small_problem() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -41,8 +41,9 @@ def check(out: str) -> None:
         hv = hvp(model, nn.CrossEntropyLoss(), batches, v, comm=comm)
         eig = top_eigenvalues(model, nn.CrossEntropyLoss(), batches, k=3, tol=1e-8, max_iter=200, comm=comm)
         tr = hessian_trace(model, nn.CrossEntropyLoss(), batches, max_iter=20, comm=comm)
+        dens = hessian_density(model, nn.CrossEntropyLoss(), batches, steps=10, probes=2, comm=comm)
         res[name] = {"hvp": torch.cat([t.reshape(-1) for t in hv]).tolist(), "eig": eig.eigenvalues,
-                     "eig_hvps": eig.num_hvps, "trace": tr.value}
+                     "eig_hvps": eig.num_hvps, "trace": tr.value, "density": dens.as_dict()}
     # A real CIFAR ResNet-20: its conv weight gradients come back channels-last (non-contiguous),
     # which Horovod would reduce as raw memory if the products were not made dense first.
     from hvd_abs.models import build_model
