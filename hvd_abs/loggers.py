@@ -2,7 +2,8 @@
 
 metrics.jsonl stays the source of truth: a logger sees each line as the writer writes it (never a
 line the writer skips as already written), and on opening it rebuilds itself from the lines
-already in the file, so after a resume (whose later lines were cut back) it agrees with it again.
+already in the file: the CSV is written anew from them, and TensorBoard drops the steps past them
+(a resume's redone work) or, for a folder new to it (a logger added on a resume), replays them.
 
     csv          OUT/metrics.csv: the epoch lines, one column per metrics.jsonl field
     tensorboard  OUT/tensorboard/: each epoch field as a scalar against updates, growths and
@@ -80,8 +81,12 @@ class TensorBoardLogger(Logger):
         from torch.utils.tensorboard import SummaryWriter
 
         done = [r["updates"] for r in existing if _number(r.get("updates"))]
+        fresh = not list((out_dir / TENSORBOARD_DIR).glob("events.*"))
         # Steps after what metrics.jsonl holds come from an attempt a resume redoes: purged.
         self.tb = SummaryWriter(str(out_dir / TENSORBOARD_DIR), purge_step=max(done) + 1 if done else None)
+        if fresh:
+            for record in existing:
+                self.write(record)
 
     def write(self, record: dict[str, Any]) -> None:
         step = record.get("updates")
@@ -102,3 +107,10 @@ class TensorBoardLogger(Logger):
 
 
 LOGGERS: dict[str, type[Logger]] = {"csv": CsvLogger, "tensorboard": TensorBoardLogger}
+NEEDS = {"tensorboard": "tensorboard"}  # the package a logger imports (an extra of hvd_abs)
+
+
+def logger_available(name: str) -> bool:
+    import importlib.util
+
+    return name not in NEEDS or importlib.util.find_spec(NEEDS[name]) is not None

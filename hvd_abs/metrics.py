@@ -76,11 +76,11 @@ class MetricsWriter:
         if self.enabled and self._fh is None and not self._closed:
             # Opened at the first line, not before: a run that fails before it has anything to
             # record leaves no metrics.jsonl, which would mark its --out as holding a run.
-            self._fh = open(self.out_dir / METRICS_FILE, "a", encoding="utf-8")
-            if self._logger_names:
+            if self._logger_names:  # (first: a logger that cannot start leaves no metrics.jsonl behind)
                 from hvd_abs.loggers import LOGGERS
 
                 self.loggers = [LOGGERS[name](self.out_dir, self._existing) for name in self._logger_names]
+            self._fh = open(self.out_dir / METRICS_FILE, "a", encoding="utf-8")
         if self._fh is not None:
             clean = {k: _clean(v) for k, v in record.items()}
             self._fh.write(json.dumps(clean) + "\n")

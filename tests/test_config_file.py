@@ -53,6 +53,11 @@ def test_a_config_file_is_the_same_run_as_its_flags_and_flags_override_it(tmp_pa
     ("- epochs\n", "holds a list: give a mapping of option names to values"),
     ("epochs: zero\n", "'zero' is not a valid integer"),
     ("optimizer: adam\n", "'adam' is not one of"),
+    ("lr: {a: 1}\n", "--lr takes a value like the command line's"),
+    ("seed: 2020-01-01\n", "--seed takes a value like the command line's"),
+    ("epochs: 1.5\n", "'1.5' is not a valid integer"),  # (not rounded to 1)
+    ("epochs: true\n", "--epochs takes a value like the command line's"),
+    ("quiet: 1\n", "--quiet is on or off: give true or false"),
 ])
 def test_a_bad_config_file_is_one_line_and_writes_nothing(tmp_path: Path, monkeypatch, text: str, says: str) -> None:
     monkeypatch.chdir(tmp_path)
@@ -62,9 +67,19 @@ def test_a_bad_config_file_is_one_line_and_writes_nothing(tmp_path: Path, monkey
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
 
 
-def test_a_missing_config_file_is_named(tmp_path: Path) -> None:
+def test_a_missing_config_file_is_named_and_two_are_refused(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["train", "--config", str(tmp_path / "nope.yaml")])
     assert result.exit_code == 2 and "nope.yaml: cannot read it" in result.output
+    a, b = _write(tmp_path / "a.yaml", "epochs: 2\n"), _write(tmp_path / "b.yaml", "lr: 0.5\n")
+    two = CliRunner().invoke(main, ["train", "--config", str(a), "--config", str(b)])
+    assert two.exit_code == 2 and "give one file (got 2)" in two.output
+
+
+def test_one_value_for_a_repeatable_option_and_repeated_loggers(tmp_path: Path) -> None:
+    cfg = _write(tmp_path / "run.yaml", "logger: csv\n")
+    shown = CliRunner().invoke(main, ["train", "--config", str(cfg), "--logger", "csv", "--print-config"])
+    assert shown.exit_code == 0, shown.output
+    assert yaml.safe_load(shown.output)["loggers"] == ["csv"]  # (the flag's list replaces the file's; once)
 
 
 def test_a_launcher_writes_the_files_values_into_the_workers_command(tmp_path: Path) -> None:

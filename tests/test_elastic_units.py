@@ -129,6 +129,18 @@ def test_a_checkpoint_is_a_plain_torch_file_with_its_sha256_beside_it(tmp_path):
     assert ck.load_latest(tmp_path)[0] == old and ck.is_checkpoint(old)
 
 
+def test_rotation_never_deletes_the_checkpoint_it_wrote(tmp_path):
+    """A resume from an older checkpoint writes below a higher count left behind; a file without
+    its checksum (a write cut short) is no checkpoint: removed, not counted."""
+    ck.save_checkpoint(tmp_path, _state(), 100, keep=1)
+    (tmp_path / "ckpt-000300.pt").write_bytes(b"cut short")
+    ck.save_checkpoint(tmp_path, _state(), 400, keep=2)  # (a good one above, as after a failure)
+    (tmp_path / "ckpt-000500.pt").write_bytes(b"cut short")
+    path = ck.save_checkpoint(tmp_path, _state(), 200, keep=2)
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*.pt")) == ["ckpt-000200.pt", "ckpt-000400.pt"]
+    assert (tmp_path / "last.pt").resolve() == path.resolve() and ck.load_checkpoint(path)
+
+
 class _Evil:
     """Stands for any object whose unpickling would run code."""
 

@@ -58,6 +58,28 @@ def test_csv_and_tensorboard_follow_metrics_jsonl_through_a_resume(tmp_path: Pat
     assert [(s, int(v)) for s, v in _scalars(run, "growth/new_batch")] == grown and grown
 
 
+def test_tensorboard_added_on_a_resume_gets_the_earlier_epochs_too(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    csv_only = [*TRAIN[:-2]]  # (TRAIN ends in --logger csv --logger tensorboard)
+    assert TRAIN[-4:] == ["--logger", "csv", "--logger", "tensorboard"]
+    assert CliRunner().invoke(main, [*csv_only, "--epochs", "2", "--out", str(run)]).exit_code == 0
+    more = CliRunner().invoke(main, ["train", "--quiet", "--resume", str(run), "--epochs", "3", "--logger", "csv",
+                                     "--logger", "tensorboard"])
+    assert more.exit_code == 0, more.output
+    epochs = read_metrics(run)[0]
+    assert [s for s, _ in _scalars(run, "epoch/train_loss")] == [e["updates"] for e in epochs] and len(epochs) == 3
+
+
+def test_tensorboard_without_its_package_is_one_line(tmp_path: Path, monkeypatch) -> None:
+    from hvd_abs import loggers
+
+    monkeypatch.setitem(loggers.NEEDS, "tensorboard", "no_such_package_hvd_abs_test")  # (as if not installed)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, [*TRAIN])
+    assert result.exit_code == 2 and 'pip install "hvd_abs[tensorboard]"' in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
+
+
 def test_an_unknown_logger_is_refused_in_one_line(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["train", "--logger", "wandb", "--out", str(tmp_path / "r")])
     assert result.exit_code == 2 and "'wandb' is not one of 'csv', 'tensorboard'" in result.output

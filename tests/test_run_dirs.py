@@ -29,6 +29,22 @@ def test_two_runs_without_out_get_two_new_folders(tmp_path: Path, monkeypatch) -
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted(Path(d).name for d in dirs)
 
 
+def test_a_refused_run_makes_no_folder(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["train", *QUICK, "--keep-checkpoints", "0"])
+    assert result.exit_code == 2 and "--keep-checkpoints" in result.output and not (tmp_path / "runs").exists()
+
+
+def test_a_resume_keeps_the_runs_keep_checkpoints(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    first = CliRunner().invoke(main, ["train", *QUICK, "--quiet", "--checkpoint-every", "1", "--keep-checkpoints",
+                                      "1", "--out", str(run)])
+    assert first.exit_code == 0, first.output
+    more = CliRunner().invoke(main, ["train", "--quiet", "--resume", str(run), "--epochs", "3"])
+    assert more.exit_code == 0, more.output
+    assert len(list((run / "checkpoints").glob("ckpt-*.pt"))) == 1
+
+
 def test_names_within_one_second_do_not_collide(tmp_path: Path) -> None:
     made = [new_run_dir(tmp_path / "runs") for _ in range(3)]
     assert len(set(made)) == 3 and all(Path(m).is_dir() for m in made)

@@ -400,5 +400,8 @@ def test_the_hessian_command_draws_the_density(tmp_path) -> None:
     assert all(sum(w) == pytest.approx(1.0) for w in density["weights"])
     assert max(max(n) for n in density["nodes"]) == pytest.approx(report["eigenvalues"][0], rel=1e-3)
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and density["plot"] == str(plot)
-    bad = CliRunner().invoke(main, [*args, "--density", str(tmp_path)])
-    assert bad.exit_code == 2 and "--density" in bad.output and len(bad.output.strip().splitlines()) == 1
+    for where in (str(tmp_path), str(tmp_path / "d.txt")):  # a folder; not an image format
+        bad = CliRunner().invoke(main, [*args, "--density", where])
+        assert bad.exit_code == 2 and "--density" in bad.output and len(bad.output.strip().splitlines()) == 1
+    deeper = tmp_path / "new" / "folder" / "d.png"  # (made)
+    assert CliRunner().invoke(main, [*args, "--density", str(deeper)]).exit_code == 0 and deeper.is_file()

@@ -62,6 +62,7 @@ def command(model_name: str, dataset: str, data_dir: str | None, samples: int, b
     The model runs in eval() mode (BatchNorm running statistics), as in HessianFlow.
     """
     import time
+    from pathlib import Path
 
     import torch
     from torch import nn
@@ -123,9 +124,16 @@ def command(model_name: str, dataset: str, data_dir: str | None, samples: int, b
     if density_plot is not None:
         from hvd_abs.atomic import unwritable_reason
 
+        import matplotlib.figure
+
         why = unwritable_reason(density_plot)  # (before the work, not after it)
         if why:
             raise click.BadParameter(f"{density_plot} {why}", param_hint="--density")
+        kinds = matplotlib.figure.Figure().canvas.get_supported_filetypes()
+        suffix = Path(density_plot).suffix.lstrip(".").lower()
+        if suffix not in kinds:
+            raise click.BadParameter(f"{density_plot}: give an image file name ending in one of "
+                                     f"{', '.join('.' + k for k in sorted(kinds))}", param_hint="--density")
     eig = top_eigenvalues(model, crit, batches, k=top_k, tol=tol, max_iter=max_iter, method=method, seed=seed)
     trace = hessian_trace(model, crit, batches, tol=tol, max_iter=max_iter, seed=seed) if with_trace else None
     density = None
@@ -170,6 +178,9 @@ def _plot_density(density: Any, path: str, title: str) -> None:
 
     from hvd_abs.atomic import savefig_atomic
 
+    from pathlib import Path
+
+    Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
     grid, values = density.curve()
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.semilogy(grid, [max(v, 1e-12) for v in values])

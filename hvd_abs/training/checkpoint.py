@@ -66,6 +66,8 @@ def save_payload(directory: str | os.PathLike, payload: bytes, updates: int, kee
     """save_checkpoint for a state already serialized with torch.save (a relayed checkpoint)."""
     if type(updates) is not int or updates < 0:
         raise ValueError(f"a checkpoint's update count must be a whole number >= 0, got {updates!r}")
+    if type(keep) is not int or keep < 1:
+        raise ValueError(f"keep must be a whole number >= 1, got {keep!r}")
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     name = checkpoint_name(updates)
@@ -73,10 +75,25 @@ def save_payload(directory: str | os.PathLike, payload: bytes, updates: int, kee
     line = f"{hashlib.sha256(payload).hexdigest()}  {name}\n".encode()
     write_atomic(checksum_path(path), lambda f: f.write(line), mode=0o600, sync_dir=True)
     _point_last(d, name)
-    for old in list_checkpoints(d)[:-keep] if keep > 0 else []:
+    # The newest `keep` - 1 others stay beside it (by update count). Never this one: a resume from
+    # an older checkpoint writes below a higher count; and a file without its checksum (a write
+    # cut short) is no checkpoint to keep.
+    others = [p for p in list_checkpoints(d) if p != path]
+    unfinished = [p for p in others if not checksum_path(p).exists() and not _has_header(p)]
+    others = [p for p in others if p not in unfinished]
+    for old in unfinished + others[:max(len(others) - (keep - 1), 0)]:
         old.unlink(missing_ok=True)
         checksum_path(old).unlink(missing_ok=True)
     return path
+
+
+def _has_header(path: Path) -> bool:
+    """Whether `path` is of the earlier format (its checksum inside)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
 
 
 def _point_last(d: Path, name: str) -> None:
@@ -129,8 +146,7 @@ def updates_of(path: str | os.PathLike) -> int:
 def is_checkpoint(path: str | os.PathLike) -> bool:
     """Whether `path` is an hvd_abs checkpoint (either format) rather than some other torch file."""
     path = Path(path).resolve()
-    with open(path, "rb") as f:
-        return f.read(len(MAGIC)) == MAGIC or checksum_path(path).is_file()
+    return _has_header(path) or checksum_path(path).is_file()
 
 
 def list_checkpoints(directory: str | os.PathLike) -> list[Path]:

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 from hvd_abs.batching.controller import TRIGGERS, trigger_name
 from hvd_abs.batching.lr import SCALINGS, SCHEDULES
 from hvd_abs.errors import UserError
-from hvd_abs.loggers import LOGGERS
+from hvd_abs.loggers import LOGGERS, logger_available
 from hvd_abs.training.optimizers import MOMENTUM_OPTIMIZERS, OPTIMIZERS
 from hvd_abs.training.run_dir import CHECKPOINT_DIR, RELAY_ENV, check_out_dir, checkpoints_of
 
@@ -290,6 +290,11 @@ class TrainConfig:
                             f"pass a larger --batch or a smaller --base-batch")
         if isinstance(self.loggers, str) or not all(name in LOGGERS for name in self.loggers):
             raise UserError(f"--logger takes one of {', '.join(LOGGERS)} per use, got {self.loggers!r}")
+        self.loggers = tuple(dict.fromkeys(self.loggers))  # (each once: two would write one file twice)
+        missing = [name for name in self.loggers if not logger_available(name)]
+        if missing:
+            raise UserError(f"--logger {missing[0]} needs the {missing[0]} package: pip install "
+                            f"\"hvd_abs[{missing[0]}]\" (or drop --logger {missing[0]})")
         if isinstance(self.callbacks, str) or not all(isinstance(c, str) and ":" in c for c in self.callbacks):
             raise UserError(f"--callback takes MODULE:NAME (e.g. mypkg.hooks:LogToFile), got {self.callbacks!r}")
         if self.device not in DEVICES:

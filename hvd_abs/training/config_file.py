@@ -52,25 +52,45 @@ def read_config_file(path: str | Path, names: dict[str, str]) -> dict[str, Any]:
     return values
 
 
-def load_into_context(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+def load_into_context(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
     """The eager --config option's callback: the file's values become the command's defaults."""
-    if value is None or ctx.resilient_parsing:
+    if not value or ctx.resilient_parsing:
         return value
+    if len(value) > 1:
+        raise click.BadParameter(f"give one file (got {len(value)}); flags given beside it override it",
+                                 param_hint="--config")
+    params = {p.name: p for p in ctx.command.params if p.name and p.name not in ("config", "print_config")}
     names = {}  # the field's name and its flag's (--logger: loggers)
-    for p in ctx.command.params:
-        if p.name and p.name not in ("config", "print_config"):
-            names.update({o.lstrip("-").replace("-", "_"): p.name for o in p.opts if o.startswith("--")})
-            names[p.name] = p.name
+    for p in params.values():
+        names.update({o.lstrip("-").replace("-", "_"): p.name for o in p.opts if o.startswith("--")})
+        names[p.name] = p.name
     try:
-        values = read_config_file(value, names)
+        values = {name: _as_given(params[name], v, value[0]) for name, v in read_config_file(value[0], names).items()}
     except UserError as exc:
         raise click.BadParameter(str(exc), param_hint="--config") from None
-    multiple = {p.name for p in ctx.command.params if getattr(p, "multiple", False)}
-    for name, v in values.items():  # (a list for a one-value option: --lr-decay-epochs 30,60)
-        if isinstance(v, list) and name not in multiple:
-            values[name] = ",".join(str(x) for x in v)
     ctx.default_map = {**(ctx.default_map or {}), **values}
     return value
+
+
+def _as_given(p: click.Parameter, v: Any, path: str) -> Any:
+    """A file's value as the command line would give it (text), so the option's own type checks
+    it: 1.5 or true for an integer are refused, not rounded."""
+    flag = f"--{p.name.replace('_', '-')}"
+    if getattr(p, "is_flag", False):
+        if not isinstance(v, bool):
+            raise UserError(f"{path}: {flag} is on or off: give true or false, got {v!r}")
+        return v
+    items = v if isinstance(v, list) else [v]
+    if v is None or (isinstance(v, list) and getattr(p, "multiple", False) and not v):
+        return None if v is None else ()
+    if not all(isinstance(x, (str, int, float)) and not isinstance(x, bool) for x in items):
+        raise UserError(f"{path}: {flag} takes {'values' if isinstance(v, list) else 'a value'} like the command "
+                        f"line's, got {v!r}")
+    if getattr(p, "multiple", False):
+        return [str(x) for x in items]  # (one value for a repeatable option: a list of one)
+    if isinstance(v, list):  # a list for a one-value option: --lr-decay-epochs 30,60
+        return ",".join(str(x) for x in v)
+    return str(v)
 
 
 def to_yaml(cfg: Any) -> str:

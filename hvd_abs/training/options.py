@@ -101,7 +101,7 @@ def train_options() -> list[click.Option]:
     from hvd_abs.training.config_file import load_into_context
 
     config = GroupedOption(["--config", "config"], metavar="FILE", is_eager=True, expose_value=True,
-                           callback=load_into_context, group="output",
+                           multiple=True, callback=load_into_context, group="output",
                            help="A YAML file of these options (name: value); flags given here override it.")
     show = GroupedOption(["--print-config", "print_config"], is_flag=True, group="output",
                          help="Print the resolved options as a --config file and exit, training nothing.")

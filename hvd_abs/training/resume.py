@@ -34,7 +34,7 @@ def run_config(cfg: TrainConfig) -> dict[str, Any]:
 
 
 # Options a resume takes from the run unless given again, and which may change (not compared).
-RESUME_KEPT = ("epochs", "checkpoint_every", "test_subset", "loggers")
+RESUME_KEPT = ("epochs", "checkpoint_every", "test_subset", "loggers", "keep_checkpoints")
 
 
 def saved_config(cfg: TrainConfig) -> dict[str, Any]:
@@ -83,7 +83,7 @@ def _said(value: Any) -> Any:
 def resumed_options(options: dict[str, Any], given: Callable[[str], bool]) -> dict[str, Any]:
     """TrainConfig fields `options` for a run resumed from options["resume"] (unchanged without
     one): out defaults to the run's folder; what defines the run, and RESUME_KEPT (its planned
-    --epochs, --checkpoint-every, --test-subset, --logger), come from its checkpoint unless given
+    --epochs, --checkpoint-every, --test-subset, --logger, --keep-checkpoints), come from its checkpoint unless given
     (`given(name)`), and a given defining value that differs is refused here, before the data loads
     (Trainer.resume says the same to callers that skip this). The checkpoint is read again when
     it loads: the cost of saying it early."""

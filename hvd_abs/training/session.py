@@ -92,7 +92,10 @@ class Session:
         if cfg.out is None and cfg.elastic:  # (each worker would pick its own folder)
             raise UserError("--elastic needs --out DIR, the job's folder (hvd-abs launch passes one)")
         if cfg.out is None:  # a new folder, rank 0's choice on every rank
-            out = self.comm.broadcast_object(new_run_dir() if self.comm.rank == 0 else None)
+            cfg.validate()  # (a refused run makes no folder)
+            out = self.comm.broadcast_object(_new_run_dir_or_error() if self.comm.rank == 0 else None)
+            if isinstance(out, UserError):  # (raised on every rank: none waits for the others)
+                raise out
             self.cfg = cfg = dataclasses.replace(cfg, out=out)
             self.out = Path(out)
             self.outputs = self.make_outputs()
@@ -126,6 +129,13 @@ class Session:
         summary = trainer.fit(self.writer())
         trainer.save_checkpoint(self.writer())
         return summary
+
+
+def _new_run_dir_or_error() -> str | UserError:
+    try:
+        return new_run_dir()
+    except UserError as exc:
+        return exc
 
 
 def train(cfg: TrainConfig, comm: Any = None, eigen_fn: EigenFn | None = None,
