@@ -61,12 +61,13 @@ def test_an_optimizer_option_that_does_not_apply_is_one_line() -> None:
 
 ARGS = ["-m", "hvd_abs", "train", "--dataset", "digits", "--model", "cnn", "--method", "abs", "--growth-trigger",
         "schedule", "--duration", "1", "--epochs", "3", "--base-batch", "32", "--batch", "64", "--max-batch", "256",
-        "--optimizer", "lamb", "--lr", "0.01", "--lr-decay", "1", "--weight-decay", "0.01", "--quiet", "--threads", "1"]
+        "--optimizer", "lamb", "--precision", "fp16", "--lr", "0.01", "--lr-decay", "1", "--weight-decay", "0.01", "--quiet", "--threads", "1"]
 
 
 @pytest.mark.multiprocess
-def test_lamb_on_two_workers_follows_the_one_process_run(tmp_path: Path) -> None:
-    """LAMB's trust ratio is per layer of the summed gradient: the same on 2 workers as on one."""
+def test_lamb_and_fp16_on_two_workers_follow_the_one_process_run(tmp_path: Path) -> None:
+    """LAMB's trust ratio is per layer of the summed gradient, and fp16's unscaling and overflow
+    check are of it too: the same on 2 workers as on one."""
     one, two = tmp_path / "np1", tmp_path / "np2"
     run_checked([sys.executable, *ARGS, "--out", str(one)], timeout=120)
     run_checked(horovodrun(2, sys.executable, *ARGS, "--out", str(two)), timeout=180)
@@ -74,12 +75,13 @@ def test_lamb_on_two_workers_follows_the_one_process_run(tmp_path: Path) -> None
     assert [e["world_size"] for e in e2] == [2, 2, 2]
     for key in ("global_batch", "updates", "lr"):
         assert [e[key] for e in e2] == [e[key] for e in e1], key
+    # (float16 forward passes round the weights anew each update: the summation order's 1e-7
+    # differences become 1e-4 ones; a rank stepping on its own, or skipping alone, would be far off)
     for a, b in zip(e1, e2):
-        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
-        assert b["test_loss"] == pytest.approx(a["test_loss"], rel=1e-3)
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=3e-3)
+        assert b["test_loss"] == pytest.approx(a["test_loss"], rel=3e-3)
     w1, w2 = torch.load(one / "model.pt", weights_only=True), torch.load(two / "model.pt", weights_only=True)
-    # (Adam-style steps normalise by sqrt(v): summation-order differences of tiny second moments
-    # move single weights by 1e-3, so each tensor is compared as a whole)
+    # (Adam-style steps normalise by sqrt(v): single weights move by more, so each tensor is compared whole)
     for k, a in w1.items():
         a, b = a.double(), w2[k].double()
-        assert (a - b).norm() <= 2e-3 * a.norm(), k
+        assert (a - b).norm() <= 1e-2 * a.norm(), k

@@ -76,8 +76,9 @@ class TrainConfig:
     # model
     model: str = option("auto", "mlp, cnn, c1, resnet20, tv:<torchvision name>; auto: cnn for digits, resnet20 "
                                 "for CIFAR/SVHN.", "model")
-    precision: str = option("fp32", "bf16: training and test forward passes under torch.autocast to bfloat16 "
-                                    "(weights, gradients, optimizer and the growth check's Hessian stay float32).",
+    precision: str = option("fp32", "bf16 / fp16: training and test forward passes under torch.autocast to "
+                                    "bfloat16 / float16, fp16 with loss scaling (weights, gradients, optimizer and "
+                                    "the growth check's Hessian stay float32).",
                             "model", choices=_precisions)
     device: str = option("cpu", "Where each worker trains.", "model", choices=lambda: DEVICES)
     threads: int | None = option(None, "torch threads per worker (default: torch's choice for 1 worker, cores / "

@@ -56,7 +56,7 @@ from hvd_abs.batching.noise_scale import noise_scale
 from hvd_abs.batching.lr import LRSchedule
 from hvd_abs.comm import LocalComm, worker_device
 from hvd_abs.metrics import MetricsWriter
-from hvd_abs.precision import forward_model
+from hvd_abs.precision import forward_model, grad_scaler
 from hvd_abs.running_stats import RunningStats, frozen_stats, running_buffers
 from hvd_abs.sampling import EpochSampler, rank_micro_batches
 from hvd_abs.training.checkpoint import to_host
@@ -121,6 +121,7 @@ class Trainer:
             check_model_fits(self.model, self.data, self.device)
         # The training and test forward passes (bf16: under autocast); the Hessian's use self.model.
         self.forward = forward_model(self.model, cfg.precision, self.device)
+        self.scaler = grad_scaler(cfg.precision, self.device)  # (fp16's loss scaling; else a pass-through)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params, cfg)
 
@@ -186,6 +187,7 @@ class Trainer:
         """
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "controller": self.controller.state_dict(), "lr_schedule": self.lr_schedule.state_dict(),
+                "scaler": self.scaler.state_dict(),
                 "adversarial": self.adv.state_dict(), "sampler": self.sampler.state_dict(),
                 "updates": self.updates, "samples_seen": self.samples_seen, "elapsed_s": self.elapsed_s,
                 "second_order_total_s": self.second_order_total_s,
@@ -197,6 +199,8 @@ class Trainer:
         """Restore from `state_dict()` output."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):  # (fp16 only; none in checkpoints from before it)
+            self.scaler.load_state_dict(state["scaler"])
         self.controller.load_state_dict(state["controller"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.adv.load_state_dict(state["adversarial"])
@@ -263,6 +267,8 @@ class Trainer:
         to_sum = lambda: [stats, *([bn.payload()] if bn is not None else [])]  # noqa: E731 (summed over ranks)
         # The noise scale's small batch is micro-batch 0 (rank 0's first, at any world size).
         measure = self.controller.needs_noise_scale and lay.num_micro >= 2
+        scaled = self.scaler.is_enabled()  # fp16: losses are scaled before backward (FGSM's too: its sign stays)
+        criterion = (lambda out, t: self.scaler.scale(F.cross_entropy(out, t))) if scaled else F.cross_entropy
         for n, (j, micro) in enumerate(zip(ids, micros)):
             if bn is not None:
                 bn.before(j)
@@ -271,7 +277,7 @@ class Trainer:
             x = self.augment(x, micro, self.epoch)  # (the same crops on any world size)
             if self.adv.initial_ratio > 0:
                 with frozen_stats(self._bn_buffers or [], adv_stats):
-                    x, _ = self.adv.apply(self.forward, F.cross_entropy, x, y, self.epoch)
+                    x, _ = self.adv.apply(self.forward, criterion, x, y, self.epoch)  # (only its sign counts)
             logits = self.forward(x)  # (m, classes), float32
             if bn is not None:
                 bn.after()
@@ -285,9 +291,10 @@ class Trainer:
                 sent = exchange.start(to_sum())
             # Divide by the GLOBAL batch: summed over micro-batches and ranks this is the mean.
             with exchange.sending(early) if exchange is not None else contextlib.nullcontext():
-                (loss_sum / G).backward()
-            if small:  # .grad holds micro-batch 0's gradient times m / G
-                stats[3] += _sq_norm(self.params) * (G / y.numel()) ** 2
+                self.scaler.scale(loss_sum / G).backward()  # (the loss itself unless fp16)
+            if small:  # .grad holds micro-batch 0's gradient times m / G (and fp16's scale)
+                unscale = 1.0 / self.scaler.get_scale() if scaled else 1.0
+                stats[3] += _sq_norm(self.params) * (G / y.numel() * unscale) ** 2
                 stats[4] += 1
         if exchange is not None:  # the gradients are summed in .grad, the statistics returned
             if sent is None:  # (no micro-batch on this rank)
@@ -308,13 +315,15 @@ class Trainer:
             if g is not p.grad:  # the summed gradient (world > 1) or zeros (unused): take it, no copy
                 p.grad = g
         self._epoch_sums[:5] += reduced[-1]
+        self.scaler.unscale_(self.optimizer)  # (the summed gradient: every rank sees the same overflow)
         if measure:  # the global batch's mean gradient, the same on every rank
             self._epoch_sums[5] += _sq_norm(self.params)
             self._epoch_sums[6] += 1
         if self.cfg.clip_grad_norm is not None:
             # The summed gradient, the same on every rank: clipped as one process clips its batch's.
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip_grad_norm)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)  # (fp16: skipped when the gradient overflowed)
+        self.scaler.update()
         self.sampler.advance(G)
         self.updates += 1
         self.samples_seen += G
