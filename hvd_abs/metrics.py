@@ -70,7 +70,7 @@ class MetricsWriter:
                     elif line["event"] in _ONCE_EVENTS:
                         self._seen_events.add((line["event"], line.get("updates")))
                 _end_last_line(path)
-            self._existing = existing
+            self._existing = existing if loggers else []  # (the loggers' start; else not kept)
 
     def _write(self, record: dict[str, Any]) -> None:
         if self.enabled and self._fh is None and not self._closed:

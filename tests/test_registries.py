@@ -25,7 +25,7 @@ def digits():
 
 
 def test_every_field_is_an_option_with_a_help_text_under_a_group() -> None:
-    from hvd_abs.training.options import COMMAND_LINE_ONLY
+    from hvd_abs.training.config_file import COMMAND_LINE_ONLY
 
     options = {o.name: o for o in train_options() if o.name not in COMMAND_LINE_ONLY}  # (--config, --print-config)
     assert set(options) == {f.name for f in dataclasses.fields(TrainConfig)}

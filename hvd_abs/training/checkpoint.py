@@ -79,7 +79,7 @@ def save_payload(directory: str | os.PathLike, payload: bytes, updates: int, kee
     # an older checkpoint writes below a higher count; and a file without its checksum (a write
     # cut short) is no checkpoint to keep.
     others = [p for p in list_checkpoints(d) if p != path]
-    unfinished = [p for p in others if not checksum_path(p).exists() and not _has_header(p)]
+    unfinished = [p for p in others if not is_checkpoint(p)]
     others = [p for p in others if p not in unfinished]
     for old in unfinished + others[:max(len(others) - (keep - 1), 0)]:
         old.unlink(missing_ok=True)

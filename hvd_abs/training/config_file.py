@@ -19,6 +19,8 @@ import click
 from hvd_abs.errors import UserError
 
 CONFIG_FILE = "config.yaml"
+# Options of the command line itself, not of the run: no TrainConfig field, never in a file.
+COMMAND_LINE_ONLY = ("config", "print_config")
 # Not written into OUT/config.yaml: where and how this run went, not what it trains.
 NOT_SAVED = ("out", "resume", "overwrite", "elastic", "max_np", "stop_at_update")
 
@@ -59,7 +61,7 @@ def load_into_context(ctx: click.Context, param: click.Parameter, value: tuple[s
     if len(value) > 1:
         raise click.BadParameter(f"give one file (got {len(value)}); flags given beside it override it",
                                  param_hint="--config")
-    params = {p.name: p for p in ctx.command.params if p.name and p.name not in ("config", "print_config")}
+    params = {p.name: p for p in ctx.command.params if p.name and p.name not in COMMAND_LINE_ONLY}
     names = {}  # the field's name and its flag's (--logger: loggers)
     for p in params.values():
         names.update({o.lstrip("-").replace("-", "_"): p.name for o in p.opts if o.startswith("--")})
@@ -111,7 +113,7 @@ def inline_config(ctx: click.Context, train_args: list[str]) -> list[str]:
     the command line did not give), so that every worker reads the same options without the file."""
     flags: list[str] = []
     for param in ctx.command.params:
-        if not isinstance(param, click.Option) or param.name in ("config", "print_config"):
+        if not isinstance(param, click.Option) or param.name in COMMAND_LINE_ONLY:
             continue
         if ctx.get_parameter_source(param.name) != click.core.ParameterSource.DEFAULT_MAP:
             continue

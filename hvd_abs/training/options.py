@@ -10,6 +10,7 @@ import click
 
 from hvd_abs.errors import UserError
 from hvd_abs.training.config import TrainConfig
+from hvd_abs.training.config_file import COMMAND_LINE_ONLY, load_into_context
 
 GROUPS = ("data", "model", "method", "schedule", "second order", "elastic", "output")
 
@@ -91,15 +92,11 @@ def _option(f: dataclasses.Field) -> click.Option:
     return GroupedOption([flag, f.name], default=f.default, show_default=f.default is not None, **kw)
 
 
-# Options of the command line itself, not of the run (config_from_options leaves them out).
-COMMAND_LINE_ONLY = ("config", "print_config")
 
 
 def train_options() -> list[click.Option]:
     """--config, then one click option per TrainConfig field (choices from the registries as
     they are now), then --print-config."""
-    from hvd_abs.training.config_file import load_into_context
-
     config = GroupedOption(["--config", "config"], metavar="FILE", is_eager=True, expose_value=True,
                            multiple=True, callback=load_into_context, group="output",
                            help="A YAML file of these options (name: value); flags given here override it.")
