@@ -5,7 +5,7 @@ The click commands only; what they check, rewrite and conclude is the launcher s
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -19,6 +19,16 @@ if TYPE_CHECKING:
 
 # What Horovod's elastic driver says when --reset-limit stops a job (horovod/runner/elastic/constants.py).
 RESET_LIMIT_HIT = "number of resets during elastic job exceeded limit"
+
+
+def _elastic_limits(command: Any) -> Any:
+    """--reset-limit and --elastic-timeout, the same on both launchers."""
+    command = click.option("--elastic-timeout", type=click.IntRange(min=1), default=600, show_default=True,
+                           help="Seconds the job waits, after a reset, for at least its fewest workers before it "
+                                "stops.")(command)
+    return click.option("--reset-limit", type=click.IntRange(min=0), default=None,
+                        help="Stop the job after this many elastic resets (each join, leave or failure is one; the "
+                             "batch's growth adds workers, so count those in). Default: no limit.")(command)
 
 
 @click.group("launch")
@@ -55,11 +65,7 @@ def command() -> None:
 @click.option("--script", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Run this Python script as every worker instead of `hvd-abs train`: one that trains its own "
                    "model and data with hvd_abs.fit and reads its options with hvd_abs.parse_train_args.")
-@click.option("--reset-limit", type=click.IntRange(min=0), default=None,
-              help="Stop the job after this many elastic resets (each join, leave or failure is one; the batch's "
-                   "growth adds workers, so count those in). Default: no limit.")
-@click.option("--elastic-timeout", type=click.IntRange(min=1), default=600, show_default=True,
-              help="Seconds the job waits, after a reset, for at least its fewest workers before it stops.")
+@_elastic_limits
 @click.option("--dry-run", is_flag=True, help="Print the horovodrun command without running it.")
 @click.argument("train_args", nargs=-1, type=click.UNPROCESSED)
 def horovod(min_np: int, max_np: int, hostfile: str | None, network_interface: str | None, ssh_port: int | None,
@@ -226,11 +232,7 @@ def _refused(message: str) -> None:
 @click.option("--script", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Run this Python script as every worker (in its actor) instead of `hvd-abs train`: one that trains its own "
                    "model and data with hvd_abs.fit and reads its options with hvd_abs.parse_train_args.")
-@click.option("--reset-limit", type=click.IntRange(min=0), default=None,
-              help="Stop the job after this many elastic resets (each join, leave or failure is one; the batch's "
-                   "growth adds workers, so count those in). Default: no limit.")
-@click.option("--elastic-timeout", type=click.IntRange(min=1), default=600, show_default=True,
-              help="Seconds the job waits, after a reset, for at least its fewest workers before it stops.")
+@_elastic_limits
 @click.argument("train_args", nargs=-1, type=click.UNPROCESSED)
 def ray(address: str, min_workers: int, max_workers: int, cpus_per_worker: float, gpus_per_worker: float,
         network_interface: str | None, warm: bool, warm_timeout: float, script: str | None, reset_limit: int | None,
