@@ -50,7 +50,8 @@ build_horovod() { # $1: the environment's python, $2: Horovod's version
   else
     step "building Horovod $hvd_v from source with PyTorch + Gloo (about 4 minutes on 2 cores)"
     work="$(mktemp -d)"
-    trap 'rm -rf "$work"' EXIT
+    # The path is expanded now: $work is local and gone when an EXIT trap would run (set -u).
+    trap "rm -rf '$work'" EXIT
     "$vpy" -m pip download --disable-pip-version-check -q --no-deps --no-binary :all: -d "$work" "horovod==$hvd_v" \
       2>&1 | grep -v -E "^WARNING: Location" || true
     tar -xzf "$work"/horovod-"$hvd_v".tar.gz -C "$work" || die "could not download horovod==$hvd_v's sdist"
@@ -74,6 +75,7 @@ build_horovod() { # $1: the environment's python, $2: Horovod's version
     mkdir -p "$wheel_dir.tmp"
     cp "$work"/dist/horovod-*.whl "$wheel_dir.tmp/"
     rm -rf "$wheel_dir"; mv "$wheel_dir.tmp" "$wheel_dir"  # atomic: no half-written cache entry
+    rm -rf "$work"; trap - EXIT
     step "Horovod wheel built and cached in $wheel_dir"
   fi
   # (its runtime needs: cloudpickle, psutil, pyyaml, packaging, cffi; --no-deps keeps this offline-safe)
