@@ -19,7 +19,9 @@ import torch.nn.functional as F
 
 from hvd_abs.errors import UserError
 
-AUGMENTS = ("none", "flip", "crop", "crop-flip")
+AUGMENTS = ("none", "flip", "crop", "crop-flip", "rrc-flip")
+# Done while decoding a streamed file (hvd_abs.data.streaming), from the whole image.
+DECODE_AUGMENTS = ("rrc-flip",)
 
 
 def crop_pad(height: int, width: int) -> int:
@@ -47,10 +49,14 @@ def crop_flip(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.T
 class Augmenter:
     """`--augment kind` for a training set of `num_samples` images of `image_shape` (C, H, W)."""
 
-    def __init__(self, kind: str, seed: int, num_samples: int, image_shape: tuple[int, ...]) -> None:
+    def __init__(self, kind: str, seed: int, num_samples: int, image_shape: tuple[int, ...],
+                 streamed: bool = False) -> None:
         if kind not in AUGMENTS:
             raise UserError(f"--augment must be one of {', '.join(AUGMENTS)}, got {kind!r}")
-        if kind != "none" and (len(image_shape) != 3 or min(image_shape[1:]) < 2):
+        if kind in DECODE_AUGMENTS and not streamed:
+            raise UserError(f"--augment {kind} crops the original image files: pass --data-loading stream (and an "
+                            f"image folder), or --augment crop-flip for data held in memory")
+        if kind not in ("none", *DECODE_AUGMENTS) and (len(image_shape) != 3 or min(image_shape[1:]) < 2):
             raise UserError(f"--augment {kind} crops and flips images (C, H, W) of at least 2 x 2 pixels, but the "
                             f"training samples are shaped {tuple(image_shape)}: pass --augment none")
         self.kind = kind
@@ -62,7 +68,7 @@ class Augmenter:
 
     @property
     def active(self) -> bool:
-        return self.kind != "none"
+        return self.kind not in ("none", *DECODE_AUGMENTS)
 
     def draws(self, epoch: int) -> torch.Tensor:
         """(num_samples, 3) int64: each sample's (dy, dx, flip) in `epoch`; the last epoch's is kept."""

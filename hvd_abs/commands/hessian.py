@@ -68,6 +68,7 @@ def command(model_name: str, dataset: str, data_dir: str | None, samples: int, b
     from torch import nn
 
     from hvd_abs.data import load_dataset
+    from hvd_abs.data.streaming import take
     from hvd_abs.errors import UserError
     from hvd_abs.models import build_model
     from hvd_abs.second_order import hessian_density, hessian_trace, top_eigenvalues
@@ -116,7 +117,7 @@ def command(model_name: str, dataset: str, data_dir: str | None, samples: int, b
         raise click.BadParameter(f"the training split has only {n} samples; pass --samples {n} or fewer",
                                  param_hint="--samples")
     idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:samples]
-    x, y = splits.train_x[idx], splits.train_y[idx]
+    x, y = take(splits.train_x, idx), splits.train_y[idx]
     batches = [(x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)) for i in range(0, samples, batch_size)]
     crit = nn.CrossEntropyLoss()
     load_s = time.perf_counter() - t0

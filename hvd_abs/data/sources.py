@@ -5,6 +5,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,8 +28,13 @@ _TORCHVISION_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10}
 _DIGITS_TEST = 360  # 1797 - 360 = 1437 training images, stratified
 
 
+LOADINGS: tuple[str, ...] = ("auto", "memory", "stream")
+"""How an image folder is held: auto (memory when its decoded images fit, else stream), or forced."""
+
+
 def load_dataset(name: str, data_dir: str | os.PathLike[str] | None = None, download: bool | None = None,
-                 cache_dir: str | os.PathLike[str] | None = None, image_size: int | None = None) -> Splits:
+                 cache_dir: str | os.PathLike[str] | None = None, image_size: int | None = None,
+                 loading: str = "memory") -> Splits:
     """Load a data set's train and test splits into memory.
 
     Args:
@@ -43,6 +49,10 @@ def load_dataset(name: str, data_dir: str | os.PathLike[str] | None = None, down
         image_size: resize every image to image_size x image_size (default None: keep the native size;
             an image folder then needs all images of one size). Folders are resized on the shorter
             side and centre-cropped; tensor sources are resized whole.
+        loading: for image folders, memory (decoded once into a cached uint8 tensor), stream (files
+            read when their samples are asked for: hvd_abs.data.streaming), or auto (memory when the
+            decoded images would take under a quarter of the available RAM and 8 GiB). Other
+            sources are small arrays, always in memory.
 
     Raises:
         UserError: unknown name, missing data, or a malformed folder; the message says what to pass.
@@ -50,6 +60,8 @@ def load_dataset(name: str, data_dir: str | os.PathLike[str] | None = None, down
     key = name.strip().lower()
     if key not in DATASETS:
         raise UserError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+    if loading not in LOADINGS:
+        raise UserError(f"--data-loading must be one of {', '.join(LOADINGS)}, got {loading!r}")
     if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
         raise UserError(f"image size must be a positive integer, got {image_size!r}")
     cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
@@ -64,16 +76,14 @@ def load_dataset(name: str, data_dir: str | os.PathLike[str] | None = None, down
         if root is None:
             raise UserError("--dataset imagefolder needs --data-dir PATH, a folder with train/<class>/* "
                             "and test/<class>/* (or val/<class>/*) image files")
-        return _finish(key, *_load_image_folder(root, cache_root, image_size), image_size=None)
+        return _folder(key, root, cache_root, image_size, loading, None)
 
     # cifar10 / cifar100 / svhn: an ImageFolder tree when data_dir has one, else torchvision's files.
     if root is not None and _looks_like_image_folder(root):
-        train_x, train_y, test_x, test_y, classes = _load_image_folder(root, cache_root, image_size)
-        expected = _TORCHVISION_CLASSES[key]
-        if len(classes) != expected:
-            raise UserError(f"--dataset {key} expects {expected} classes but {root / 'train'} has {len(classes)}; "
-                            f"use --dataset imagefolder for other folders")
-        return _finish(key, train_x, train_y, test_x, test_y, classes, image_size=None)
+        return _folder(key, root, cache_root, image_size, loading, _TORCHVISION_CLASSES[key])
+    if loading == "stream":
+        raise UserError(f"--data-loading stream reads image folders; {key}'s arrays are held in memory: pass "
+                        f"--data-dir with an image folder, or --data-loading auto")
     tv_root = root if root is not None else cache_root / "data"
     return _finish(key, *_load_torchvision(key, tv_root, download), image_size=image_size)
 
@@ -134,15 +144,70 @@ def _load_torchvision(name: str, root: Path, download: bool | None
     return train_x, train_y, test_x, test_y, classes
 
 
-def _load_image_folder(root: Path, cache_root: Path, image_size: int | None
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tuple[str, ...]]:
+def _folder(key: str, root: Path, cache_root: Path, image_size: int | None, loading: str,
+            expected: int | None) -> Splits:
     root = root.expanduser()
-    t0 = time.perf_counter()
     train, evaluation, classes, eval_name = _scan_image_folder(root)
+    if expected is not None and len(classes) != expected:
+        raise UserError(f"--dataset {key} expects {expected} classes but {root / 'train'} has {len(classes)}; "
+                        f"use --dataset imagefolder for other folders")
+    size = _image_size(train.paths[0], image_size)
+    if loading == "auto":
+        need = (len(train.paths) + len(evaluation.paths)) * 3 * size[0] * size[1]
+        loading = "memory" if need <= _memory_budget() else "stream"
+        log.info("image folder %s: %.1f GB decoded, %s (--data-loading auto)", root, need / 1e9,
+                 "held in memory" if loading == "memory" else "streamed from the files")
+    if loading == "stream":
+        return _stream_splits(key, train, evaluation, classes, size)
+    return _finish(key, *_load_image_folder(root, cache_root, image_size, (train, evaluation, classes, eval_name)),
+                   image_size=None)
+
+
+def _image_size(first: str, image_size: int | None) -> tuple[int, int]:
+    if image_size is not None:
+        return image_size, image_size
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(first) as im:
+            return im.size[1], im.size[0]
+    except (UnidentifiedImageError, OSError) as exc:
+        raise UserError(f"cannot decode image {first} ({exc}); remove or replace the file") from None
+
+
+def _memory_budget() -> int:
+    """Bytes of decoded images held in memory under --data-loading auto: a quarter of what is
+    available now (several workers share a host), at most 8 GiB."""
+    avail = 8 << 30
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return min(8 << 30, avail // 4)
+
+
+def _stream_splits(key: str, train: Any, evaluation: Any, classes: list[str], size: tuple[int, int]) -> Splits:
+    from hvd_abs.data.streaming import ImageFiles, sample_stats
+
+    train_x, test_x = ImageFiles(train.paths, size), ImageFiles(evaluation.paths, size)
+    mean, std = sample_stats(train_x)
+    log.info("dataset %s: %d train, %d test, %d classes, images 3x%dx%d, streamed", key, len(train_x), len(test_x),
+             len(classes), *size)
+    return Splits(train_x=train_x, train_y=torch.tensor(train.labels, dtype=torch.int64), test_x=test_x,
+                  test_y=torch.tensor(evaluation.labels, dtype=torch.int64), num_classes=len(classes),
+                  in_shape=(3, *size), mean=mean, std=std, name=key, classes=tuple(classes))
+
+
+def _load_image_folder(root: Path, cache_root: Path, image_size: int | None, scanned: tuple[Any, Any, list[str], str]
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tuple[str, ...]]:
+    train, evaluation, classes, eval_name = scanned
     key = _cache_key(root, image_size, train, evaluation)
     path = cache_root / "datasets" / f"{key}.pt"
-    log.info("image folder %s: %d train, %d %s images, %d classes (scanned in %.1fs); cache %s", root,
-             len(train.paths), len(evaluation.paths), eval_name, len(classes), time.perf_counter() - t0, path)
+    log.info("image folder %s: %d train, %d %s images, %d classes; cache %s", root,
+             len(train.paths), len(evaluation.paths), eval_name, len(classes), path)
 
     with cache_lock(path):
         blob = _read_cache(path, key)

@@ -227,7 +227,8 @@ def get_warm(train_args: list[str] | None) -> None:
     if train_args is not None:
         args = list(train_args[1:] if train_args[:1] == ["train"] else train_args)
         params = train_context(args, resilient=True).params
-        preload(params["dataset"], params["data_dir"], bool(params.get("download")))
+        preload(params["dataset"], params["data_dir"], bool(params.get("download")), params.get("image_size"),
+                params.get("data_loading") or "auto")
     p = torch.zeros(1, requires_grad=True)
     opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
     (p * 2).sum().backward()

@@ -23,6 +23,12 @@ def _augments() -> tuple[str, ...]:
     return AUGMENTS
 
 
+def _loadings() -> tuple[str, ...]:
+    from hvd_abs.data.sources import LOADINGS
+
+    return LOADINGS
+
+
 def _precisions() -> tuple[str, ...]:
     from hvd_abs.precision import PRECISIONS
 
@@ -71,8 +77,17 @@ class TrainConfig:
     test_subset: int | None = option(None, "Evaluate on a fixed random subset of the test split.", "data")
     augment: str = option("none", "Training images randomly cropped (zero padding of 1/8 the side: 4 px at 32) "
                                   "and/or mirrored left-right, per sample from (seed, epoch, index): the same on any "
-                                  "number of workers. crop-flip is the usual Cifar recipe; none is the paper's.",
+                                  "number of workers. crop-flip is the usual Cifar recipe; none is the paper's; rrc-flip "
+                                  "(streamed folders) is ImageNet's random-resized crop and flip.",
                           "data", choices=_augments)
+    image_size: int | None = option(None, "Image-folder images resized: shorter side to N, centre N x N crop (224 "
+                                          "for ImageNet); default: the images' own size.", "data")
+    data_loading: str = option("auto", "Image folders: memory (decoded once into a uint8 cache), stream (each "
+                                       "worker decodes only its micro-batches, in background processes: for data "
+                                       "larger than RAM; --augment rrc-flip), auto (memory when it fits).",
+                               "data", choices=_loadings)
+    loader_workers: int = option(2, "Background processes per worker decoding a streamed data set's next "
+                                    "micro-batches (0: in the training process).", "data")
     # model
     model: str = option("auto", "mlp, cnn, c1, resnet20, tv:<torchvision name>; auto: cnn for digits, resnet20 "
                                 "for CIFAR/SVHN.", "model")
@@ -250,6 +265,12 @@ class TrainConfig:
             raise UserError(f"--precision must be one of {', '.join(_precisions())}, got {self.precision!r}")
         if self.augment not in _augments():
             raise UserError(f"--augment must be one of {', '.join(_augments())}, got {self.augment!r}")
+        if self.data_loading not in _loadings():
+            raise UserError(f"--data-loading must be one of {', '.join(_loadings())}, got {self.data_loading!r}")
+        if self.image_size is not None:
+            positive(self.image_size, "--image-size")
+        if not isinstance(self.loader_workers, int) or self.loader_workers < 0:
+            raise UserError(f"--loader-workers must be an integer >= 0, got {self.loader_workers!r}")
         if not (self.adv_eps >= 0 and math.isfinite(self.adv_eps)):
             raise UserError(f"--adv-eps must be >= 0 (on the [0, 1] pixel scale), got {self.adv_eps}")
         if not 0 <= self.adv_ratio <= 1:

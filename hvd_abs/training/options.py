@@ -178,9 +178,9 @@ def check_train_args(train_args: list[str], load_data: bool = False, script: boo
     elif cfg.dataset.strip().lower() not in DATASETS:
         raise UserError(f"--dataset {cfg.dataset!r} is unknown; pass one of {', '.join(DATASETS)}")
     if load_data:
-        from hvd_abs.data import load_dataset
+        from hvd_abs.training.run_data import load_data
 
-        load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download)
+        load_data(cfg.dataset, cfg.data_dir, cfg.download, cfg.image_size, cfg.data_loading)
     if cfg.resume is not None:
         read_newest_checkpoint(cfg.resume)  # (a UserError when none verifies)
     return cfg

@@ -11,30 +11,37 @@ import torch
 
 from hvd_abs.errors import UserError
 
-# Data sets loaded ahead of time by a warm standby (hvd_abs/launch/standby.py), by (name, dir).
-_PRELOADED: dict[tuple[str, str | None], Any] = {}
+# Data sets loaded ahead of time by a warm standby (hvd_abs/launch/standby.py), by what was asked.
+_PRELOADED: dict[tuple[Any, ...], Any] = {}
 
 
-def _data_key(dataset: str, data_dir: str | None) -> tuple[str, str | None]:
-    return dataset, str(Path(data_dir).expanduser().resolve()) if data_dir else None
+def _data_key(dataset: str, data_dir: str | None, image_size: int | None, loading: str) -> tuple[Any, ...]:
+    return dataset, str(Path(data_dir).expanduser().resolve()) if data_dir else None, image_size, loading
 
 
-def preload(dataset: str, data_dir: str | None, download: bool = False) -> None:
-    """Load a data set into memory now, for the run the same process starts later."""
+def load_data(dataset: str, data_dir: str | None, download: bool = False, image_size: int | None = None,
+              loading: str = "auto") -> Any:
+    """The data set a run of these options trains on (before its subsets)."""
     from hvd_abs.data import load_dataset
 
-    _PRELOADED[_data_key(dataset, data_dir)] = load_dataset(dataset, data_dir=data_dir, download=download)
+    return load_dataset(dataset, data_dir=data_dir, download=download, image_size=image_size, loading=loading)
+
+
+def preload(dataset: str, data_dir: str | None, download: bool = False, image_size: int | None = None,
+            loading: str = "auto") -> None:
+    """Load a data set now (into memory, or its file list when streamed), for the run the same
+    process starts later."""
+    _PRELOADED[_data_key(dataset, data_dir, image_size, loading)] = load_data(dataset, data_dir, download,
+                                                                              image_size, loading)
 
 
 def run_data(cfg: Any, data: Any = None) -> Any:
     """The Splits a run trains on: `data` (or cfg.dataset: preloaded, else loaded), with the
     subsets cfg asks for. Raises UserError for a subset or a batch larger than the data."""
     if data is None:
-        data = _PRELOADED.pop(_data_key(cfg.dataset, cfg.data_dir), None)
+        data = _PRELOADED.pop(_data_key(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.data_loading), None)
     if data is None:
-        from hvd_abs.data import load_dataset
-
-        data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download)
+        data = load_data(cfg.dataset, cfg.data_dir, cfg.download, cfg.image_size, cfg.data_loading)
     for asked, have, flag, split in ((cfg.train_subset, len(data.train_y), "--train-subset", "training"),
                                      (cfg.test_subset, len(data.test_y), "--test-subset", "test")):
         # (It would silently be all of them. A resumed run keeps the --train-subset it trained
@@ -56,13 +63,14 @@ def subset(data: Any, n_train: int | None, n_test: int | None) -> Any:
     training and test samples; `data` itself when neither is given."""
     if not n_train and not n_test:
         return data
+    from hvd_abs.data.streaming import ImageFiles
+
     gen = torch.Generator().manual_seed(12_345)
     pick = lambda n, k: torch.randperm(n, generator=gen)[:k].sort().values if k and k < n else None  # noqa: E731
     tr, te = pick(len(data.train_y), n_train), pick(len(data.test_y), n_test)
-    return dataclasses.replace(
-        data,
-        train_x=data.train_x[tr] if tr is not None else data.train_x, train_y=data.train_y[tr] if tr is not None else data.train_y,
-        test_x=data.test_x[te] if te is not None else data.test_x, test_y=data.test_y[te] if te is not None else data.test_y)
+    sel = lambda x, i: x if i is None else x.select(i) if isinstance(x, ImageFiles) else x[i]  # noqa: E731
+    return dataclasses.replace(data, train_x=sel(data.train_x, tr), train_y=sel(data.train_y, tr),
+                               test_x=sel(data.test_x, te), test_y=sel(data.test_y, te))
 
 
 def data_id(data: Any) -> dict[str, Any]:
@@ -70,9 +78,11 @@ def data_id(data: Any) -> dict[str, Any]:
     thread count, any machine): size, sample shape, classes, and crc32s of all training labels and
     of 64 evenly spaced training inputs. Kept in checkpoints; a resume on other data is refused.
     (The test split may change on a resume, as --test-subset may.)"""
+    from hvd_abs.data.streaming import take
+
     n = len(data.train_y)
     picks = torch.linspace(0, n - 1, steps=min(64, n)).long()
     crc = lambda t: zlib.crc32(t.detach().cpu().contiguous().numpy().tobytes())  # noqa: E731
     # (In canonical dtypes: int32 and int64 copies of the same labels are the same data.)
     return {"train samples": n, "sample shape": list(data.train_x.shape[1:]), "classes": int(data.num_classes),
-            "label crc32": crc(data.train_y.long()), "input crc32": crc(data.train_x[picks].float())}
+            "label crc32": crc(data.train_y.long()), "input crc32": crc(take(data.train_x, picks))}

@@ -63,6 +63,7 @@ from hvd_abs.training.checkpoint import to_host
 from hvd_abs.training.config import EIG_BATCH, TrainConfig
 from hvd_abs.training.events import Callback, Event, fire
 from hvd_abs.training.grad_exchange import GradientExchange
+from hvd_abs.training.inputs import Inputs, upcoming_micro_batches
 from hvd_abs.training.optimizers import make_optimizer
 from hvd_abs.training.resume import resume_trainer, saved_config
 from hvd_abs.training.run_data import data_id, run_data
@@ -133,7 +134,9 @@ class Trainer:
         self.adv = AdversarialSchedule(cfg.adv_ratio if cfg.method == "absa" else 0.0, cfg.adv_eps, cfg.epochs,
                                        at_max=self.controller.at_max)
         self.sampler = EpochSampler(int(self.data.train_y.shape[0]), cfg.seed)
-        self.augment = Augmenter(cfg.augment, cfg.seed, n_train, tuple(self.data.train_x.shape[1:]))
+        self.inputs = Inputs(self.data, cfg, self.device, cfg.seed)
+        self.augment = Augmenter(cfg.augment, cfg.seed, n_train, tuple(self.data.train_x.shape[1:]),
+                                 streamed=self.inputs.streamed)
         self.data_id = data_id(self.data)
         self.updates = 0
         self.samples_seen = 0
@@ -269,10 +272,12 @@ class Trainer:
         measure = self.controller.needs_noise_scale and lay.num_micro >= 2
         scaled = self.scaler.is_enabled()  # fp16: losses are scaled before backward (FGSM's too: its sign stays)
         criterion = (lambda out, t: self.scaler.scale(F.cross_entropy(out, t))) if scaled else F.cross_entropy
+        upcoming = lambda: upcoming_micro_batches(self.sampler, G, self.cfg.base_batch, self.comm.size,  # noqa: E731
+                                                  self.comm.rank)
         for n, (j, micro) in enumerate(zip(ids, micros)):
             if bn is not None:
                 bn.before(j)
-            x = self.data.train_x[micro].to(self.device, non_blocking=True)  # (m, C, H, W)
+            x = self.inputs.train(micro, self.epoch, upcoming)  # (m, C, H, W)
             y = self.data.train_y[micro].to(self.device, non_blocking=True)  # (m,)
             x = self.augment(x, micro, self.epoch)  # (the same crops on any world size)
             if self.adv.initial_ratio > 0:
@@ -361,7 +366,7 @@ class Trainer:
         gen = torch.Generator().manual_seed((self.cfg.seed * 7_919 + 104_729 * (self.epoch + 1)) % (2**63 - 1))
         idx = torch.randperm(n, generator=gen)[:k]
         b = EIG_BATCH
-        return [(self.data.train_x[idx[i:i + b]].to(self.device), self.data.train_y[idx[i:i + b]].to(self.device))
+        return [(self.inputs.samples(idx[i:i + b]), self.data.train_y[idx[i:i + b]].to(self.device))
                 for i in range(0, k, b)]
 
     def estimate_eig(self) -> tuple[float | None, int, float]:
@@ -384,12 +389,12 @@ class Trainer:
     def evaluate(self) -> tuple[float, float]:
         """(test loss, test accuracy) over the whole test split, each rank its shard, sums allreduced."""
         self.model.eval()
-        x_all, y_all = self.data.test_x, self.data.test_y
+        y_all = self.data.test_y
         shard = torch.arange(self.comm.rank, int(y_all.shape[0]), self.comm.size)
         sums = torch.zeros(3, dtype=torch.float64)  # loss_sum, correct, count
         for i in range(0, shard.numel(), self.cfg.eval_batch):
             sel = shard[i:i + self.cfg.eval_batch]
-            x, y = x_all[sel].to(self.device), y_all[sel].to(self.device)
+            x, y = self.inputs.test(sel), y_all[sel].to(self.device)
             logits = self.forward(x)
             sums += torch.tensor([F.cross_entropy(logits, y, reduction="sum").item(),
                                   (logits.argmax(1) == y).sum().item(), y.numel()], dtype=torch.float64)

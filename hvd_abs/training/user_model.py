@@ -53,7 +53,9 @@ def check_model_fits(model: nn.Module, data: Any, device: torch.device) -> None:
     written (and lazy modules take their shapes before the optimizer is made). The model's
     buffers (BatchNorm statistics) and torch's RNG (dropout) are left as they were. Raises
     UserError naming the shapes."""
-    x = data.train_x[:2].to(device)
+    from hvd_abs.data.streaming import take
+
+    x = take(data.train_x, torch.arange(2), device)
     want = (len(x), int(data.num_classes))
     for training in (False, True):
         mode = " in training mode" if training else ""
