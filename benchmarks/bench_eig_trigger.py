@@ -38,6 +38,7 @@ from _args import add_data_dir, check_out  # benchmarks/, beside this file
 from hvd_abs.atomic import write_text_atomic
 from hvd_abs.batching.eig_trigger import estimate_top_eigenvalue
 from hvd_abs.data import load_dataset
+from hvd_abs.data.streaming import take
 from hvd_abs.models import build_model
 from hvd_abs.training import DEFAULT_EIG_METHOD, DEFAULT_EIG_SAMPLES
 
@@ -47,7 +48,7 @@ BURN_IN_STEPS = 3  # training steps not timed: allocator and thread pools warm u
 
 def _batches(data, seed: int, n: int, b: int = 128):
     idx = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(1000 + seed))[:n]
-    return [(data.train_x[idx[i:i + b]], data.train_y[idx[i:i + b]]) for i in range(0, n, b)]
+    return [(take(data.train_x, idx[i:i + b]), data.train_y[idx[i:i + b]]) for i in range(0, n, b)]
 
 
 def _step_seconds(model, data, gen, steps: int = 4) -> float:
@@ -59,7 +60,7 @@ def _step_seconds(model, data, gen, steps: int = 4) -> float:
         idx = torch.randint(0, len(data.train_y), (128,), generator=gen)
         t0 = time.perf_counter()
         opt.zero_grad()
-        F.cross_entropy(m(data.train_x[idx]), data.train_y[idx]).backward()
+        F.cross_entropy(m(take(data.train_x, idx)), data.train_y[idx]).backward()
         opt.step()
         if i > 0:  # the first step warms the copy's allocations
             times.append(time.perf_counter() - t0)
@@ -114,7 +115,7 @@ def main() -> None:
         idx = torch.randint(0, len(data.train_y), (128,), generator=gen)
         t0 = time.perf_counter()
         opt.zero_grad()
-        F.cross_entropy(model(data.train_x[idx]), data.train_y[idx]).backward()
+        F.cross_entropy(model(take(data.train_x, idx)), data.train_y[idx]).backward()
         opt.step()
         if step >= BURN_IN_STEPS:
             step_times.append(time.perf_counter() - t0)

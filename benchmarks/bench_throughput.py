@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from _args import add_data_dir, check_device, check_out  # noqa: E402 (benchmarks/, beside this file)
 from hvd_abs.atomic import write_text_atomic  # noqa: E402
+from hvd_abs.data.streaming import take  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "throughput.json"
 PER_WORKER = 128
@@ -123,7 +124,7 @@ def _measure(args: argparse.Namespace, tmp: Path) -> None:
         cursor[0] += G
         model.train()
         opt.zero_grad()
-        x, y = data.train_x[idx], data.train_y[idx]
+        x, y = take(data.train_x, idx), data.train_y[idx]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
             logits = model(x).float()  # (the textbook autocast loop at bf16; a no-op cast at fp32)
         loss = F.cross_entropy(logits, y)

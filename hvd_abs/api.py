@@ -280,7 +280,8 @@ def _check_data(data: Any, cfg: TrainConfig, own_model: bool) -> None:
     if not own_model and len(data.in_shape) != 3:
         raise UserError(f"the built-in models take images (C, H, W), but these samples have shape {data.in_shape}: "
                         f"pass your own model (fit(model=...))")
-    if cfg.method == "absa" and cfg.adv_ratio > 0:
+    floats = all(isinstance(x, torch.Tensor) and x.is_floating_point() for x in (data.train_x, data.test_x))
+    if cfg.method == "absa" and cfg.adv_ratio > 0 and floats:  # (uint8 and image files are [0, 1] by scaling)
         # FGSM clamps its inputs to [0, 1] (adv_eps is on that scale): other ranges would be cut.
         low = min(float(data.train_x.min()), float(data.test_x.min()))
         high = max(float(data.train_x.max()), float(data.test_x.max()))

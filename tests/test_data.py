@@ -17,6 +17,7 @@ from PIL import Image
 
 from hvd_abs import data
 from hvd_abs.data import Splits, decode, load_dataset, sources
+from hvd_abs.data.streaming import take
 from hvd_abs.errors import UserError
 
 CLASSES = ("bird", "cat", "dog")  # sorted: labels 0, 1, 2
@@ -116,10 +117,11 @@ def test_imagefolder_loads_exact_pixels_and_labels(folder: Path, cache: Path) ->
     assert s.train_x.shape == (12, 3, 6, 6) and s.test_x.shape == (6, 3, 6, 6)
     assert s.train_y.tolist() == [0] * 4 + [1] * 4 + [2] * 4
     assert s.test_y.tolist() == [0, 0, 1, 1, 2, 2]
-    # PNG is lossless: pixels come back exactly, as float in [0, 1], channels first.
-    want = torch.from_numpy(_pixel(1, 2)).permute(2, 0, 1).float() / 255
-    assert torch.equal(s.train_x[4 + 2], want)
-    assert s.mean == pytest.approx(tuple(s.train_x.mean(dim=(0, 2, 3)).tolist()), rel=1e-5)
+    # PNG is lossless: pixels come back exactly, held as uint8, channels first, and [0, 1] floats per batch.
+    want = torch.from_numpy(_pixel(1, 2)).permute(2, 0, 1)
+    assert s.train_x.dtype == torch.uint8 and torch.equal(s.train_x[4 + 2], want)
+    assert torch.equal(take(s.train_x, torch.tensor([4 + 2]))[0], want.float() / 255)
+    assert s.mean == pytest.approx(tuple((s.train_x.float() / 255).mean(dim=(0, 2, 3)).tolist()), rel=1e-5)
 
 
 def test_imagefolder_second_load_hits_cache(folder: Path, cache: Path, decode_spy: list[int]) -> None:
@@ -230,10 +232,10 @@ def test_grey_and_palette_images_become_rgb(tmp_path: Path, cache: Path) -> None
     Image.fromarray(_pixel(0, 0)).convert("P").save(_mkparent(root / "test" / "a" / "0.png"))
     s = load_dataset("imagefolder", data_dir=root, cache_dir=cache)
     assert s.train_x.shape == (1, 3, 6, 6)
-    assert torch.allclose(s.train_x, torch.full_like(s.train_x, 200 / 255))
+    assert torch.equal(s.train_x, torch.full_like(s.train_x, 200))
     assert s.test_x.shape == (1, 3, 6, 6)  # the palette image, as PIL's own RGB conversion gives it
-    rgb = np.asarray(Image.open(root / "test" / "a" / "0.png").convert("RGB"), dtype=np.float32) / 255
-    assert torch.allclose(s.test_x[0], torch.from_numpy(rgb).permute(2, 0, 1))
+    rgb = np.asarray(Image.open(root / "test" / "a" / "0.png").convert("RGB"))
+    assert torch.equal(s.test_x[0], torch.from_numpy(rgb.copy()).permute(2, 0, 1))
 
 
 def _mkparent(p: Path) -> Path:

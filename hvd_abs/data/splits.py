@@ -14,7 +14,9 @@ log = logging.getLogger("hvd_abs.data")
 class Splits:
     """A data set held in memory.
 
-    train_x, test_x: float32 (N, C, H, W) in [0, 1], not normalised.
+    train_x, test_x: (N, C, H, W), not normalised: uint8 (0-255, as decoded: a quarter of float32's
+        memory, scaled to [0, 1] per batch by hvd_abs.data.streaming.take), float32 in [0, 1], or
+        hvd_abs.data.streaming.ImageFiles (streamed: decoded when asked for).
     train_y, test_y: int64 (N,) class indices in [0, num_classes).
     mean, std: per-channel statistics of train_x (population std), for the model's input layer.
     classes: class names in label order (empty where the source has none).
@@ -39,11 +41,12 @@ class Splits:
 
 def _finish(name: str, train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
             classes: tuple[str, ...], *, image_size: int | None) -> Splits:
-    """uint8 or float images -> float32 [0, 1], optional whole-image resize, statistics."""
-    train_x, test_x = _to_unit_float(train_x), _to_unit_float(test_x)
+    """Images kept uint8 (or made float32 [0, 1]), an optional whole-image resize, statistics."""
     if image_size is not None and tuple(train_x.shape[-2:]) != (image_size, image_size):
-        train_x, test_x = _resize_tensor(train_x, image_size), _resize_tensor(test_x, image_size)
-    mean, std = channel_stats(train_x)
+        train_x, test_x = (_resize_tensor(_to_unit_float(x), image_size) for x in (train_x, test_x))
+    if train_x.dtype != torch.uint8 or test_x.dtype != torch.uint8:
+        train_x, test_x = _to_unit_float(train_x), _to_unit_float(test_x)
+    mean, std = channel_stats(_to_unit_float(train_x))  # (a float copy only while it is measured)
     num_classes = len(classes) if classes else int(max(train_y.max(), test_y.max())) + 1
     c, h, w = train_x.shape[1:]
     log.info("dataset %s: %d train, %d test, %d classes, images %dx%dx%d", name, len(train_y), len(test_y),
