@@ -147,4 +147,19 @@ def sample_stats(files: ImageFiles, limit: int = 2048) -> tuple[tuple[float, ...
 
     n = len(files)
     idx = torch.arange(n) if n <= limit else torch.randperm(n, generator=torch.Generator().manual_seed(54_321))[:limit]
-    return channel_stats(files.load(idx.sort().values).to(torch.float32).div_(255.0))
+    idx = idx.sort().values
+    if len(idx) <= _STATS_CHUNK:  # (one pass, as the memory path measures: a small set gets its very numbers)
+        return channel_stats(files.load(idx).to(torch.float32).div_(255.0))
+    # In chunks, so the float copy stays small (2048 ImageNet crops would be 1.2 GB at once).
+    total, sums, squares = 0, torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    for i in range(0, len(idx), _STATS_CHUNK):
+        x = files.load(idx[i:i + _STATS_CHUNK]).to(torch.float64).div_(255.0)
+        total += x.numel() // 3
+        sums += x.sum(dim=(0, 2, 3))
+        squares += x.square().sum(dim=(0, 2, 3))
+    mean = sums / total
+    std = (squares / total - mean.square()).clamp_min(0).sqrt()
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+_STATS_CHUNK = 256
