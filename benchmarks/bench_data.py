@@ -56,14 +56,11 @@ def _files(folder: Path, size: int):
 
 
 def _decode_some(job: tuple[str, int, int, int]) -> int:
-    import torch
-
     folder, size, start, count = job
     files = _files(Path(folder), size)
     n = len(files)
     for i in range(start, start + count):
         files.decode(i % n, 0, "rrc-flip")
-    del torch
     return count
 
 
@@ -77,16 +74,13 @@ def decode_rate(folder: Path, size: int, workers: int, images: int) -> float:
 
 
 def loader_rate(folder: Path, size: int, workers: int, batch: int, batches: int) -> float:
-    import torch
-
     from hvd_abs.data.loader import StreamLoader
     from hvd_abs.sampling import EpochSampler
-    from hvd_abs.training.inputs import upcoming_micro_batches
 
     files = _files(folder, size)
     sampler = EpochSampler(len(files), seed=0)
     loader = StreamLoader(files, "rrc-flip", workers)
-    plan = lambda: upcoming_micro_batches(sampler, batch, batch, 1, 0)  # noqa: E731
+    plan = lambda: sampler.upcoming(batch, batch, 1, 0)  # noqa: E731
     # The first batches come from the queue the workers fill while they start (prefetch 4 each):
     # timed only after it has drained, when each batch waits for its decoding.
     for k in range(workers * 4 + 2 + batches):
@@ -96,7 +90,6 @@ def loader_rate(folder: Path, size: int, workers: int, batch: int, batches: int)
             sampler.new_epoch()
         loader.get(sampler.next_indices(batch), sampler.epoch, plan)
         sampler.advance(batch)
-    del torch
     return batches * batch / (time.perf_counter() - t0)
 
 
@@ -127,7 +120,6 @@ def wait_share(folder: Path, size: int, workers: int, batch: int, updates: int) 
 
     from hvd_abs.data.loader import StreamLoader
     from hvd_abs.sampling import EpochSampler
-    from hvd_abs.training.inputs import upcoming_micro_batches
 
     files = _files(folder, size)
     data_y = torch.zeros(len(files), dtype=torch.int64)
@@ -135,7 +127,7 @@ def wait_share(folder: Path, size: int, workers: int, batch: int, updates: int) 
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     sampler = EpochSampler(len(files), seed=0)
     loader = StreamLoader(files, "rrc-flip", workers)
-    plan = lambda: upcoming_micro_batches(sampler, batch, batch, 1, 0)  # noqa: E731
+    plan = lambda: sampler.upcoming(batch, batch, 1, 0)  # noqa: E731
     waited = total = 0.0
     for u in range(updates + 1):
         t0 = time.perf_counter()

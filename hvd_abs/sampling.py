@@ -13,6 +13,7 @@ recomputes its share from it, so nothing depends on the old world size.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -71,6 +72,15 @@ class EpochSampler:
         if idx is None:
             return []
         return rank_micro_batches(idx, layout(global_batch, base_batch, world_size), rank)
+
+    def upcoming(self, global_batch: int, base_batch: int, world_size: int, rank: int) -> Iterator[torch.Tensor]:
+        """This rank's micro-batches from the cursor to the epoch's end, lazily (what a streaming
+        loader decodes ahead). Does not advance."""
+        perm, position = self.permutation(), self.position
+        lay = layout(global_batch, base_batch, world_size)
+        while (idx := global_batch_indices(perm, position, global_batch)) is not None:
+            yield from rank_micro_batches(idx, lay, rank)
+            position += global_batch
 
     def advance(self, global_batch: int) -> None:
         """Mark the next global batch consumed (call after the update is applied)."""

@@ -46,16 +46,7 @@ def _decode_files(paths: list[str], image_size: int | None) -> torch.Tensor:
     """
     if not paths:
         raise UserError("no images to decode")
-    if image_size is not None:
-        h = w = image_size
-    else:
-        from PIL import Image, UnidentifiedImageError
-
-        try:  # guarded like _decode_chunk: the first file may be as bad as any other
-            with Image.open(paths[0]) as im:
-                w, h = im.size
-        except (UnidentifiedImageError, OSError) as exc:
-            raise UserError(f"cannot decode image {paths[0]} ({exc}); remove or replace the file") from None
+    h, w = (image_size, image_size) if image_size is not None else first_image_size(paths[0])
     n = len(paths)
     out = torch.empty((n, h, w, 3), dtype=torch.uint8)  # (N, H, W, C) as PIL gives it
     workers = min(decode_workers(), max(1, n // _FILES_PER_WORKER))
@@ -87,6 +78,17 @@ def _decode_files(paths: list[str], image_size: int | None) -> torch.Tensor:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
     return out.permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W)
+
+
+def first_image_size(path: str) -> tuple[int, int]:
+    """(H, W) of the image file at `path`, read from its header; UserError when it cannot be."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:  # guarded like _decode_chunk: the first file may be as bad as any other
+        with Image.open(path) as im:
+            return im.size[1], im.size[0]
+    except (UnidentifiedImageError, OSError) as exc:
+        raise UserError(f"cannot decode image {path} ({exc}); remove or replace the file") from None
 
 
 def _decode_chunk(job: tuple[list[str], int, int, int | None]) -> np.ndarray:

@@ -31,8 +31,8 @@ class _Plan:
 
 
 class _Samples(Dataset):
-    def __init__(self, files: ImageFiles, recipe: str) -> None:
-        self.files, self.recipe = files, recipe
+    def __init__(self, files: ImageFiles, recipe: str, seed: int) -> None:
+        self.files, self.recipe, self.seed = files, recipe, seed
 
     def __len__(self) -> int:
         return len(self.files)
@@ -40,7 +40,7 @@ class _Samples(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> tuple[int, Any, str]:
         epoch, i = key
         try:
-            return i, torch.from_numpy(self.files.decode(i, epoch, self.recipe)), ""
+            return i, torch.from_numpy(self.files.decode(i, epoch, self.recipe, self.seed)), ""
         except UserError as exc:  # travels as a value: a worker's exception would arrive as a traceback
             return i, None, str(exc)
 
@@ -57,10 +57,10 @@ class StreamLoader:
     """Micro-batches of `files` decoded by `workers` background processes (0: in this process)."""
 
     def __init__(self, files: ImageFiles, recipe: str, workers: int = 2, pin_memory: bool = False,
-                 prefetch: int = 4) -> None:
+                 prefetch: int = 4, seed: int = 0) -> None:
         self._plan = _Plan()
         extra: dict[str, Any] = {"persistent_workers": True, "prefetch_factor": prefetch} if workers > 0 else {}
-        self._loader = DataLoader(_Samples(files, recipe), batch_sampler=self._plan, num_workers=workers,
+        self._loader = DataLoader(_Samples(files, recipe, seed), batch_sampler=self._plan, num_workers=workers,
                                   collate_fn=_collate, pin_memory=pin_memory, **extra,
                                   # Its own generator: each iter() draws a seed, which must not come from
                                   # torch's global RNG (dropout, FGSM, the Hessian's vectors use that one).

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from hvd_abs.data.cache import CACHE_FORMAT, _cache_key, _checksums, _read_cache, _write_cache, default_cache_dir
-from hvd_abs.data.decode import _decode_files
+from hvd_abs.data.decode import _decode_files, first_image_size
 from hvd_abs.data.image_folder import _looks_like_image_folder, _scan_image_folder
 from hvd_abs.data.splits import Splits, _finish
 from hvd_abs.errors import UserError
@@ -151,7 +151,7 @@ def _folder(key: str, root: Path, cache_root: Path, image_size: int | None, load
     if expected is not None and len(classes) != expected:
         raise UserError(f"--dataset {key} expects {expected} classes but {root / 'train'} has {len(classes)}; "
                         f"use --dataset imagefolder for other folders")
-    size = _image_size(train.paths[0], image_size)
+    size = (image_size, image_size) if image_size is not None else first_image_size(train.paths[0])
     if loading == "auto":
         need = (len(train.paths) + len(evaluation.paths)) * 3 * size[0] * size[1]
         loading = "memory" if need <= _memory_budget() else "stream"
@@ -161,18 +161,6 @@ def _folder(key: str, root: Path, cache_root: Path, image_size: int | None, load
         return _stream_splits(key, train, evaluation, classes, size)
     return _finish(key, *_load_image_folder(root, cache_root, image_size, (train, evaluation, classes, eval_name)),
                    image_size=None)
-
-
-def _image_size(first: str, image_size: int | None) -> tuple[int, int]:
-    if image_size is not None:
-        return image_size, image_size
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(first) as im:
-            return im.size[1], im.size[0]
-    except (UnidentifiedImageError, OSError) as exc:
-        raise UserError(f"cannot decode image {first} ({exc}); remove or replace the file") from None
 
 
 def _memory_budget() -> int:

@@ -26,19 +26,16 @@ import torch
 from hvd_abs.data.decode import _resize_center_crop, decode_workers
 from hvd_abs.errors import UserError
 
-RECIPES = ("center", "eval", "rrc-flip")
-
 _EVAL_CROP = 0.875  # ImageNet's 224 of 256
 
 
 class ImageFiles:
     """The images of one split as files: shape (N, 3, S, S) like the tensor it stands for."""
 
-    def __init__(self, paths: Sequence[str], size: tuple[int, int], seed: int = 0) -> None:
+    def __init__(self, paths: Sequence[str], size: tuple[int, int]) -> None:
         # A numpy array of bytes: a few dozen bytes a path, not a Python object each.
         self.paths = np.asarray([p.encode() for p in paths]) if not isinstance(paths, np.ndarray) else paths
         self.size = (int(size[0]), int(size[1]))  # (H, W)
-        self.seed = int(seed)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -49,13 +46,14 @@ class ImageFiles:
 
     def select(self, indices: torch.Tensor) -> "ImageFiles":
         """The files at `indices`, in that order (a subset, still not decoded)."""
-        return ImageFiles(self.paths[indices.numpy()], self.size, self.seed)
+        return ImageFiles(self.paths[indices.numpy()], self.size)
 
     def path(self, i: int) -> str:
         return self.paths[int(i)].decode()
 
-    def decode(self, i: int, epoch: int = 0, recipe: str = "center") -> np.ndarray:
-        """Sample i as (H, W, 3) uint8. Raises UserError naming a file that cannot be decoded."""
+    def decode(self, i: int, epoch: int = 0, recipe: str = "center", seed: int = 0) -> np.ndarray:
+        """Sample i as (H, W, 3) uint8 (rrc-flip: its crop drawn from seed, epoch, i). Raises
+        UserError naming a file that cannot be decoded."""
         from PIL import Image, UnidentifiedImageError
 
         p = self.path(i)
@@ -63,7 +61,7 @@ class ImageFiles:
         try:
             with Image.open(p) as im:
                 if recipe == "rrc-flip":
-                    rgb = _random_resized_crop(im, (h, w), np.random.default_rng([self.seed, int(epoch), int(i)]))
+                    rgb = _random_resized_crop(im, (h, w), np.random.default_rng([int(seed), int(epoch), int(i)]))
                 elif recipe == "eval":
                     im.draft("RGB", (round(w / _EVAL_CROP), round(h / _EVAL_CROP)))
                     big = _resize_center_crop(im.convert("RGB"), round(min(h, w) / _EVAL_CROP))
@@ -79,11 +77,11 @@ class ImageFiles:
             raise UserError(f"image {p} decoded to {out.shape[1]}x{out.shape[0]}, not {w}x{h}")
         return out
 
-    def load(self, indices: torch.Tensor, epoch: int = 0, recipe: str = "center") -> torch.Tensor:
+    def load(self, indices: torch.Tensor, epoch: int = 0, recipe: str = "center", seed: int = 0) -> torch.Tensor:
         """Samples `indices` as uint8 (m, 3, S, S), decoded on a thread pool (Pillow frees the GIL)."""
         idx = [int(i) for i in indices]
         out = torch.empty((len(idx), *self.size, 3), dtype=torch.uint8)
-        work = lambda k: out[k].copy_(torch.from_numpy(self.decode(idx[k], epoch, recipe)))  # noqa: E731
+        work = lambda k: out[k].copy_(torch.from_numpy(self.decode(idx[k], epoch, recipe, seed)))  # noqa: E731
         threads = min(decode_workers(), max(1, len(idx) // 8))
         if threads > 1:
             from concurrent.futures import ThreadPoolExecutor
@@ -135,7 +133,11 @@ def take(x: Any, indices: torch.Tensor, device: torch.device | None = None, *, e
          recipe: str = "center") -> torch.Tensor:
     """Samples `indices` of a split's images (a tensor or ImageFiles) as float32 in [0, 1] on
     `device`. uint8 travels as uint8 (a quarter of the bytes) and is scaled there."""
-    batch = x.load(indices, epoch, recipe) if isinstance(x, ImageFiles) else x[indices]
+    return to_unit(x.load(indices, epoch, recipe) if isinstance(x, ImageFiles) else x[indices], device)
+
+
+def to_unit(batch: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+    """A batch moved to `device` (uint8 as uint8: a quarter of the bytes), then as float32 in [0, 1]."""
     if device is not None:
         batch = batch.to(device, non_blocking=True)
     return batch.to(torch.float32).div_(255.0) if batch.dtype == torch.uint8 else batch

@@ -63,7 +63,7 @@ from hvd_abs.training.checkpoint import to_host
 from hvd_abs.training.config import EIG_BATCH, TrainConfig
 from hvd_abs.training.events import Callback, Event, fire
 from hvd_abs.training.grad_exchange import GradientExchange
-from hvd_abs.training.inputs import Inputs, upcoming_micro_batches
+from hvd_abs.training.inputs import Inputs
 from hvd_abs.training.optimizers import make_optimizer
 from hvd_abs.training.resume import resume_trainer, saved_config
 from hvd_abs.training.run_data import data_id, run_data
@@ -272,8 +272,7 @@ class Trainer:
         measure = self.controller.needs_noise_scale and lay.num_micro >= 2
         scaled = self.scaler.is_enabled()  # fp16: losses are scaled before backward (FGSM's too: its sign stays)
         criterion = (lambda out, t: self.scaler.scale(F.cross_entropy(out, t))) if scaled else F.cross_entropy
-        upcoming = lambda: upcoming_micro_batches(self.sampler, G, self.cfg.base_batch, self.comm.size,  # noqa: E731
-                                                  self.comm.rank)
+        upcoming = lambda: self.sampler.upcoming(G, self.cfg.base_batch, self.comm.size, self.comm.rank)  # noqa: E731
         for n, (j, micro) in enumerate(zip(ids, micros)):
             if bn is not None:
                 bn.before(j)
