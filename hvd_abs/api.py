@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from hvd_abs.data import Splits
+from hvd_abs.data.splits import class_count
 from hvd_abs.errors import UserError
 from hvd_abs.metrics import SUMMARY_FILE
 from hvd_abs.elastic.worker import train
@@ -129,15 +130,7 @@ def splits_from_tensors(train_x: torch.Tensor, train_y: torch.Tensor, test_x: to
     if xs[0].shape[1:] != xs[1].shape[1:]:
         raise UserError(f"train samples have shape {tuple(xs[0].shape[1:])} but test samples "
                         f"{tuple(xs[1].shape[1:])}: give both splits the same sample shape")
-    low = min(int(y.min()) for y in ys)
-    high = max(int(y.max()) for y in ys)
-    if num_classes is None:
-        num_classes = len(classes) if classes else high + 1
-    if low < 0 or high >= num_classes:
-        raise UserError(f"class indices run from {low} to {high} but there are {num_classes} classes: labels must "
-                        f"be in [0, num_classes)")
-    if classes and len(classes) != num_classes:
-        raise UserError(f"{len(classes)} class names for {num_classes} classes: give one name per class")
+    num_classes = class_count(tuple(ys), num_classes, classes)
     # Per channel (dim 1) over every other dim, as data.channel_stats does for images.
     dims = [0, *range(2, xs[0].dim())]
     var, mean = torch.var_mean(xs[0], dim=dims, correction=0)
@@ -147,29 +140,45 @@ def splits_from_tensors(train_x: torch.Tensor, train_y: torch.Tensor, test_x: to
 
 
 def splits_from_datasets(train: Any, test: Any, *, name: str = "custom", num_classes: int | None = None,
-                         classes: Sequence[str] | None = None, batch_size: int = 1024,
+                         classes: Sequence[str] | None = None, loading: str = "auto", batch_size: int = 1024,
                          num_workers: int = 0) -> Splits:
     """A data set for `fit` from two map-style torch Datasets of (input tensor, class index),
-    e.g. torchvision data sets with `transforms.ToTensor()`: read once, in order, into memory (the
-    trainer indexes samples by position, so that a resize never repeats or skips one). Random
-    transforms are applied once, not per epoch. classes: default the train set's `.classes` (or
-    that of the data set a Subset is taken from)."""
+    e.g. torchvision data sets with `transforms.ToTensor()` (or PILToTensor(): uint8 is a quarter
+    of the memory). The trainer indexes samples by position, so that a resize never repeats or
+    skips one. loading: "memory" reads them once, in order, into memory (random transforms are
+    then applied once, not per epoch); "stream" reads each worker's own samples when it trains on
+    them, in --loader-workers background processes, its random transforms drawn from (seed,
+    epoch, index) (hvd_abs.data.dataset_stream); "auto" (default) holds them in memory when they
+    take under a quarter of the available RAM (at most 8 GiB), else streams. Pass cfg.data_loading
+    to follow --data-loading. classes: default the train set's `.classes` (or that of the data set
+    a Subset is taken from)."""
+    from hvd_abs.data.sources import LOADINGS, _memory_budget
+
+    if loading not in LOADINGS:
+        raise UserError(f"loading must be one of {', '.join(LOADINGS)}, got {loading!r}")
+    sizes = [_dataset_len(split, ds) for split, ds in (("train", train), ("test", test))]
+    if classes is None:
+        classes = getattr(train, "classes", None) or getattr(getattr(train, "dataset", None), "classes", None) or ()
+    if loading == "auto":
+        from hvd_abs.data.dataset_stream import input_bytes
+
+        loading = "memory" if sum(sizes) * input_bytes(train) <= _memory_budget() else "stream"
+    if loading == "stream":
+        from hvd_abs.data.dataset_stream import stream_splits
+
+        return stream_splits(train, test, name=name, num_classes=num_classes, classes=tuple(classes))
     tensors = []
     for split, ds in (("train", train), ("test", test)):
         tensors += _read_dataset(split, ds, batch_size, num_workers)
-    if classes is None:
-        classes = getattr(train, "classes", None) or getattr(getattr(train, "dataset", None), "classes", None) or ()
     return splits_from_tensors(*tensors, name=name, num_classes=num_classes, classes=tuple(classes))
 
 
-def _read_dataset(split: str, ds: Any, batch_size: int, num_workers: int) -> list[torch.Tensor]:
-    """[x, y] of a whole map-style data set, filled into tensors allocated once (not a list of
-    batches and their concatenation: that would hold the data set twice)."""
-    from torch.utils.data import DataLoader, default_collate
+def _dataset_len(split: str, ds: Any) -> int:
+    from torch.utils.data import DataLoader
 
     if isinstance(ds, DataLoader):
         raise UserError(f"the {split} data set is a DataLoader: pass its Dataset (loader.dataset); the samples are "
-                        f"read once, in order")
+                        f"read by position")
     try:
         n = len(ds)
     except TypeError:
@@ -177,6 +186,15 @@ def _read_dataset(split: str, ds: Any, batch_size: int, num_workers: int) -> lis
                         f"(or tensors to splits_from_tensors)") from None
     if n == 0:
         raise UserError(f"the {split} data set is empty: give at least one sample")
+    return n
+
+
+def _read_dataset(split: str, ds: Any, batch_size: int, num_workers: int) -> list[torch.Tensor]:
+    """[x, y] of a whole map-style data set, filled into tensors allocated once (not a list of
+    batches and their concatenation: that would hold the data set twice)."""
+    from torch.utils.data import DataLoader, default_collate
+
+    n = _dataset_len(split, ds)
 
     def collate(batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
         # Only what batching says is turned into a UserError: the data set's own errors (in its

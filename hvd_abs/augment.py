@@ -55,7 +55,8 @@ class Augmenter:
             raise UserError(f"--augment must be one of {', '.join(AUGMENTS)}, got {kind!r}")
         if kind in DECODE_AUGMENTS and not streamed:
             raise UserError(f"--augment {kind} crops the original image files: pass --data-loading stream (and an "
-                            f"image folder), or --augment crop-flip for data held in memory")
+                            f"image folder), or --augment crop-flip for data held in memory (a Dataset of your own: put "
+                            f"RandomResizedCrop in its transforms)")
         if kind not in ("none", *DECODE_AUGMENTS) and (len(image_shape) != 3 or min(image_shape[1:]) < 2):
             raise UserError(f"--augment {kind} crops and flips images (C, H, W) of at least 2 x 2 pixels, but the "
                             f"training samples are shaped {tuple(image_shape)}: pass --augment none")

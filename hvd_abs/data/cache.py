@@ -36,6 +36,8 @@ def _cache_key(root: Path, image_size: int | None, train: _Split, evaluation: _S
     h = hashlib.sha256()
     summary: dict[str, Any] = {"format": CACHE_FORMAT, "root": str(root.resolve()), "kind": "imagefolder",
                                "image_size": image_size}
+    if image_size is not None:  # (a resized cache holds its kernel's pixels: keyed by it)
+        summary["resize"] = "torch-antialias-bilinear"
     base = os.path.join(str(root), "")  # every scanned path starts with it
     for tag, split in (("train", train), ("eval", evaluation)):
         count, total, newest = 0, 0, 0

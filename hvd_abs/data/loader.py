@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from hvd_abs.data.streaming import ImageFiles
+from hvd_abs.data.streaming import Streamed
 from hvd_abs.errors import UserError
 
 
@@ -31,7 +31,7 @@ class _Plan:
 
 
 class _Samples(Dataset):
-    def __init__(self, files: ImageFiles, recipe: str, seed: int) -> None:
+    def __init__(self, files: Streamed, recipe: str, seed: int) -> None:
         self.files, self.recipe, self.seed = files, recipe, seed
 
     def __len__(self) -> int:
@@ -40,7 +40,7 @@ class _Samples(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> tuple[int, Any, str]:
         epoch, i = key
         try:
-            return i, torch.from_numpy(self.files.decode(i, epoch, self.recipe, self.seed)), ""
+            return i, self.files.sample(i, epoch, self.recipe, self.seed), ""
         except UserError as exc:  # travels as a value: a worker's exception would arrive as a traceback
             return i, None, str(exc)
 
@@ -50,13 +50,13 @@ def _collate(items: list[tuple[int, Any, str]]) -> tuple[torch.Tensor, torch.Ten
     idx = torch.tensor([i for i, _, _ in items], dtype=torch.int64)
     if errors:
         return idx, None, errors[0]
-    return idx, torch.stack([x for _, x, _ in items]).permute(0, 3, 1, 2).contiguous(), ""
+    return idx, torch.stack([x for _, x, _ in items]), ""
 
 
 class StreamLoader:
     """Micro-batches of `files` decoded by `workers` background processes (0: in this process)."""
 
-    def __init__(self, files: ImageFiles, recipe: str, workers: int = 2, pin_memory: bool = False,
+    def __init__(self, files: Streamed, recipe: str, workers: int = 2, pin_memory: bool = False,
                  prefetch: int = 4, seed: int = 0) -> None:
         self._plan = _Plan()
         extra: dict[str, Any] = {"persistent_workers": True, "prefetch_factor": prefetch} if workers > 0 else {}
@@ -65,12 +65,18 @@ class StreamLoader:
                                   # Its own generator: each iter() draws a seed, which must not come from
                                   # torch's global RNG (dropout, FGSM, the Hessian's vectors use that one).
                                   generator=torch.Generator())
+        self.files, self.recipe, self.workers, self.pin_memory, self.seed = files, recipe, workers, pin_memory, seed
         self._it: Iterator[Any] | None = None
         self._epoch: int | None = None
         self.restarts = 0  # (how often a plan was abandoned: resizes, growths, epochs)
 
+    def start(self) -> None:
+        """Start the worker processes now, with nothing to decode yet (a warm standby's)."""
+        self._plan.batches = iter(())
+        self._it = iter(self._loader)
+
     def get(self, micro: torch.Tensor, epoch: int, upcoming: Callable[[], Iterator[torch.Tensor]]) -> torch.Tensor:
-        """Micro-batch `micro` of `epoch` as uint8 (m, 3, H, W). `upcoming()` iterates this rank's
+        """Micro-batch `micro` of `epoch` as (m, C, ...), uint8 for images. `upcoming()` iterates this rank's
         micro-batches from this update's first on; it is called only when the plan in flight went
         elsewhere."""
         if self._it is not None and self._epoch == epoch:
@@ -86,7 +92,7 @@ class StreamLoader:
         return self._checked(got)
 
     def _start(self, epoch: int, micros: Iterator[torch.Tensor]) -> None:
-        self.restarts += self._it is not None
+        self.restarts += self._epoch is not None
         self._plan.batches = ([(epoch, int(i)) for i in m] for m in micros)
         self._epoch = epoch
         self._it = iter(self._loader)  # (persistent workers drop what the last plan had in flight)

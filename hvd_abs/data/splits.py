@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Any
 
 import torch
 
@@ -16,7 +17,7 @@ class Splits:
 
     train_x, test_x: (N, C, H, W), not normalised: uint8 (0-255, as decoded: a quarter of float32's
         memory, scaled to [0, 1] per batch by hvd_abs.data.streaming.take), float32 in [0, 1], or
-        hvd_abs.data.streaming.ImageFiles (streamed: decoded when asked for).
+        hvd_abs.data.streaming.Streamed (image files or a user's Dataset: read when asked for).
     train_y, test_y: int64 (N,) class indices in [0, num_classes).
     mean, std: per-channel statistics of train_x (population std), for the model's input layer.
     classes: class names in label order (empty where the source has none).
@@ -56,6 +57,22 @@ def _finish(name: str, train_x: torch.Tensor, train_y: torch.Tensor, test_x: tor
                   classes=tuple(classes))
 
 
+def class_count(ys: tuple[torch.Tensor, ...], num_classes: int | None, classes: tuple[str, ...] | Any) -> int:
+    """The number of classes of labels `ys` (given, else len(classes), else the largest + 1).
+    Raises UserError for labels outside [0, K) or a wrong number of names."""
+    from hvd_abs.errors import UserError
+
+    low, high = min(int(y.min()) for y in ys), max(int(y.max()) for y in ys)
+    if num_classes is None:
+        num_classes = len(classes) if classes else high + 1
+    if low < 0 or high >= num_classes:
+        raise UserError(f"class indices run from {low} to {high} but there are {num_classes} classes: labels must "
+                        f"be in [0, num_classes)")
+    if classes and len(classes) != num_classes:
+        raise UserError(f"{len(classes)} class names for {num_classes} classes: give one name per class")
+    return int(num_classes)
+
+
 def _to_unit_float(x: torch.Tensor) -> torch.Tensor:
     if x.dtype == torch.uint8:
         return x.to(torch.float32).div_(255.0)
@@ -72,12 +89,12 @@ def _resize_tensor(x: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tenso
 
 
 def channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and population std of x (N, C, H, W).
+    """Per-channel (dim 1) mean and population std of x (N, C, ...), over every other dim.
 
     torch.var_mean reduces in one multi-threaded pass with a stable algorithm: within 1e-5 of a
     float64 computation on CIFAR-10, about twice as fast as accumulating float64 chunks.
     """
     if x.numel() == 0:
         return tuple(0.0 for _ in range(x.shape[1])), tuple(1.0 for _ in range(x.shape[1]))
-    var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+    var, mean = torch.var_mean(x, dim=(0, *range(2, x.dim())), correction=0)
     return tuple(float(m) for m in mean), tuple(float(s) for s in var.sqrt())

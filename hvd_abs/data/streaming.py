@@ -1,9 +1,11 @@
-"""Image files read when their samples are asked for: data sets too large to decode into memory.
+"""Inputs read when their samples are asked for: data sets too large to decode into memory.
 
-`ImageFiles` stands where an in-memory split holds its image tensor: it keeps only paths (and the
-labels stay a tensor), and `load(indices, epoch)` decodes those samples. Every random choice of
-an augmentation is drawn from (seed, epoch, sample index), never from a loader process's RNG, so
-a sample decodes the same on any number of workers, after a resize and after a resume.
+A `Streamed` split stands where an in-memory split holds its input tensor (the labels stay a
+tensor): `sample(i, epoch)` reads one sample, `load(indices, epoch)` several. `ImageFiles` keeps
+only paths and decodes them; a user's own map-style Dataset is hvd_abs.data.dataset_stream's
+`DatasetSamples`. Every random choice of an augmentation is drawn from (seed, epoch, sample
+index), never from a loader process's RNG, so a sample decodes the same on any number of
+workers, after a resize and after a resume.
 
 Recipes (what `decode` does to one file):
   center       resize the shorter side to S and crop the centre S x S: the in-memory cache's decode,
@@ -12,8 +14,8 @@ Recipes (what `decode` does to one file):
   rrc-flip     ImageNet training: random-resized crop (scale 0.08-1, aspect 3/4-4/3, as
                torchvision's RandomResizedCrop) to S x S, mirrored with probability 1/2
 
-Decoding is Pillow's: its JPEG draft mode decodes at a reduced DCT scale when the output is
-smaller than the file (2-4x faster on ImageNet-sized JPEGs), which torchvision.io's decoders lack.
+Files are read by hvd_abs.data.decode.read_rgb (torchvision.io, or Pillow's draft mode for JPEGs
+at least twice the output) and resized by torch's antialiased uint8 kernel.
 """
 from __future__ import annotations
 
@@ -23,13 +25,36 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from hvd_abs.data.decode import _resize_center_crop, decode_workers
+from hvd_abs.data.decode import decode_workers, read_rgb, resize, resize_center_crop
 from hvd_abs.errors import UserError
 
 _EVAL_CROP = 0.875  # ImageNet's 224 of 256
 
 
-class ImageFiles:
+class Streamed:
+    """A split's inputs, read per sample: shape (N, *sample shape) like the tensor it stands for."""
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def select(self, indices: torch.Tensor) -> "Streamed":
+        """The samples at `indices`, in that order (a subset, still not read)."""
+        raise NotImplementedError
+
+    def sample(self, i: int, epoch: int = 0, recipe: str = "center", seed: int = 0) -> torch.Tensor:
+        """Sample i as a (C, ...) uint8 or float tensor, its random choices drawn from (seed, epoch, i)."""
+        raise NotImplementedError
+
+    def load(self, indices: torch.Tensor, epoch: int = 0, recipe: str = "center", seed: int = 0) -> torch.Tensor:
+        """Samples `indices` stacked: (m, C, ...)."""
+        return torch.stack([self.sample(int(i), epoch, recipe, seed) for i in indices])
+
+
+class ImageFiles(Streamed):
     """The images of one split as files: shape (N, 3, S, S) like the tensor it stands for."""
 
     def __init__(self, paths: Sequence[str], size: tuple[int, int]) -> None:
@@ -45,43 +70,43 @@ class ImageFiles:
         return len(self.paths)
 
     def select(self, indices: torch.Tensor) -> "ImageFiles":
-        """The files at `indices`, in that order (a subset, still not decoded)."""
         return ImageFiles(self.paths[indices.numpy()], self.size)
+
+    def same(self, other: Any) -> bool:
+        """Whether `other` is the same files, in the same order, at the same size."""
+        return (isinstance(other, ImageFiles) and self.size == other.size
+                and (self.paths is other.paths or np.array_equal(self.paths, other.paths)))
 
     def path(self, i: int) -> str:
         return self.paths[int(i)].decode()
 
-    def decode(self, i: int, epoch: int = 0, recipe: str = "center", seed: int = 0) -> np.ndarray:
-        """Sample i as (H, W, 3) uint8 (rrc-flip: its crop drawn from seed, epoch, i). Raises
+    def decode(self, i: int, epoch: int = 0, recipe: str = "center", seed: int = 0) -> torch.Tensor:
+        """Sample i as (3, H, W) uint8 (rrc-flip: its crop drawn from seed, epoch, i). Raises
         UserError naming a file that cannot be decoded."""
-        from PIL import Image, UnidentifiedImageError
-
         p = self.path(i)
         h, w = self.size
-        try:
-            with Image.open(p) as im:
-                if recipe == "rrc-flip":
-                    rgb = _random_resized_crop(im, (h, w), np.random.default_rng([int(seed), int(epoch), int(i)]))
-                elif recipe == "eval":
-                    im.draft("RGB", (round(w / _EVAL_CROP), round(h / _EVAL_CROP)))
-                    big = _resize_center_crop(im.convert("RGB"), round(min(h, w) / _EVAL_CROP))
-                    left, top = (big.size[0] - w) // 2, (big.size[1] - h) // 2
-                    rgb = big.crop((left, top, left + w, top + h))
-                else:
-                    im.draft("RGB", (w, h))
-                    rgb = _resize_center_crop(im.convert("RGB"), h) if h == w else im.convert("RGB").resize((w, h))
-                out = np.array(rgb)  # (writable: torch.from_numpy wants it)
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
-            raise UserError(f"cannot decode image {p} ({exc}); remove or replace the file") from None
-        if out.shape != (h, w, 3):
-            raise UserError(f"image {p} decoded to {out.shape[1]}x{out.shape[0]}, not {w}x{h}")
+        if recipe == "rrc-flip":
+            out = _random_resized_crop(p, (h, w), np.random.default_rng([int(seed), int(epoch), int(i)]))
+        elif recipe == "eval":
+            side = round(min(h, w) / _EVAL_CROP)
+            big = resize_center_crop(read_rgb(p, lambda W, H: (round(w / _EVAL_CROP), round(h / _EVAL_CROP)))[0], side)
+            top, left = (side - h) // 2, (side - w) // 2
+            out = big[:, top:top + h, left:left + w]
+        else:
+            img = read_rgb(p, lambda W, H: (w, h))[0]
+            out = resize_center_crop(img, h) if h == w else resize(img, h, w)
+        if tuple(out.shape) != (3, h, w):
+            raise UserError(f"image {p} decoded to {out.shape[2]}x{out.shape[1]}, not {w}x{h}")
         return out
 
+    def sample(self, i: int, epoch: int = 0, recipe: str = "center", seed: int = 0) -> torch.Tensor:
+        return self.decode(i, epoch, recipe, seed)
+
     def load(self, indices: torch.Tensor, epoch: int = 0, recipe: str = "center", seed: int = 0) -> torch.Tensor:
-        """Samples `indices` as uint8 (m, 3, S, S), decoded on a thread pool (Pillow frees the GIL)."""
+        """Samples `indices` as uint8 (m, 3, S, S), decoded on a thread pool (Pillow and torch free the GIL)."""
         idx = [int(i) for i in indices]
-        out = torch.empty((len(idx), *self.size, 3), dtype=torch.uint8)
-        work = lambda k: out[k].copy_(torch.from_numpy(self.decode(idx[k], epoch, recipe, seed)))  # noqa: E731
+        out = torch.empty((len(idx), 3, *self.size), dtype=torch.uint8)
+        work = lambda k: out[k].copy_(self.decode(idx[k], epoch, recipe, seed))  # noqa: E731
         threads = min(decode_workers(), max(1, len(idx) // 8))
         if threads > 1:
             from concurrent.futures import ThreadPoolExecutor
@@ -91,49 +116,55 @@ class ImageFiles:
         else:
             for k in range(len(idx)):
                 work(k)
-        return out.permute(0, 3, 1, 2).contiguous()
+        return out
 
 
-def _random_resized_crop(im: Any, size: tuple[int, int], rng: np.random.Generator,
-                         scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Any:
+def _random_resized_crop(path: str, size: tuple[int, int], rng: np.random.Generator,
+                         scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)
+                         ) -> torch.Tensor:
     """torchvision's RandomResizedCrop (the same search: 10 tries, then the centre at a clamped
-    aspect) and a flip with probability 1/2, drawn from `rng`; the crop is decoded at the
-    coarsest JPEG scale that still gives S pixels across it."""
-    from PIL import Image
-
-    W, H = im.size
-    area = W * H
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(*log_ratio))
-        cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
-        if 0 < cw <= W and 0 < ch <= H:
-            top, left = int(rng.integers(0, H - ch + 1)), int(rng.integers(0, W - cw + 1))
-            break
-    else:
-        in_ratio = W / H
-        if in_ratio < ratio[0]:
-            cw, ch = W, round(W / ratio[0])
-        elif in_ratio > ratio[1]:
-            ch, cw = H, round(H * ratio[1])
-        else:
-            cw, ch = W, H
-        top, left = (H - ch) // 2, (W - cw) // 2
-    flip = bool(rng.integers(0, 2))
+    aspect) and a flip with probability 1/2, drawn from `rng`; the file is decoded at the
+    coarsest JPEG scale that still gives S pixels across the crop."""
     h, w = size
-    im.draft("RGB", (max(1, math.ceil(W * w / cw)), max(1, math.ceil(H * h / ch))))
-    sx, sy = im.size[0] / W, im.size[1] / H  # the draft's reduction
-    box = (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
-    out = im.convert("RGB").resize((w, h), Image.Resampling.BILINEAR, box=box)
-    return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else out
+    box: list[int] = []
+
+    def at_least(W: int, H: int) -> tuple[int, int]:
+        area = W * H
+        log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+        for _ in range(10):
+            target = area * rng.uniform(*scale)
+            aspect = math.exp(rng.uniform(*log_ratio))
+            cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+            if 0 < cw <= W and 0 < ch <= H:
+                top, left = int(rng.integers(0, H - ch + 1)), int(rng.integers(0, W - cw + 1))
+                break
+        else:
+            in_ratio = W / H
+            if in_ratio < ratio[0]:
+                cw, ch = W, round(W / ratio[0])
+            elif in_ratio > ratio[1]:
+                ch, cw = H, round(H * ratio[1])
+            else:
+                cw, ch = W, H
+            top, left = (H - ch) // 2, (W - cw) // 2
+        box.extend((left, top, cw, ch))
+        return max(1, math.ceil(W * w / cw)), max(1, math.ceil(H * h / ch))
+
+    img, (sx, sy) = read_rgb(path, at_least)
+    flip = bool(rng.integers(0, 2))
+    left, top, cw, ch = box
+    # The crop in the decoded image's pixels (the draft's reduction), at least 1 x 1.
+    x0, y0 = min(img.shape[2] - 1, int(left * sx)), min(img.shape[1] - 1, int(top * sy))
+    x1, y1 = max(x0 + 1, round((left + cw) * sx)), max(y0 + 1, round((top + ch) * sy))
+    out = resize(img[:, y0:y1, x0:x1], h, w)
+    return out.flip(-1) if flip else out
 
 
 def take(x: Any, indices: torch.Tensor, device: torch.device | None = None, *, epoch: int = 0,
          recipe: str = "center") -> torch.Tensor:
-    """Samples `indices` of a split's images (a tensor or ImageFiles) as float32 in [0, 1] on
-    `device`. uint8 travels as uint8 (a quarter of the bytes) and is scaled there."""
-    return to_unit(x.load(indices, epoch, recipe) if isinstance(x, ImageFiles) else x[indices], device)
+    """Samples `indices` of a split's inputs (a tensor or Streamed) as float32 (uint8 scaled to
+    [0, 1]) on `device`. uint8 travels as uint8 (a quarter of the bytes) and is scaled there."""
+    return to_unit(x.load(indices, epoch, recipe) if isinstance(x, Streamed) else x[indices], device)
 
 
 def to_unit(batch: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
@@ -143,22 +174,25 @@ def to_unit(batch: torch.Tensor, device: torch.device | None = None) -> torch.Te
     return batch.to(torch.float32).div_(255.0) if batch.dtype == torch.uint8 else batch
 
 
-def sample_stats(files: ImageFiles, limit: int = 2048) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of a fixed random `limit` of the files (all when fewer), centre-cropped."""
+def sample_stats(files: Streamed, limit: int = 2048) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of a fixed random `limit` of the samples (all when fewer; images
+    centre-cropped)."""
     from hvd_abs.data.splits import channel_stats
 
     n = len(files)
     idx = torch.arange(n) if n <= limit else torch.randperm(n, generator=torch.Generator().manual_seed(54_321))[:limit]
     idx = idx.sort().values
     if len(idx) <= _STATS_CHUNK:  # (one pass, as the memory path measures: a small set gets its very numbers)
-        return channel_stats(files.load(idx).to(torch.float32).div_(255.0))
+        return channel_stats(to_unit(files.load(idx)))
     # In chunks, so the float copy stays small (2048 ImageNet crops would be 1.2 GB at once).
-    total, sums, squares = 0, torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    channels = files.shape[1]
+    total, sums, squares = 0, torch.zeros(channels, dtype=torch.float64), torch.zeros(channels, dtype=torch.float64)
     for i in range(0, len(idx), _STATS_CHUNK):
-        x = files.load(idx[i:i + _STATS_CHUNK]).to(torch.float64).div_(255.0)
-        total += x.numel() // 3
-        sums += x.sum(dim=(0, 2, 3))
-        squares += x.square().sum(dim=(0, 2, 3))
+        x = to_unit(files.load(idx[i:i + _STATS_CHUNK])).to(torch.float64)
+        dims = (0, *range(2, x.dim()))
+        total += x.numel() // channels
+        sums += x.sum(dim=dims)
+        squares += x.square().sum(dim=dims)
     mean = sums / total
     std = (squares / total - mean.square()).clamp_min(0).sqrt()
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)

@@ -212,7 +212,8 @@ def hand_off(pid: int, sock_path: Path, argv: list[str]) -> int:
 
 def get_warm(train_args: list[str] | None) -> None:
     """The cold part of a join, done before the slot is advertised: imports, the data set of
-    TRAIN_ARGS (None: no data, a --script loads its own), and torch's lazy first-use work (the
+    TRAIN_ARGS (None: no data, a --script loads its own) and, streamed, its loader processes,
+    and torch's lazy first-use work (the
     first optimizer imports torch._dynamo: ~1.5 s here). Shared by horovodrun standbys and the
     Ray executor's warm actors."""
     import horovod.torch  # noqa: F401
@@ -221,14 +222,20 @@ def get_warm(train_args: list[str] | None) -> None:
     import hvd_abs.comm  # noqa: F401
     import hvd_abs.elastic.job  # noqa: F401
     import hvd_abs.second_order  # noqa: F401
+    from hvd_abs.training.config import TrainConfig
+    from hvd_abs.training.inputs import warm_loader
     from hvd_abs.training.options import train_context
-    from hvd_abs.training.run_data import preload
+    from hvd_abs.training.run_data import preload, subset
 
     if train_args is not None:
         args = list(train_args[1:] if train_args[:1] == ["train"] else train_args)
         params = train_context(args, resilient=True).params
-        preload(params["dataset"], params["data_dir"], bool(params.get("download")), params.get("image_size"),
-                params.get("data_loading") or "auto")
+        defaults = TrainConfig()  # (resilient parsing leaves what was not given None)
+        opt = lambda name: getattr(defaults, name) if params.get(name) is None else params[name]  # noqa: E731
+        data = preload(opt("dataset"), opt("data_dir"), bool(opt("download")), opt("image_size"), opt("data_loading"))
+        # A streamed run's loader processes, started on the data and options the run will ask for.
+        warm_loader(subset(data, opt("train_subset"), opt("test_subset")), opt("augment"), int(opt("loader_workers")),
+                    opt("device") == "cuda", int(opt("seed")))
     p = torch.zeros(1, requires_grad=True)
     opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
     (p * 2).sum().backward()

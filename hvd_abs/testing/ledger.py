@@ -74,7 +74,7 @@ class Ledger(Callback):
         with open(self.path, "a") as f:
             f.write(json.dumps({"attempt": self.attempt, "update": trainer.updates, "epoch": trainer.last_step_epoch,
                                 "t": time.time(), "rank": trainer.comm.rank, "world_size": trainer.comm.size,
-                                "ids": ids}) + "\n")
+                                "ids": ids, "warm_loader": trainer.inputs.warm}) + "\n")
 
     def on_send_state(self, trainer: Trainer, limit_s: float = 300.0) -> None:
         """While `<out>/ledger/hold-sync` exists, the worker about to send the state to a joiner

@@ -84,7 +84,8 @@ class TrainConfig:
                                           "for ImageNet); default: the images' own size.", "data")
     data_loading: str = option("auto", "Image folders: memory (decoded once into a uint8 cache), stream (each "
                                        "worker decodes only its micro-batches, in background processes: for data "
-                                       "larger than RAM; --augment rrc-flip), auto (memory when it fits).",
+                                       "larger than RAM; --augment rrc-flip), auto (memory when it fits). A script passes it on as "
+                                       "splits_from_datasets(..., loading=cfg.data_loading).",
                                "data", choices=_loadings)
     loader_workers: int = option(2, "Background processes per worker decoding a streamed data set's next "
                                     "micro-batches (0: in the training process).", "data")

@@ -28,11 +28,12 @@ def load_data(dataset: str, data_dir: str | None, download: bool = False, image_
 
 
 def preload(dataset: str, data_dir: str | None, download: bool = False, image_size: int | None = None,
-            loading: str = "auto") -> None:
+            loading: str = "auto") -> Any:
     """Load a data set now (into memory, or its file list when streamed), for the run the same
-    process starts later."""
-    _PRELOADED[_data_key(dataset, data_dir, image_size, loading)] = load_data(dataset, data_dir, download,
-                                                                              image_size, loading)
+    process starts later; returns it."""
+    data = load_data(dataset, data_dir, download, image_size, loading)
+    _PRELOADED[_data_key(dataset, data_dir, image_size, loading)] = data
+    return data
 
 
 def run_data(cfg: Any, data: Any = None) -> Any:
@@ -63,12 +64,12 @@ def subset(data: Any, n_train: int | None, n_test: int | None) -> Any:
     training and test samples; `data` itself when neither is given."""
     if not n_train and not n_test:
         return data
-    from hvd_abs.data.streaming import ImageFiles
+    from hvd_abs.data.streaming import Streamed
 
     gen = torch.Generator().manual_seed(12_345)
     pick = lambda n, k: torch.randperm(n, generator=gen)[:k].sort().values if k and k < n else None  # noqa: E731
     tr, te = pick(len(data.train_y), n_train), pick(len(data.test_y), n_test)
-    sel = lambda x, i: x if i is None else x.select(i) if isinstance(x, ImageFiles) else x[i]  # noqa: E731
+    sel = lambda x, i: x if i is None else x.select(i) if isinstance(x, Streamed) else x[i]  # noqa: E731
     return dataclasses.replace(data, train_x=sel(data.train_x, tr), train_y=sel(data.train_y, tr),
                                test_x=sel(data.test_x, te), test_y=sel(data.test_y, te))
 

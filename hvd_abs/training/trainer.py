@@ -136,7 +136,7 @@ class Trainer:
         self.sampler = EpochSampler(int(self.data.train_y.shape[0]), cfg.seed)
         self.inputs = Inputs(self.data, cfg, self.device, cfg.seed)
         self.augment = Augmenter(cfg.augment, cfg.seed, n_train, tuple(self.data.train_x.shape[1:]),
-                                 streamed=self.inputs.streamed)
+                                 streamed=self.inputs.image_files)
         self.data_id = data_id(self.data)
         self.updates = 0
         self.samples_seen = 0
