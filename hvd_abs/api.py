@@ -30,6 +30,7 @@ from torch import nn
 
 from hvd_abs.data import Splits
 from hvd_abs.data.splits import class_count
+from hvd_abs.data.streaming import Streamed, take
 from hvd_abs.errors import UserError
 from hvd_abs.metrics import SUMMARY_FILE
 from hvd_abs.elastic.worker import train
@@ -149,7 +150,7 @@ def splits_from_datasets(train: Any, test: Any, *, name: str = "custom", num_cla
     then applied once, not per epoch); "stream" reads each worker's own samples when it trains on
     them, in --loader-workers background processes, its random transforms drawn from (seed,
     epoch, index) (hvd_abs.data.dataset_stream); "auto" (default) holds them in memory when they
-    take under a quarter of the available RAM (at most 8 GiB), else streams. Pass cfg.data_loading
+    take under a quarter of the host's RAM (at most 8 GiB), else streams. Pass cfg.data_loading
     to follow --data-loading. classes: default the train set's `.classes` (or that of the data set
     a Subset is taken from)."""
     from hvd_abs.data.sources import LOADINGS, _memory_budget
@@ -189,6 +190,23 @@ def _dataset_len(split: str, ds: Any) -> int:
     return n
 
 
+class _Seeded:
+    """dataset[i] with the global RNGs seeded from (0, 0, i): random transforms give every rank the
+    same inputs (as the streamed path's epoch 0), and the trainer's RNG streams stay untouched."""
+
+    def __init__(self, ds: Any) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> Any:
+        from hvd_abs.data.dataset_stream import seeded
+
+        with seeded(0, 0, i):
+            return self.ds[i]
+
+
 def _read_dataset(split: str, ds: Any, batch_size: int, num_workers: int) -> list[torch.Tensor]:
     """[x, y] of a whole map-style data set, filled into tensors allocated once (not a list of
     batches and their concatenation: that would hold the data set twice)."""
@@ -216,7 +234,8 @@ def _read_dataset(split: str, ds: Any, batch_size: int, num_workers: int) -> lis
 
     x_all = y_all = None
     at = 0
-    for x, y in DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate):
+    for x, y in DataLoader(_Seeded(ds), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                           collate_fn=collate):
         if x_all is None:
             x_all, y_all = x.new_empty((n, *x.shape[1:])), y.new_empty((n,))
         if x.shape[1:] != x_all.shape[1:] or at + len(x) > n:
@@ -298,11 +317,14 @@ def _check_data(data: Any, cfg: TrainConfig, own_model: bool) -> None:
     if not own_model and len(data.in_shape) != 3:
         raise UserError(f"the built-in models take images (C, H, W), but these samples have shape {data.in_shape}: "
                         f"pass your own model (fit(model=...))")
-    floats = all(isinstance(x, torch.Tensor) and x.is_floating_point() for x in (data.train_x, data.test_x))
+    floats = all(getattr(x, "dtype", torch.uint8).is_floating_point for x in (data.train_x, data.test_x))
     if cfg.method == "absa" and cfg.adv_ratio > 0 and floats:  # (uint8 and image files are [0, 1] by scaling)
         # FGSM clamps its inputs to [0, 1] (adv_eps is on that scale): other ranges would be cut.
-        low = min(float(data.train_x.min()), float(data.test_x.min()))
-        high = max(float(data.train_x.max()), float(data.test_x.max()))
+        # (Streamed: the range of the first 64 samples of each split.)
+        xs = [take(x, torch.arange(min(64, len(x)))) if isinstance(x, Streamed) else x
+              for x in (data.train_x, data.test_x)]
+        low = min(float(xs[0].min()), float(xs[1].min()))
+        high = max(float(xs[0].max()), float(xs[1].max()))
         if low < 0 or high > 1 or not (math.isfinite(low) and math.isfinite(high)):
             raise UserError(f"absa needs inputs in [0, 1] (FGSM's --adv-eps is on that scale), but they run from "
                             f"{low:.4g} to {high:.4g}: scale them to [0, 1] and normalise inside the model "

@@ -276,12 +276,21 @@ def test_a_streamed_dataset_refuses_what_would_be_a_silent_wrong_sample(change, 
         data.train_x.load(torch.arange(8))
 
 
-def test_decode_time_crops_are_refused_for_a_datasets_samples(tmp_path: Path) -> None:
+def test_decode_time_crops_and_unscaled_inputs_are_refused_for_a_datasets_samples(tmp_path: Path) -> None:
     import hvd_abs
 
     data = hvd_abs.splits_from_datasets(Noisy(), Noisy(8), loading="stream")
     with pytest.raises(UserError, match="put RandomResizedCrop in its transforms"):
         hvd_abs.fit(data=data, echo=False, augment="rrc-flip", epochs=1, batch=8, out=str(tmp_path / "x"))
+
+    class Normalised(Noisy):  # mean/std applied in the data set: FGSM's [0, 1] clamp would cut it
+        def __getitem__(self, i: int):
+            x, y = super().__getitem__(i)
+            return (x - 0.5) / 0.25, y
+
+    data = hvd_abs.splits_from_datasets(Normalised(), Normalised(8), loading="stream")
+    with pytest.raises(UserError, match=r"absa needs inputs in \[0, 1\]"):
+        hvd_abs.fit(data=data, echo=False, method="absa", epochs=1, batch=8, out=str(tmp_path / "y"))
 
 
 def test_read_rgb_gives_pillows_pixels_and_reduces_large_jpegs(tmp_path: Path) -> None:

@@ -5,7 +5,8 @@ The trainer indexes samples by position, so the Dataset needs len() and dataset[
 tensor, class index). Its transforms may be random: each call runs with torch's, numpy's and
 Python's global RNGs seeded from (seed, epoch, i), and restored after, so a sample reads the
 same on any number of workers, after a resize and after a resume, and the trainer's own random
-stream (dropout, FGSM, the Hessian's vectors) is not disturbed.
+stream (dropout, FGSM, the Hessian's vectors) is not disturbed. (The test split and the growth
+check's samples are read at seed 0, epoch 0: the same inputs every epoch.)
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ class DatasetSamples(Streamed):
 @contextlib.contextmanager
 def seeded(seed: int, epoch: int, i: int) -> Iterator[None]:
     """torch's CPU, numpy's and Python's global RNGs seeded from (seed, epoch, i) inside, as before after."""
-    a, b = (int(v) for v in np.random.SeedSequence([int(seed), int(epoch), int(i)]).generate_state(2))
+    a, b = (int(v) for v in np.random.SeedSequence([int(seed) % 2**64, int(epoch), int(i)]).generate_state(2))
     saved = torch.random.get_rng_state(), np.random.get_state(), random.getstate()
     torch.random.default_generator.manual_seed(a << 32 | b)  # (only the CPU's: CUDA's stream stays the trainer's)
     np.random.seed(a)

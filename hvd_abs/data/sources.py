@@ -164,17 +164,18 @@ def _folder(key: str, root: Path, cache_root: Path, image_size: int | None, load
 
 
 def _memory_budget() -> int:
-    """Bytes of decoded images held in memory under --data-loading auto: a quarter of what is
-    available now (several workers share a host), at most 8 GiB."""
-    avail = 8 << 30
+    """Bytes of decoded images held in memory under --data-loading auto: a quarter of the host's
+    RAM (several workers share a host), at most 8 GiB. The total, not what is free now: every
+    rank of a host must make the same choice, however far the others have loaded."""
+    total = 32 << 30
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
-                    avail = int(line.split()[1]) * 1024
+                if line.startswith("MemTotal:"):
+                    total = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return min(8 << 30, avail // 4)
+    return min(8 << 30, total // 4)
 
 
 def _stream_splits(key: str, train: Any, evaluation: Any, classes: list[str], size: tuple[int, int]) -> Splits:

@@ -15,7 +15,7 @@ log = logging.getLogger("hvd_abs.data")
 class Splits:
     """A data set held in memory.
 
-    train_x, test_x: (N, C, H, W), not normalised: uint8 (0-255, as decoded: a quarter of float32's
+    train_x, test_x: (N, C, H, W) images (or (N, C, ...) samples of a user's), not normalised: uint8 (0-255, as decoded: a quarter of float32's
         memory, scaled to [0, 1] per batch by hvd_abs.data.streaming.take), float32 in [0, 1], or
         hvd_abs.data.streaming.Streamed (image files or a user's Dataset: read when asked for).
     train_y, test_y: int64 (N,) class indices in [0, num_classes).

@@ -86,7 +86,7 @@ class ImageFiles(Streamed):
         p = self.path(i)
         h, w = self.size
         if recipe == "rrc-flip":
-            out = _random_resized_crop(p, (h, w), np.random.default_rng([int(seed), int(epoch), int(i)]))
+            out = _random_resized_crop(p, (h, w), np.random.default_rng([int(seed) % 2**64, int(epoch), int(i)]))
         elif recipe == "eval":
             side = round(min(h, w) / _EVAL_CROP)
             big = resize_center_crop(read_rgb(p, lambda W, H: (round(w / _EVAL_CROP), round(h / _EVAL_CROP)))[0], side)

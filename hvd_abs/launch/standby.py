@@ -234,8 +234,10 @@ def get_warm(train_args: list[str] | None) -> None:
         opt = lambda name: getattr(defaults, name) if params.get(name) is None else params[name]  # noqa: E731
         data = preload(opt("dataset"), opt("data_dir"), bool(opt("download")), opt("image_size"), opt("data_loading"))
         # A streamed run's loader processes, started on the data and options the run will ask for.
-        warm_loader(subset(data, opt("train_subset"), opt("test_subset")), opt("augment"), int(opt("loader_workers")),
-                    opt("device") == "cuda", int(opt("seed")))
+        # (Not on a GPU: the pinning thread would take GPU 0 before the claimant picks its own.)
+        if opt("device") != "cuda":
+            warm_loader(subset(data, opt("train_subset"), opt("test_subset")), opt("augment"),
+                        int(opt("loader_workers")), False, int(opt("seed")))
     p = torch.zeros(1, requires_grad=True)
     opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
     (p * 2).sum().backward()
