@@ -237,12 +237,7 @@ def _study_callback(args: argparse.Namespace, run: tuple[str, str, int], out: Pa
 
         def on_fit_end(self, trainer, summary: dict[str, Any]) -> None:
             t_eval = time.perf_counter()
-            subset = trainer.data
-            trainer.data = dataclasses.replace(subset, test_x=full.test_x, test_y=full.test_y)
-            try:
-                test_loss, test_acc = trainer.evaluate()
-            finally:
-                trainer.data = subset
+            test_loss, test_acc = trainer.evaluate(test=(full.test_x, full.test_y))
             self.result = self.record(trainer, test_acc, test_loss, int(full.test_y.shape[0]), complete=True,
                                       final_eval_s=time.perf_counter() - t_eval)
 

@@ -69,6 +69,7 @@ class Inputs:
         """Training samples as evaluated: no augmentation (the growth check's)."""
         return take(self.data.train_x, indices, self.device, recipe=self.eval_recipe)
 
-    def test(self, indices: torch.Tensor) -> torch.Tensor:
-        return take(self.data.test_x, indices, self.device, recipe=self.eval_recipe)
+    def test(self, indices: torch.Tensor, test_x: Any = None) -> torch.Tensor:
+        """Test samples `indices` (of `test_x`, default the run's test split)."""
+        return take(self.data.test_x if test_x is None else test_x, indices, self.device, recipe=self.eval_recipe)
 

@@ -385,15 +385,16 @@ class Trainer:
         return eig, sum(int(y.numel()) for _, y in batches), time.perf_counter() - t0
 
     @torch.no_grad()
-    def evaluate(self) -> tuple[float, float]:
-        """(test loss, test accuracy) over the whole test split, each rank its shard, sums allreduced."""
+    def evaluate(self, test: tuple[Any, torch.Tensor] | None = None) -> tuple[float, float]:
+        """(test loss, test accuracy) over the whole test split (or `test`, an (x, y) pair), each
+        rank its shard, sums allreduced."""
         self.model.eval()
-        y_all = self.data.test_y
+        test_x, y_all = (None, self.data.test_y) if test is None else test
         shard = torch.arange(self.comm.rank, int(y_all.shape[0]), self.comm.size)
         sums = torch.zeros(3, dtype=torch.float64)  # loss_sum, correct, count
         for i in range(0, shard.numel(), self.cfg.eval_batch):
             sel = shard[i:i + self.cfg.eval_batch]
-            x, y = self.inputs.test(sel), y_all[sel].to(self.device)
+            x, y = self.inputs.test(sel, test_x), y_all[sel].to(self.device)
             logits = self.forward(x)
             sums += torch.tensor([F.cross_entropy(logits, y, reduction="sum").item(),
                                   (logits.argmax(1) == y).sum().item(), y.numel()], dtype=torch.float64)
