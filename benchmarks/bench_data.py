@@ -56,6 +56,9 @@ def _files(folder: Path, size: int):
 
 
 def _decode_some(job: tuple[str, int, int, int]) -> int:
+    import torch
+
+    torch.set_num_threads(1)  # (one thread a process, as in a loader worker: the same work per core)
     folder, size, start, count = job
     files = _files(Path(folder), size)
     n = len(files)

@@ -67,6 +67,8 @@ def _decode_files(paths: list[str], image_size: int | None) -> torch.Tensor:
     else:
         pool = None
         results = map(_decode_chunk, jobs)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the pool's threads each resize: torch's own threads would oversubscribe
     try:
         for start, arr in zip(starts, results):
             out[start:start + len(arr)] = arr
@@ -78,6 +80,7 @@ def _decode_files(paths: list[str], image_size: int | None) -> torch.Tensor:
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(threads)
     return out
 
 

@@ -111,8 +111,13 @@ class ImageFiles(Streamed):
         if threads > 1:
             from concurrent.futures import ThreadPoolExecutor
 
-            with ThreadPoolExecutor(threads, thread_name_prefix="hvd_abs-decode") as pool:
-                list(pool.map(work, range(len(idx))))
+            saved = torch.get_num_threads()
+            torch.set_num_threads(1)  # (each thread resizes: torch's own threads would oversubscribe)
+            try:
+                with ThreadPoolExecutor(threads, thread_name_prefix="hvd_abs-decode") as pool:
+                    list(pool.map(work, range(len(idx))))
+            finally:
+                torch.set_num_threads(saved)
         else:
             for k in range(len(idx)):
                 work(k)
