@@ -35,7 +35,7 @@ def _make_cifar_like(root: Path, n_train: int, n_test: int) -> Path:
 
 def _study(tmp: Path, data: Path, runs: str, *extra: str) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, str(STUDY), "--protocol", "quick", "--models", "c1", "--methods", "sgd,absa",
-           "--seeds", "0", "--epochs", "3", "--train-subset", "1024", "--eval-subset", "0", "--eig-samples", "256", "--jobs", "2",
+           "--seeds", "0", "--epochs", "3", "--train-subset", "1024", "--eval-subset", "50", "--eig-samples", "256", "--jobs", "2",
            "--data-dir", str(data), "--runs-dir", str(tmp / runs), "--out", str(tmp / f"out_{runs}"), *extra]
     env = dict(os.environ, HVD_ABS_CACHE=str(tmp / "cache"), OMP_NUM_THREADS="1")  # 1 thread per run
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
@@ -55,6 +55,9 @@ def test_a_stopped_study_continues_where_it_stopped(tmp_path: Path) -> None:
     again = _study(tmp_path, data, "again", "--out", str(tmp_path / "out_whole"))
     assert "kept 2 finished runs" in again.stdout and "start " not in again.stdout, again.stdout
     assert _result(tmp_path, "again", "absa") == _result(tmp_path, "whole", "absa")
+    # Epochs are evaluated on 50 test images, the finished run on all 100.
+    assert _result(tmp_path, "whole", "absa")["test_samples"] == 100
+    assert _result(tmp_path, "whole", "absa")["curve_test_samples"] == 50
 
     # Both runs start at once and stop at their first epoch end past 1 s: after epoch 1 here (an
     # epoch takes over 1 s), after epoch 2 on a machine twice as fast; either way with a checkpoint.
@@ -79,7 +82,7 @@ def test_a_stopped_study_continues_where_it_stopped(tmp_path: Path) -> None:
         assert not (tmp_path / "pieces" / f"c1_{method}_s0" / "checkpoints").exists()
     # Continuing under other settings would mix protocols: refused, naming the fix.
     cmd = [sys.executable, str(STUDY), "--models", "c1", "--seeds", "0", "--epochs", "4", "--train-subset", "1024",
-           "--eval-subset", "0", "--eig-samples", "256", "--data-dir", str(data), "--runs-dir", str(tmp_path / "pieces")]
+           "--eval-subset", "50", "--eig-samples", "256", "--data-dir", str(data), "--runs-dir", str(tmp_path / "pieces")]
     refused = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "epochs 3 -> 4" in refused.stderr and "--rerun" in refused.stderr
     assert "Traceback" not in refused.stderr
