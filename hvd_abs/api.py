@@ -30,6 +30,7 @@ from torch import nn
 
 from hvd_abs.data import Splits
 from hvd_abs.data.splits import class_count
+from hvd_abs.data.dataset_stream import seeded
 from hvd_abs.data.streaming import Streamed, take
 from hvd_abs.errors import UserError
 from hvd_abs.metrics import SUMMARY_FILE
@@ -201,8 +202,6 @@ class _Seeded:
         return len(self.ds)
 
     def __getitem__(self, i: int) -> Any:
-        from hvd_abs.data.dataset_stream import seeded
-
         with seeded(0, 0, i):
             return self.ds[i]
 

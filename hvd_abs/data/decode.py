@@ -68,7 +68,8 @@ def _decode_files(paths: list[str], image_size: int | None) -> torch.Tensor:
         pool = None
         results = map(_decode_chunk, jobs)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the pool's threads each resize: torch's own threads would oversubscribe
+    if pool is not None:
+        torch.set_num_threads(1)  # the pool's threads each resize: torch's own threads would oversubscribe
     try:
         for start, arr in zip(starts, results):
             out[start:start + len(arr)] = arr
