@@ -118,7 +118,10 @@ ray_node() {
     mkdir -p "$DIR/ray/home"
     [ -s "$DIR/ray/token" ] || (umask 077; od -An -tx1 -N32 /dev/urandom | tr -d ' \n' > "$DIR/ray/token")
     head="$(addr_of 1):6379"
+    # The hosts share this machine's cores: their workers (the training) are not niced below the
+    # launchers and daemons beside them (Ray's default is 15).
     local env="HOME=$DIR/ray/home RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$DIR/ray/token RAY_TMPDIR=$SRV/ray"
+    env="$env RAY_worker_niceness=0"
     local start="--head --port 6379 --include-dashboard false"
     [ "$host_i" = 1 ] || start="--address $head"
     # shellcheck disable=SC2046

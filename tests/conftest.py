@@ -20,6 +20,9 @@ from ray_fake_nodes import FakeClusterError, FakeRayCluster  # noqa: E402
 # traffic, and Horovod's, which follows Ray's node IP, stay on lo. The namespace hosts of the
 # multi-host tests are started over ssh, with their own environment.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Ray runs its workers at nice 15, below every other process a test starts on these 2 cores
+# (torch's import in an actor took 60 s beside a busy process): the tests' clusters run them at 0.
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 
 def run_checked(cmd: list[str], timeout: float, env: dict[str, str] | None = None,

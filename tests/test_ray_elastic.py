@@ -191,6 +191,27 @@ def test_launch_ray_usage_errors(argv: list[str], message: str) -> None:
     assert message in result.output
 
 
+def test_a_local_ray_runs_its_workers_at_the_launchers_priority(monkeypatch) -> None:
+    """--address local starts Ray here: its workers (the training) are not niced to Ray's 15."""
+    import os
+
+    import ray
+
+    seen = {}
+
+    def init(address, **kwargs):
+        seen[address] = os.environ.get("RAY_worker_niceness")
+        raise RuntimeError("no cluster in this unit test")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    for address in ("local", "127.0.0.1:6379"):
+        monkeypatch.delenv("RAY_worker_niceness", raising=False)
+        with pytest.raises(RuntimeError, match="no cluster"):
+            RayElasticExecutor(address=address).start()
+    assert seen == {"local": "0", "127.0.0.1:6379": None}  # another's cluster keeps its own setting
+
+
 def test_network_choice() -> None:
     assert _local_network("127.0.0.1") == ("lo", "127.0.0.1")  # a cluster on loopback
     with pytest.raises(RayExecutorError, match="pass nic=NAME"):

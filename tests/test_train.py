@@ -186,6 +186,23 @@ def test_trainer_state_round_trip_continues_identically(digits, tmp_path: Path) 
     assert t1.current_lr() == t2.current_lr() and t1.sampler.position == t2.sampler.position
 
 
+def test_the_eigenvalue_samples_are_drawn_per_epoch_and_capped_at_the_training_set(digits, tmp_path, caplog) -> None:
+    import logging
+
+    n = int(digits.train_y.shape[0])
+    cfg = TrainConfig(method="abs", model="mlp", epochs=3, eig_samples=n + 500, out=str(tmp_path / "a"), quiet=True)
+    t = Trainer(cfg, data=digits)
+    with caplog.at_level(logging.WARNING, logger="hvd_abs.training.curvature"):
+        first = t.eig_batches()
+        t.eig_batches()
+    assert caplog.text.count(f"--eig-samples {n + 500} exceeds the {n} training samples") == 1  # once a run
+    assert sum(int(y.numel()) for _, y in first) == n and max(int(y.numel()) for _, y in first) == 128
+    some = Trainer(TrainConfig(**{**cfg.__dict__, "eig_samples": 256}), data=digits).curvature
+    once, again, next_epoch = some.batches(0), some.batches(0), some.batches(1)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(once, again))  # a function of (seed, epoch)
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(once, next_epoch))
+
+
 def test_real_absa_run_on_digits_grows_the_batch(tmp_path: Path) -> None:
     out = tmp_path / "run"
     result = CliRunner().invoke(main, [

@@ -13,6 +13,9 @@ the ratio of two noisy per-update estimates is biased.
 from __future__ import annotations
 
 import math
+from typing import Sequence
+
+import torch
 
 
 def noise_scale(small_sq: float, big_sq: float, b_small: int, b_big: int) -> float | None:
@@ -25,3 +28,15 @@ def noise_scale(small_sq: float, big_sq: float, b_small: int, b_big: int) -> flo
     if g2 <= 0:
         return math.inf if trace > 0 else None
     return max(trace, 0.0) / g2
+
+
+def epoch_noise_scale(sums: Sequence[float], b_small: int, b_big: int) -> float | None:
+    """B_noise from an epoch's sums (small_sq, small_n, big_sq, big_n); None before both were measured."""
+    small_sq, small_n, big_sq, big_n = sums
+    return noise_scale(small_sq / small_n, big_sq / big_n, b_small, b_big) if small_n and big_n else None
+
+
+def sq_grad_norm(params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The squared norm of the parameters' gradients together, on their device (no sync)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    return torch.stack(torch._foreach_norm(grads)).double().square().sum() if grads else torch.zeros((), dtype=torch.float64)

@@ -188,6 +188,8 @@ class RayElasticExecutor:
         if not ray.is_initialized():
             address = self.address or "auto"
             kwargs: dict[str, Any] = {"include_dashboard": False} if address == "local" else {}
+            if address == "local":  # the workers are the training job: not below the launcher (Ray's default 15)
+                os.environ.setdefault("RAY_worker_niceness", "0")
             log.info("connecting to Ray at %s", address)
             if not sys.stdout.isatty():  # the workers' lines without colour codes in a log file or pipe
                 os.environ.setdefault("RAY_COLOR_PREFIX", "0")

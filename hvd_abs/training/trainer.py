@@ -37,8 +37,6 @@ the layout and this rank's samples are recomputed from it at every step.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import logging
 import os
 import time
 from pathlib import Path
@@ -52,7 +50,7 @@ from hvd_abs.adversarial import AdversarialSchedule
 from hvd_abs.augment import Augmenter
 from hvd_abs.batching.controller import BatchController
 from hvd_abs.batching.layout import layout
-from hvd_abs.batching.noise_scale import noise_scale
+from hvd_abs.batching.noise_scale import epoch_noise_scale, sq_grad_norm
 from hvd_abs.batching.lr import LRSchedule
 from hvd_abs.comm import LocalComm, worker_device
 from hvd_abs.metrics import MetricsWriter
@@ -60,19 +58,17 @@ from hvd_abs.precision import forward_model, grad_scaler
 from hvd_abs.running_stats import RunningStats, frozen_stats, running_buffers
 from hvd_abs.sampling import EpochSampler, rank_micro_batches
 from hvd_abs.training.checkpoint import to_host
-from hvd_abs.training.config import EIG_BATCH, TrainConfig
+from hvd_abs.training.config import TrainConfig
+from hvd_abs.training.curvature import Curvature, EigenFn
 from hvd_abs.training.events import Callback, Event, fire
 from hvd_abs.training.grad_exchange import GradientExchange
 from hvd_abs.training.inputs import Inputs
 from hvd_abs.training.optimizers import make_optimizer
 from hvd_abs.training.resume import resume_trainer, saved_config
 from hvd_abs.training.run_data import data_id, run_data
+from hvd_abs.training.summary import run_summary
 from hvd_abs.training.outputs import LocalOutputs
 from hvd_abs.training.user_model import check_model_fits, make_model
-
-log = logging.getLogger(__name__)
-
-EigenFn = Callable[..., Any]
 
 
 class StopRequested(Exception):
@@ -81,18 +77,6 @@ class StopRequested(Exception):
 
 def _new_epoch_clock(samples_seen: int) -> dict[str, Any]:
     return {"start": None, "train_s": 0.0, "samples0": samples_seen, "world": None}
-
-
-def _sq_norm(params: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The squared norm of the parameters' gradients together, on their device (no sync)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    return torch.stack(torch._foreach_norm(grads)).double().square().sum() if grads else torch.zeros((), dtype=torch.float64)
-
-
-def _default_eigen_fn() -> EigenFn:
-    from hvd_abs.batching.eig_trigger import estimate_top_eigenvalue
-
-    return estimate_top_eigenvalue
 
 
 class Trainer:
@@ -107,7 +91,6 @@ class Trainer:
         cfg.validate()
         self.cfg = cfg
         self.comm = comm if comm is not None else LocalComm()
-        self.eigen_fn = eigen_fn
         self.device = worker_device(cfg.device, self.comm.local_rank)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # also for what allocates on "cuda" (extension, Horovod)
@@ -135,6 +118,7 @@ class Trainer:
                                        at_max=self.controller.at_max)
         self.sampler = EpochSampler(int(self.data.train_y.shape[0]), cfg.seed)
         self.inputs = Inputs(self.data, cfg, self.device, cfg.seed)
+        self.curvature = Curvature(cfg, self.inputs, self.data.train_y, self.device, eigen_fn)
         self.augment = Augmenter(cfg.augment, cfg.seed, n_train, tuple(self.data.train_x.shape[1:]),
                                  streamed=self.inputs.image_files)
         self.data_id = data_id(self.data)
@@ -154,7 +138,6 @@ class Trainer:
         # its start (wall clock, so a reset's stall counts), seconds spent training, samples_seen
         # at its start, and the world size of its latest update.
         self._epoch_clock: dict[str, Any] = _new_epoch_clock(self.samples_seen)
-        self._warned_eig_samples = False
         self._bn_stats: RunningStats | None = None  # made when the world has more than one rank
         self._grad_exchange: GradientExchange | None = None  # likewise
         self._bn_buffers: list[torch.Tensor] | None = None  # BatchNorm running stats, for ABSA's FGSM
@@ -298,7 +281,7 @@ class Trainer:
                 self.scaler.scale(loss_sum / G).backward()  # (the loss itself unless fp16)
             if small:  # .grad holds micro-batch 0's gradient times m / G (and fp16's scale)
                 unscale = 1.0 / self.scaler.get_scale() if scaled else 1.0
-                stats[3] += _sq_norm(self.params) * (G / y.numel() * unscale) ** 2
+                stats[3] += sq_grad_norm(self.params) * (G / y.numel() * unscale) ** 2
                 stats[4] += 1
         if exchange is not None:  # the gradients are summed in .grad, the statistics returned
             if sent is None:  # (no micro-batch on this rank)
@@ -321,7 +304,7 @@ class Trainer:
         self._epoch_sums[:5] += reduced[-1]
         self.scaler.unscale_(self.optimizer)  # (the summed gradient: every rank sees the same overflow)
         if measure:  # the global batch's mean gradient, the same on every rank
-            self._epoch_sums[5] += _sq_norm(self.params)
+            self._epoch_sums[5] += sq_grad_norm(self.params)
             self._epoch_sums[6] += 1
         if self.cfg.clip_grad_norm is not None:
             # The summed gradient, the same on every rank: clipped as one process clips its batch's.
@@ -352,37 +335,15 @@ class Trainer:
 
     # --- epoch-end pieces ----------------------------------------------------------------------------
     def eig_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The estimate's data: eig_samples training samples from (seed, epoch), in batches of EIG_BATCH.
-
-        Identical on every rank (the second-order engine shards them), independent of the world size.
-        """
-        n = self.sampler.num_samples
-        k = min(self.cfg.eig_samples, n)
-        if k < self.cfg.eig_samples and not self._warned_eig_samples:
-            log.warning("--eig-samples %d exceeds the %d training samples: using all of them",
-                        self.cfg.eig_samples, n)
-            self._warned_eig_samples = True
-        gen = torch.Generator().manual_seed((self.cfg.seed * 7_919 + 104_729 * (self.epoch + 1)) % (2**63 - 1))
-        idx = torch.randperm(n, generator=gen)[:k]
-        b = EIG_BATCH
-        return [(self.inputs.samples(idx[i:i + b]), self.data.train_y[idx[i:i + b]].to(self.device))
-                for i in range(0, k, b)]
+        """The estimate's samples at this epoch (training/curvature.py)."""
+        return self.curvature.batches(self.epoch)
 
     def estimate_eig(self) -> tuple[float | None, int, float]:
         """(top eigenvalue, samples used, seconds) or (None, 0, 0.0) when no estimate is needed."""
         if self.cfg.method == "sgd" or not self.controller.needs_estimate:
             # sgd never grows, and at the cap there is nothing left to decide: spend no HVPs.
             return None, 0, 0.0
-        if self.eigen_fn is None:
-            self.eigen_fn = _default_eigen_fn()
-        t0 = time.perf_counter()
-        batches = self.eig_batches()
-        criterion = nn.CrossEntropyLoss(label_smoothing=self.cfg.label_smoothing)  # the loss trained on
-        result = self.eigen_fn(self.model, criterion, batches, tol=self.cfg.eig_tol,
-                               max_iter=self.cfg.eig_max_iter, method=self.cfg.eig_method,
-                               seed=self.cfg.seed + self.epoch, comm=self.comm)
-        eig = float(result.eigenvalues[0])
-        return eig, sum(int(y.numel()) for _, y in batches), time.perf_counter() - t0
+        return self.curvature.estimate(self.model, self.comm, self.epoch)
 
     @torch.no_grad()
     def evaluate(self, test: tuple[Any, torch.Tensor] | None = None) -> tuple[float, float]:
@@ -426,9 +387,9 @@ class Trainer:
         self.comm.broadcast_buffers(self.model)
         eig, eig_samples, so_s = self.estimate_eig()
         test_loss, test_acc = self.evaluate()
-        loss_sum, correct, count, small_sq, small_n, big_sq, big_n = self._epoch_sums.tolist()
-        gns = noise_scale(small_sq / small_n, big_sq / big_n, layout(G, self.cfg.base_batch, 1).micro_sizes()[0], G) \
-            if small_n and big_n else None
+        sums = self._epoch_sums.tolist()
+        loss_sum, correct, count = sums[:3]
+        gns = epoch_noise_scale(sums[3:], layout(G, self.cfg.base_batch, 1).micro_sizes()[0], G)
         epoch_s = time.time() - clock["start"]
         self.elapsed_s += epoch_s
         self.second_order_total_s += so_s
@@ -515,22 +476,5 @@ class Trainer:
         return resume_trainer(self, run_dir, collective)
 
     def summary(self) -> dict[str, Any]:
-        """The run's outcome in one flat-ish dict."""
-        last = self.history[-1] if self.history else {}
-        return {
-            "method": self.cfg.method, "dataset": self.dataset_name, "model": self.model_name,
-            "own_model": self.own_model, "num_classes": int(self.data.num_classes),
-            "in_shape": list(self.data.train_x.shape[1:]),
-            "epochs": len(self.history), "updates": self.updates, "samples_seen": self.samples_seen,
-            "initial_batch": self.controller.initial_batch, "final_batch": self.controller.global_batch,
-            "max_batch": self.controller.max_batch, "num_growths": self.controller.num_growths,
-            "growths": [{k: g[k] for k in ("epoch", "updates", "old_batch", "new_batch", "reason")}
-                        for g in self.growths],
-            "world_size": self.comm.size, "final_lr": last.get("lr"),
-            "final_test_acc": last.get("test_acc"),
-            "best_test_acc": max((h["test_acc"] for h in self.history), default=None),
-            "final_train_acc": last.get("train_acc"), "total_s": self.elapsed_s,
-            "second_order_s": self.second_order_total_s,
-            "second_order_share": self.second_order_total_s / self.elapsed_s if self.elapsed_s else None,
-            "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self.cfg).items()},
-        }
+        """The run's outcome in one flat-ish dict (training/summary.py)."""
+        return run_summary(self)
