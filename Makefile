@@ -8,8 +8,8 @@ PY := $(VENV)/bin/python
 env:
 	@bash scripts/setup_env.sh
 
-test: env
-	$(PY) -m pytest tests
+test: env  # (the 25 slowest tests are listed at the end: where the suite's time goes)
+	$(PY) -m pytest tests --durations=25
 
 demo: env
 	@bash scripts/demo.sh
