@@ -325,8 +325,8 @@ def test_trainer_continues_smaller_when_a_node_is_removed(tmp_path, jobs, fake_r
     gates = holds(out, "hold-1-world-2", f"hold-{KILL_AT}")  # 2 workers from update 1; stop at KILL_AT
     job = jobs(launch_ray(cluster.address, "--max-workers", "2", "--", *SGD2, "--epochs", "4", "--out", str(out)),
                tmp_path / "job.log")
-    wait_until(f"update {KILL_AT} on 2 workers", held_worker(out, KILL_AT, 0), job)
-    held = {r["pid"] for r in ledger(out) if r["update"] == KILL_AT}
+    # Both ranks' pids: either may be on the node removed, and rank 1's row can trail rank 0's.
+    held = {wait_until(f"rank {r} at update {KILL_AT} on 2 workers", held_worker(out, KILL_AT, r), job) for r in (0, 1)}
     cluster.remove_node()  # its raylet and the worker actor on it die
     # Let go only once that worker is gone: the actor outlives its raylet by up to a second or so,
     # and let go sooner it would run updates past KILL_AT (and their commit) with the survivor.
