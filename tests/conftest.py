@@ -125,3 +125,15 @@ def fake_ray():
     yield start
     for c in clusters:
         c.close()
+
+
+# Under pytest-xdist (`make test` runs 2 processes) each file stays on one process, so its module
+# fixtures are built once; the two namespace-cluster files share one, as their hosts' addresses
+# are fixed (scripts/local_cluster.sh).
+SHARED_GROUPS = {"test_multihost": "namespace_hosts", "test_multihost_ray": "namespace_hosts"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(SHARED_GROUPS.get(item.path.stem, item.path.stem)))

@@ -347,7 +347,7 @@ def test_rank0_killed_while_a_worker_joins_stops_instead_of_restarting_the_run(t
     left, every survivor stops with one line saying to resume from the newest checkpoint."""
     out, hostfile = tmp_path / "run", tmp_path / "hosts"
     hostfile.write_text(TWO_HOSTS)  # the joiner on another host name: it survives rank 0's failure
-    gates = holds(out, "hold-sync")
+    gates = holds(out, "hold-sync", "hold-1-world-2")  # held until the join, so the run cannot end first
     job = jobs(launch_horovod("--min-np", "1", "--max-np", "2", "--hostfile", str(hostfile), "--", *SGD2,
                               "--epochs", "4", "--out", str(out)), tmp_path / "job.log")
     syncing = out / "ledger" / "syncing"
