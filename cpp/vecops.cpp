@@ -10,7 +10,9 @@
 // materialises k*n products for the dots; here each pass reads the basis once and writes the
 // vector once. Reductions: per-lane runs in the input dtype, float64 across runs (see kRun);
 // updates in the input dtype, as torch's paths do them.
-#include <torch/extension.h>
+// Python.h and the dispatcher alone, not torch/extension.h: the ops register at load, and the
+// module holds one flag, so pybind11 and torch's C++ frontend only lengthened the build.
+#include <Python.h>
 #include <torch/library.h>
 #include <ATen/Parallel.h>
 
@@ -402,11 +404,22 @@ TORCH_LIBRARY_IMPL(hvd_abs, CPU, m) {
   m.impl("unflatten", &hvd_abs::unflatten_cpu);
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.attr("with_cuda") =
+#define HVD_ABS_CAT(a, b) a##b
+#define HVD_ABS_INIT(name) HVD_ABS_CAT(PyInit_, name)
+#define HVD_ABS_STR2(name) #name
+#define HVD_ABS_STR(name) HVD_ABS_STR2(name)
+
+PyMODINIT_FUNC HVD_ABS_INIT(TORCH_EXTENSION_NAME)(void) {
+  static PyModuleDef def = {PyModuleDef_HEAD_INIT, HVD_ABS_STR(TORCH_EXTENSION_NAME), nullptr, -1, nullptr};
+  PyObject* module = PyModule_Create(&def);
 #ifdef HVD_ABS_WITH_CUDA
-      true;
+  PyObject* with_cuda = Py_True;
 #else
-      false;
+  PyObject* with_cuda = Py_False;
 #endif
+  if (module != nullptr && PyModule_AddObjectRef(module, "with_cuda", with_cuda) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }

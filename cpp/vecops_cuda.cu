@@ -8,7 +8,6 @@
 // then one atomicAdd per block and basis vector. Nothing syncs with the host.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/extension.h>
 #include <torch/library.h>
 
 #include <cstring>

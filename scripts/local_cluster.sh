@@ -11,11 +11,12 @@
 #   scripts/local_cluster.sh kill I [DIR]     SIGKILL every process on host I (a lost host)
 #   scripts/local_cluster.sh cut|heal I [DIR] take host I's link down / up (a partition)
 #   scripts/local_cluster.sh ray I [DIR]      start a Ray node on host I: the head on host 1, else one
-#                                             joining it (1 CPU each, token auth); prints the driver's env
+#                                             joining it (1 CPU each, token auth); prints the driver's env;
+#                                             RAY_NODE_ENV="NAME=VALUE ..." adds to the node's environment
 # DIR defaults to $HVD_ABS_CLUSTER_DIR or /tmp/hvd_abs_cluster.
 set -euo pipefail
 
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 die() { echo "local_cluster: $*" >&2; exit 2; }
 
 action=${1:-}; [ -n "$action" ] || usage; shift
@@ -121,7 +122,7 @@ ray_node() {
     # The hosts share this machine's cores: their workers (the training) are not niced below the
     # launchers and daemons beside them (Ray's default is 15).
     local env="HOME=$DIR/ray/home RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$DIR/ray/token RAY_TMPDIR=$SRV/ray"
-    env="$env RAY_worker_niceness=0"
+    env="$env RAY_worker_niceness=0 ${RAY_NODE_ENV:-}"
     local start="--head --port 6379 --include-dashboard false"
     [ "$host_i" = 1 ] || start="--address $head"
     # shellcheck disable=SC2046

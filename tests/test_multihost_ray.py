@@ -6,6 +6,7 @@ RAY_ADDRESS. Skipped where namespaces cannot be made (not root)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 
@@ -16,10 +17,16 @@ from hvd_abs.metrics import read_metrics
 from namespace_cluster import DIGITS, SCRIPT, Cluster, Job, hosts, merged_ledger
 
 
+# A lost or cut-off node is failed within about 10 s, not Ray's 65 s (5 health checks of 10 s), and
+# a collective waiting on it within 15 s, not Gloo's 30: the faults below wait on both.
+NODE_ENV = ("RAY_health_check_period_ms=1000 RAY_health_check_timeout_ms=2000 RAY_health_check_failure_threshold=5 "
+            "HOROVOD_GLOO_TIMEOUT_SECONDS=15")
+
+
 def start_ray_node(cluster: Cluster, i: int) -> str:
     """A Ray node on host i (the head on host 1); the driver's environment, NAME=VALUE words."""
     done = subprocess.run(["bash", str(SCRIPT), "ray", str(i), str(cluster.root)], capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, env={**os.environ, "RAY_NODE_ENV": NODE_ENV})
     assert done.returncode == 0, done.stdout + done.stderr
     cluster.ray_nodes.add(i)
     return next(line.split(" ", 1)[1] for line in done.stdout.splitlines() if line.startswith("ray_env "))
