@@ -14,7 +14,7 @@ import pytest
 
 from conftest import BIN
 from hvd_abs.metrics import read_metrics
-from namespace_cluster import DIGITS, Cluster, Job, hosts, merged_ledger
+from namespace_cluster import DIGITS, GLOO_TIMEOUT_ENV, Cluster, Job, hosts, merged_ledger
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +219,7 @@ def test_a_host_cut_off_is_barred_and_rejoins_after_the_cooldown(cluster):
         (run / "ledger" / gate).touch()
     job = Job(cluster, launch(cluster, cluster.hostfile([1, 2], "pool-cut"), *SGD2, "--epochs", "4", "--out", out,
                               launcher=["--min-np", "1", "--max-np", "2", "--blacklist-cooldown", "5,6"]), "cut",
-              env="HOROVOD_GLOO_TIMEOUT_SECONDS=15")
+              env=GLOO_TIMEOUT_ENV)
     remote = cluster.disk(2) / "cut" / "ledger"
     job.wait_for(remote, '"update": 30')
     time.sleep(0.5)  # inside update 31's allreduce, waiting for rank 0

@@ -14,13 +14,13 @@ import pytest
 
 from conftest import BIN
 from hvd_abs.metrics import read_metrics
-from namespace_cluster import DIGITS, SCRIPT, Cluster, Job, hosts, merged_ledger
+from namespace_cluster import DIGITS, GLOO_TIMEOUT_ENV, SCRIPT, Cluster, Job, hosts, merged_ledger
 
 
 # A lost or cut-off node is failed within about 10 s, not Ray's 65 s (5 health checks of 10 s), and
-# a collective waiting on it within 15 s, not Gloo's 30: the faults below wait on both.
+# the workers get the Gloo timeout of the Horovod partition test: the faults below wait on both.
 NODE_ENV = ("RAY_health_check_period_ms=1000 RAY_health_check_timeout_ms=2000 RAY_health_check_failure_threshold=5 "
-            "HOROVOD_GLOO_TIMEOUT_SECONDS=15")
+            f"{GLOO_TIMEOUT_ENV}")
 
 
 def start_ray_node(cluster: Cluster, i: int) -> str:
