@@ -9,7 +9,7 @@ env:
 	@bash scripts/setup_env.sh
 
 test: env  # (the 25 slowest tests are listed at the end: where the suite's time goes)
-	$(PY) -m pytest tests -n 2 --dist loadgroup --durations=25
+	$(PY) -m pytest tests -n 2 --durations=25
 
 demo: env
 	@bash scripts/demo.sh

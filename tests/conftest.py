@@ -129,11 +129,18 @@ def fake_ray():
 
 # Under pytest-xdist (`make test` runs 2 processes) each file stays on one process, so its module
 # fixtures are built once; the two namespace-cluster files share one, as their hosts' addresses
-# are fixed (scripts/local_cluster.sh).
+# are fixed (scripts/local_cluster.sh). (A scheduler of our own: xdist 3.8's `xdist_group` marks
+# rename node ids in a way pytest 9 no longer reads, so `--dist loadgroup` grouped nothing.)
 SHARED_GROUPS = {"test_multihost": "namespace_hosts", "test_multihost_ray": "namespace_hosts"}
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(SHARED_GROUPS.get(item.path.stem, item.path.stem)))
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByFile(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return SHARED_GROUPS.get(Path(path).stem, path)
+
+    return ByFile(config, log)
